@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the public API and the worker protocol (see gen.sh)."""
