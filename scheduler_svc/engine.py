@@ -1,0 +1,275 @@
+"""The scheduler's engine: validates requests, runs the step loop, streams outputs per request.
+
+The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1
+before step N's tokens return, so the worker never waits on a round trip. A sequence that finished
+at step N may already be in step N+1; that extra token is dropped, never streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from scheduler_svc.detokenizer import Detokenizer
+from scheduler_svc.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.scheduler import Scheduler, SchedulerConfig
+from scheduler_svc.sequence import FinishReason, Sequence
+from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # directory holding the tokenizer (and config.json)
+    worker_addresses: tuple[str, ...]
+    model_name: str = ""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the worker's
+    enable_prefix_caching: bool = True
+    max_inflight_steps: int = 2
+    max_queued_requests: int = 0  # 0: unbounded
+    connect_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.worker_addresses:
+            raise ValueError("worker_addresses is empty")
+        if self.max_inflight_steps not in (1, 2):
+            raise ValueError(f"max_inflight_steps must be 1 or 2, got {self.max_inflight_steps}")
+
+
+@dataclass
+class Output:
+    """What one streamed message carries."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[Sample] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    def merge(self, later: Output) -> None:
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.logprobs += later.logprobs
+        for name in ("finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "cached_prompt_tokens"):
+            setattr(self, name, getattr(later, name))
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    seq: Sequence
+    detok: Detokenizer
+    queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+def load_eos_ids(model_dir: str, tokenizer: object) -> set[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            if ids:
+                break
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(tok_eos)
+    return ids
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
+        self.workers = WorkerGroup(list(config.worker_addresses))
+        self.scheduler: Scheduler | None = None
+        self.requests: dict[int, Request] = {}
+        self.by_request_id: dict[str, Request] = {}
+        self.dead: str | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        info = await self.workers.connect(self.config.connect_timeout)
+        cfg = self.config
+        self.max_model_len = min(cfg.max_model_len or info.max_model_len, info.max_model_len)
+        self.vocab_size = info.vocab_size
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=info.num_kv_blocks,
+                block_size=info.block_size,
+                max_num_seqs=min(cfg.max_num_seqs, info.max_num_seqs),
+                max_num_batched_tokens=min(cfg.max_num_batched_tokens, info.max_num_batched_tokens),
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+            ),
+            self.eos_token_ids,
+        )
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self.workers.close()
+
+    # ---- requests ----
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequest("chat.messages is empty")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("this model's tokenizer has no chat template; send a text prompt instead")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {self.vocab_size})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {self.vocab_size})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_model_len ({self.max_model_len})"
+            )
+        assert self.scheduler is not None
+        need = self.scheduler.blocks.blocks_for(total)
+        if need > self.scheduler.config.num_blocks:
+            raise InvalidRequest(
+                f"prompt + max_tokens needs {need} KV blocks but the cache has only "
+                f"{self.scheduler.config.num_blocks}; lower max_tokens or shorten the prompt"
+            )
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
+        """Streams one request's outputs; closing the iterator early aborts the request."""
+        if self.dead is not None:
+            raise WorkerUnavailable(self.dead)
+        if self.scheduler is None:
+            raise WorkerUnavailable("the engine is not started yet")
+        self._validate(prompt, params)
+        limit = self.config.max_queued_requests
+        if limit and len(self.scheduler.waiting) >= limit:
+            raise Overloaded(f"{len(self.scheduler.waiting)} requests are already queued (limit {limit}); retry later")
+        if request_id in self.by_request_id:
+            raise InvalidRequest(f"request_id {request_id!r} is already in use")
+        seq = Sequence(next(self._ids), list(prompt), params, max_len=len(prompt) + params.max_tokens)
+        req = Request(request_id, seq, Detokenizer(self.tokenizer, params.stop))
+        self.requests[seq.seq_id] = req
+        self.by_request_id[request_id] = req
+        self.scheduler.add(seq)
+        self._wake.set()
+        try:
+            while True:
+                item = await req.queue.get()
+                while not req.queue.empty() and isinstance(item, Output) and item.finish_reason is None:
+                    nxt = req.queue.get_nowait()  # coalesce what piled up into one message
+                    if isinstance(nxt, BaseException):
+                        item = nxt
+                        break
+                    item.merge(nxt)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        req = self.by_request_id.pop(request_id, None)
+        if req is None:
+            return
+        self.requests.pop(req.seq.seq_id, None)
+        if self.scheduler is not None and not req.seq.is_finished:
+            self.scheduler.finish(req.seq, FinishReason.ABORT)
+            self._wake.set()
+
+    # ---- the step loop ----
+
+    async def _loop(self) -> None:
+        assert self.scheduler is not None
+        sched = self.scheduler
+        inflight: deque = deque()
+        try:
+            while True:
+                while len(inflight) < self.config.max_inflight_steps:
+                    batch = sched.schedule()
+                    if batch is None:
+                        break
+                    await self.workers.send(to_step_request(batch, self.eos_token_ids))
+                    inflight.append(batch)
+                if not inflight:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                res = await self.workers.receive()
+                batch = inflight.popleft()
+                assert res.step_id == batch.step_id, (res.step_id, batch.step_id)
+                samples = from_step_result(res)
+                updated = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()})
+                self._emit(updated, samples)
+        except WorkerUnavailable as e:
+            self._die(str(e))
+        except Exception as e:  # a bug here must not hang clients: fail them loudly
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {e!r}")
+
+    def _emit(self, updated: list[Sequence], samples: dict[int, Sample]) -> None:
+        assert self.scheduler is not None
+        for seq in updated:
+            req = self.requests.get(seq.seq_id)
+            if req is None:
+                continue
+            token = seq.token_ids[-1]
+            stop_str = req.detok.add(token)
+            if stop_str is not None and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            final = seq.is_finished
+            out = Output(token_ids=[token], text=req.detok.delta(final))
+            if seq.params.logprobs:
+                out.logprobs.append(samples[seq.seq_id])
+            if final:
+                out.finish_reason = seq.finish_reason
+                out.stop_reason = stop_str or (str(token) if seq.finish_reason is FinishReason.STOP else "")
+                out.prompt_tokens = seq.num_prompt_tokens
+                out.completion_tokens = seq.num_output_tokens
+                out.cached_prompt_tokens = seq.num_cached_tokens
+                self.requests.pop(seq.seq_id, None)
+            req.queue.put_nowait(out)
+
+    def _die(self, why: str) -> None:
+        self.dead = why
+        log.error("engine stopped: %s", why)
+        for req in list(self.requests.values()):
+            req.queue.put_nowait(WorkerUnavailable(why))
+        self.requests.clear()

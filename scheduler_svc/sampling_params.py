@@ -1,0 +1,50 @@
+"""Validated sampling settings of one request, with the defaults a vLLM user expects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler_svc.errors import InvalidRequest
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, limit: str, value: object) -> None:
+            if not ok:
+                raise InvalidRequest(f"sampling.{name} must be {limit}, got {value!r}")
+
+        check(self.max_tokens >= 1, "max_tokens", ">= 1", self.max_tokens)
+        check(0.0 <= self.temperature <= 100.0, "temperature", "in [0, 100]", self.temperature)
+        check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        check(self.top_k >= -1, "top_k", ">= -1 (0 or -1 disable it)", self.top_k)
+        check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "in (0, 10]", self.repetition_penalty)
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
+        check(all(s for s in self.stop), "stop", "non-empty strings", list(self.stop))
+        check(len(self.stop) <= 16, "stop", "at most 16 strings", len(self.stop))
+        check(all(len(s) <= 256 for s in self.stop), "stop", "strings of at most 256 characters", "longer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
