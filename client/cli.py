@@ -1,0 +1,189 @@
+"""The `nanovllm` command: `serve` starts the scheduler and its workers here; `generate` streams."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+
+from client.client import Client
+
+FINISH_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
+    """The command line of each rank's worker process, and the addresses they will serve on."""
+    tp = args.tensor_parallel_size
+    dist_port = free_port()
+    cmds, addrs = [], []
+    for rank in range(tp):
+        port = free_port()
+        cmd = [sys.executable, "-m", "worker_svc", "--model", args.model, "--port", str(port), "--rank", str(rank)]
+        cmd += ["--dist-port", str(dist_port), "--tensor-parallel-size", str(tp)]
+        cmd += ["--load-format", args.load_format, "--dtype", args.dtype, "--seed", str(args.seed)]
+        cmd += ["--kvcache-block-size", str(args.kvcache_block_size)]
+        cmd += ["--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd += ["--attention-backend", args.attention_backend]
+        cmd += ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        for flag, value in (
+            ("--device", args.device),
+            ("--max-model-len", args.max_model_len),
+            ("--num-kvcache-blocks", args.num_kvcache_blocks),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        cmds.append(cmd)
+        addrs.append(f"127.0.0.1:{port}")
+    return cmds, addrs
+
+
+async def _serve(args: argparse.Namespace, procs: list[subprocess.Popen], addrs: list[str]) -> int:
+    from scheduler_svc.server import engine_config, serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_workers() -> None:
+        while all(p.poll() is None for p in procs):
+            await asyncio.sleep(0.5)
+        dead = next(p for p in procs if p.poll() is not None)
+        print(f"nanovllm: a worker exited with code {dead.returncode}; stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_workers())
+    server = asyncio.create_task(serve(engine_config(args, addrs), args.host, args.port, stop))
+    await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    watcher.cancel()
+    try:
+        await server
+    except Exception as e:
+        print(f"nanovllm: the scheduler failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 1 if any(p.poll() not in (None, 0, -signal.SIGTERM) for p in procs) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cmds, addrs = worker_commands(args)
+    procs = [subprocess.Popen(c) for c in cmds]
+    try:
+        return asyncio.run(_serve(args, procs, addrs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt: str | list[int]
+    if args.prompt_token_ids is not None:
+        prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+    else:
+        prompt = args.prompt
+    kwargs = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "stop": args.stop or None,
+        "stop_token_ids": args.stop_token_ids,
+        "min_tokens": args.min_tokens,
+        "ignore_eos": args.ignore_eos or None,
+        "logprobs": args.logprobs,
+    }
+    try:
+        with Client(args.addr) as client:
+            for msg in client.generate(prompt, **kwargs):
+                if args.json:
+                    out = {
+                        "token_ids": list(msg.token_ids),
+                        "text": msg.text,
+                        "finish_reason": FINISH_NAMES[msg.finish_reason],
+                    }
+                    if msg.logprobs:
+                        out["logprobs"] = [
+                            {
+                                "token_id": lp.token_id,
+                                "logprob": lp.logprob,
+                                "top": {t.token_id: t.logprob for t in lp.top},
+                            }
+                            for lp in msg.logprobs
+                        ]
+                    if msg.HasField("usage"):
+                        out["usage"] = {
+                            "prompt_tokens": msg.usage.prompt_tokens,
+                            "completion_tokens": msg.usage.completion_tokens,
+                            "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
+                        }
+                    print(json.dumps(out, ensure_ascii=False), flush=True)
+                else:
+                    print(msg.text, end="", flush=True)
+        if not args.json:
+            print()
+    except grpc.RpcError as e:
+        print(f"nanovllm: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from scheduler_svc.server import add_args as add_scheduler_args
+    from worker_svc.server import add_args as add_worker_args
+
+    p = argparse.ArgumentParser(prog="nanovllm", description="nanovllm-grpc: serve and call an LLM over gRPC")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the scheduler and its worker process(es) on this machine")
+    add_scheduler_args(s)
+    add_worker_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("generate", help="stream a generation from a running server")
+    g.add_argument("--addr", default="127.0.0.1:50051")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-token-ids", help="comma-separated token ids")
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", nargs="*", help="stop strings")
+    g.add_argument("--stop-token-ids", type=int, nargs="*")
+    g.add_argument("--min-tokens", type=int)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int)
+    g.add_argument("--json", action="store_true", help="one JSON object per streamed message")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,3 @@
+from worker_svc.server import main
+
+main()
