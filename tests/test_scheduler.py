@@ -1,0 +1,181 @@
+import random
+
+import pytest
+
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.scheduler import Scheduler, SchedulerConfig
+from scheduler_svc.sequence import FinishReason, SeqStatus, Sequence
+from tests.sim_worker import SimWorker, reference, run
+
+EOS = 999
+
+
+def make(num_blocks: int = 64, block_size: int = 4, **kw: int) -> tuple[Scheduler, SimWorker]:
+    cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_model_len=4096, **kw)
+    return Scheduler(cfg, eos_token_ids={EOS}), SimWorker(block_size)
+
+
+def add(s: Scheduler, sid: int, prompt: list[int], max_tokens: int, **params: object) -> Sequence:
+    seq = Sequence(sid, list(prompt), SamplingParams(max_tokens=max_tokens, **params), len(prompt) + max_tokens)
+    s.add(seq)
+    return seq
+
+
+def prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(EOS) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def check_all(seqs: list[Sequence], max_tokens: list[int]) -> None:
+    for seq, m in zip(seqs, max_tokens, strict=True):
+        want = reference(seq.token_ids[: seq.num_prompt_tokens], m, {EOS})
+        assert seq.output_ids == want, f"seq {seq.seq_id}"
+        assert seq.finish_reason == (FinishReason.STOP if want[-1] == EOS else FinishReason.LENGTH)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_batch_outputs_match_reference_and_blocks_return(depth: int) -> None:
+    s, w = make()
+    ps = prompts(12)
+    ms = [random.Random(i).randint(1, 30) for i in range(12)]
+    seqs = [add(s, i, p, m) for i, (p, m) in enumerate(zip(ps, ms, strict=True))]
+    run(s, w, depth=depth)
+    check_all(seqs, ms)
+    assert s.blocks.num_free == s.config.num_blocks
+    assert all(b.ref_count == 0 for b in s.blocks.blocks)
+
+
+def test_chunked_prefill_respects_token_budget() -> None:
+    s, w = make(max_num_batched_tokens=7)
+    seqs = [add(s, i, p, 5) for i, p in enumerate(prompts(4, lo=20, hi=30))]
+    while s.has_work():
+        batch = s.schedule()
+        assert batch is not None and sum(batch.num_tokens) <= 7
+        s.postprocess(batch, w.step(batch))
+    check_all(seqs, [5] * 4)
+
+
+def test_prefill_and_decode_share_a_step() -> None:
+    s, w = make(max_num_batched_tokens=16)
+    add(s, 0, [1, 2, 3], 10)
+    b = s.schedule()
+    s.postprocess(b, w.step(b))
+    add(s, 1, list(range(30)), 3)
+    b = s.schedule()
+    assert b.num_tokens == [1, 15] and b.samples == [True, False]
+
+
+def test_max_num_seqs_bounds_running() -> None:
+    s, w = make(max_num_seqs=3)
+    seqs = [add(s, i, p, 6) for i, p in enumerate(prompts(8))]
+    peak = []
+    run(s, w, on_step=lambda sc: peak.append(len(sc.running)))
+    assert max(peak) <= 3
+    check_all(seqs, [6] * 8)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefix_cache_hit_skips_prefill_and_keeps_outputs(depth: int) -> None:
+    s, w = make(block_size=4)
+    shared = list(range(100, 120))  # 5 full blocks
+    first = add(s, 0, shared + [1, 2], 4)
+    run(s, w, depth=depth)
+    second = add(s, 1, shared + [3], 4)
+    batch = s.schedule()
+    assert second.num_cached_tokens == 20
+    assert batch.num_tokens == [1]  # only the uncached token is computed
+    s.postprocess(batch, w.step(batch))
+    run(s, w, depth=depth)
+    check_all([first, second], [4, 4])
+    assert s.blocks.num_hits == 5
+
+
+def test_preemption_resumes_with_unchanged_output() -> None:
+    # 12 blocks of 4 tokens cannot hold 4 sequences growing to 40 tokens at once.
+    s, w = make(num_blocks=12, block_size=4)
+    ps = prompts(4, seed=3, lo=8, hi=12)
+    seqs = [add(s, i, p, 28) for i, p in enumerate(ps)]
+    run(s, w, depth=2)
+    assert s.num_preemptions > 0
+    check_all(seqs, [28] * 4)
+    assert s.blocks.num_free == 12
+
+
+def test_abort_frees_blocks_at_once() -> None:
+    s, w = make(num_blocks=32)
+    a = add(s, 0, list(range(20)), 50)
+    b = add(s, 1, list(range(30, 35)), 50)
+    batch = s.schedule()
+    s.postprocess(batch, w.step(batch))
+    used = s.config.num_blocks - s.blocks.num_free
+    assert used > 0
+    s.finish(a, FinishReason.ABORT)
+    assert a.status is SeqStatus.FINISHED and a.block_table == []
+    assert s.blocks.num_free == s.config.num_blocks - len(b.block_table)
+    assert s.removed == [0]  # the worker is told with the next step
+    nxt = s.schedule()
+    assert nxt.removed == [0] and a not in nxt.seqs
+    s.finish(b, FinishReason.ABORT)
+    s.finish(b, FinishReason.ABORT)  # idempotent
+    assert s.blocks.num_free == s.config.num_blocks
+
+
+def test_abort_waiting_sequence() -> None:
+    s, _ = make()
+    a = add(s, 0, [1, 2, 3], 4)
+    s.finish(a, FinishReason.ABORT)
+    assert not s.has_work() and s.schedule() is None
+
+
+def test_stop_token_and_min_tokens() -> None:
+    s, w = make()
+    p = [5, 6, 7]
+    ref = reference(p, 20)
+    stop_at = ref[3]
+    a = add(s, 0, p, 20, stop_token_ids=(stop_at,))
+    run(s, w)
+    assert a.output_ids == ref[: ref.index(stop_at) + 1] and a.finish_reason is FinishReason.STOP
+
+
+def test_inflight_token_of_finished_sequence_is_dropped() -> None:
+    s, w = make()
+    p = [5, 6, 7]
+    ref = reference(p, 20)
+    a = add(s, 0, p, 20, stop_token_ids=(ref[2],))
+    b1 = s.schedule()
+    r1 = w.step(b1)
+    b2 = s.schedule()  # scheduled before step 1 returns
+    r2 = w.step(b2)
+    b3 = s.schedule()
+    s.postprocess(b1, r1)
+    r3 = w.step(b3)
+    s.postprocess(b2, r2)
+    assert a.output_ids == ref[:2]
+    b4 = s.schedule()
+    s.postprocess(b3, r3)  # samples ref[2], the stop token
+    assert a.is_finished and a.output_ids == ref[:3]
+    s.postprocess(b4, w.step(b4))  # its extra token is ignored
+    assert a.output_ids == ref[:3]
+    assert s.blocks.num_free == s.config.num_blocks
+
+
+def test_length_never_overshoots_with_steps_in_flight() -> None:
+    s, w = make()
+    a = add(s, 0, [1, 2], 3)
+    run(s, w, depth=2)
+    assert len(a.output_ids) == 3 and a.finish_reason is FinishReason.LENGTH
+
+
+def test_randomised_mixed_workload_against_reference() -> None:
+    rng = random.Random(7)
+    s, w = make(num_blocks=40, block_size=4, max_num_batched_tokens=24, max_num_seqs=6)
+    base = [rng.randrange(EOS) for _ in range(16)]
+    seqs, ms = [], []
+    for i in range(30):
+        p = (base[: rng.choice([0, 4, 8, 16])] + [rng.randrange(EOS) for _ in range(rng.randint(1, 20))])
+        m = rng.randint(1, 40)
+        seqs.append(add(s, i, p, m))
+        ms.append(m)
+    run(s, w, depth=2)
+    check_all(seqs, ms)
+    assert s.blocks.num_free == 40 and s.blocks.num_hits > 0
