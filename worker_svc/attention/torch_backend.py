@@ -1,0 +1,75 @@
+"""Attention in plain PyTorch: correct on any device, the reference the fast kernels are held to."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from worker_svc.attention.metadata import AttnMetadata
+
+
+class TorchBackend:
+    name = "torch"
+
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
+    ) -> None:
+        keep = meta.slot_mapping >= 0
+        slots = meta.slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.is_decode:
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        block_size = k_cache.size(1)
+        loc, lens = meta.query_start_loc_host, meta.seq_lens_host
+        for i, seq_len in enumerate(lens):
+            start, end = loc[i], loc[i + 1]
+            if meta.has_prefix:
+                blocks = meta.block_tables[i, : -(-seq_len // block_size)]
+                keys = k_cache[blocks].flatten(0, 1)[:seq_len]
+                values = v_cache[blocks].flatten(0, 1)[:seq_len]
+            else:
+                keys, values = k[start:end], v[start:end]
+            out[start:end] = _causal(q[start:end], keys, values, scale)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
+    ) -> torch.Tensor:
+        # One query per seq: gather every seq's blocks into a padded batch and mask past its length.
+        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [S, kv_heads, ctx, D]
+        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        ctx = torch.arange(keys.size(2), device=q.device)
+        mask = (ctx[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.squeeze(2)
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [L, H, D] are the last L positions of a context k, v [C, Hkv, D]; query i sees keys <= C-L+i."""
+    offset = k.size(0) - q.size(0)
+    mask = None
+    if offset:
+        mask = torch.ones(q.size(0), k.size(0), dtype=torch.bool, device=q.device).tril(offset)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)
