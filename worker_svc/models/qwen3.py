@@ -1,0 +1,117 @@
+"""Qwen3 for causal LM over a flat batch of tokens.
+
+A decoder layer is pre-norm attention then pre-norm SwiGLU MLP, each added to the residual. Qwen3's
+attention normalises every query and key head (RMSNorm over head_dim) before RoPE, and uses
+grouped-query attention: several query heads share one key/value head. Module and parameter
+names follow the Hugging Face checkpoint, except the merged projections named in `packed_modules`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from worker_svc.attention import AttentionBackend, AttnMetadata
+from worker_svc.attention.layer import PagedAttention
+from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker_svc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from worker_svc.layers.norm import RMSNorm
+from worker_svc.layers.parallel import tp_size
+from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
+from worker_svc.models.arch import ModelArch
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+        super().__init__()
+        tp = tp_size()
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.attention_bias
+        )
+        self.num_heads, self.num_kv_heads = arch.num_heads // tp, arch.num_kv_heads // tp
+        self.head_dim = arch.head_dim
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.attention_bias)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim, backend)
+
+    def forward(self, x: torch.Tensor, rope: Rope, meta: AttnMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), *rope)
+        k = apply_rotary(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), *rope)
+        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+        return self.o_proj(out.flatten(1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        size = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size])
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(size, arch.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Qwen3Attention(arch, backend)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = Qwen3MLP(arch)
+
+    def forward(self, x: torch.Tensor, rope: Rope, meta: AttnMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
+        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)  # shared by every layer: look the angles up once
+        for layer in self.layers:
+            x = layer(x, rope, meta)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # Checkpoint tensors that land in a slice of one of our merged parameters:
+    # checkpoint module name -> (our module name, shard id for its weight_loader).
+    packed_modules: ClassVar[dict[str, tuple[str, int | str]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int) -> None:
+        super().__init__()
+        self.model = Qwen3Model(arch, backend, max_positions)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flat batch of tokens input_ids [T] at positions [T]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [S, vocab] of the rows to sample, on rank 0 (None on the other ranks)."""
+        return self.lm_head(hidden)
