@@ -1,0 +1,157 @@
+"""Turns the logits of the sequences that sample this step into tokens, with per-seq settings.
+
+Order, as in vLLM: repetition penalty, presence/frequency penalties, min_tokens masking,
+temperature (0: greedy), top-k, top-p, min-p, then one random draw per token. Every stage is
+skipped when no seq in the batch uses it, since this runs every decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
+
+_MASK64 = (1 << 64) - 1
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        # Shared by the unseeded seqs: their draws depend on the batch, which nobody can observe.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
+        """Samples one token per row of logits [S, vocab] (float32); row i belongs to seqs[i]."""
+        opts = [s.sampling for s in seqs]
+        work = logits
+        if any(_penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs):
+            work = logits.clone()  # keep the raw logits intact for the logprobs
+            apply_penalties(work, seqs)
+            apply_min_tokens(work, seqs)
+        tokens = work.argmax(dim=-1)
+        if any(o.temperature > 0 for o in opts):
+            greedy = torch.tensor([o.temperature == 0 for o in opts], device=self.device)
+            tokens = torch.where(greedy, tokens, self._draw(work, seqs))
+        return _report(logits, tokens, seqs)
+
+    def _draw(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
+        opts = [s.sampling for s in seqs]
+        temps = torch.tensor([o.temperature or 1.0 for o in opts], device=self.device)
+        logits = logits / temps.unsqueeze(1)
+        vocab = logits.size(1)
+        if any(0 < o.top_k < vocab or o.top_p < 1 for o in opts):
+            top_k = torch.tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], device=self.device)
+            top_p = torch.tensor([o.top_p for o in opts], device=self.device)
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        if any(o.min_p > 0 for o in opts):
+            logits = apply_min_p(logits, torch.tensor([o.min_p for o in opts], device=self.device))
+        probs = logits.softmax(dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, from
+        # one draw per vocab entry. A seq's draw depends only on its own noise row, so a seeded seq
+        # gets a row from its own generator, keyed by (seed, output index): the same token whatever
+        # else is in the batch, and again after preemption recomputes it.
+        noise = torch.empty_like(probs)
+        if any(o.seed is None for o in opts):
+            noise.exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.sampling.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(_mix(seq.sampling.seed, seq.num_output))
+                noise[i].exponential_(generator=gen)
+        # E can round to 0; a floor keeps zero-probability tokens at 0 instead of 0/0.
+        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
+    """In place. Repetition penalty over prompt and output tokens (positive logits divided, negative
+    multiplied); presence and frequency penalties over output tokens only."""
+    rows = [i for i, s in enumerate(seqs) if _penalised(s.sampling)]
+    if not rows:
+        return
+    picked = [seqs[i] for i in rows]
+    device, vocab = logits.device, logits.size(1)
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    seen[_scatter_index([s.token_ids for s in picked], device)] = True
+    counts = torch.zeros(len(rows), vocab, device=device)
+    out_index = _scatter_index([s.token_ids[s.num_prompt_tokens :] for s in picked], device)
+    counts.index_put_(out_index, torch.ones(out_index[0].numel(), device=device), accumulate=True)
+
+    def per_row(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device).unsqueeze(1)
+
+    rep = torch.where(seen, per_row([s.sampling.repetition_penalty for s in picked]), 1.0)
+    sub = logits[rows]
+    sub = torch.where(sub > 0, sub / rep, sub * rep)
+    sub -= per_row([s.sampling.frequency_penalty for s in picked]) * counts
+    sub -= per_row([s.sampling.presence_penalty for s in picked]) * (counts > 0)
+    logits[rows] = sub
+
+
+def apply_min_tokens(logits: torch.Tensor, seqs: list[SeqState]) -> None:
+    """In place: bans min_tokens_banned_ids (EOS, stop ids) until a seq has min_tokens outputs."""
+    banned = [s.sampling.min_tokens_banned_ids if _min_tokens_active(s) else [] for s in seqs]
+    if any(banned):
+        logits[_scatter_index(banned, logits.device)] = float("-inf")
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keeps each row's top_k best tokens, then the fewest of those whose probability reaches top_p."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.size(1), device=logits.device)
+    drop = ranks.unsqueeze(0) >= top_k.unsqueeze(1)
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the best one always stays
+    # Rows with top_p = 1 are left alone: rounding could push `before` to 1 near the tail.
+    drop |= (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    return torch.empty_like(logits).scatter_(-1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops tokens less likely than min_p times the row's most likely token."""
+    probs = logits.softmax(dim=-1)
+    floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+def _report(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
+    token_ids = tokens.tolist()
+    out = [Sampled(s.seq_id, t) for s, t in zip(seqs, token_ids, strict=True)]
+    rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs > 0]
+    if not rows:
+        return out
+    # From the raw logits, before penalties and temperature: what vLLM returns by default, and
+    # what describes the model rather than the sampling settings.
+    logprobs = raw[rows].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(max(seqs[i].sampling.logprobs for i in rows), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = seqs[i].sampling.logprobs
+        out[i].logprob, out[i].top_ids, out[i].top_logprobs = chosen[j], top_ids[j][:n], top_values[j][:n]
+    return out
+
+
+def _penalised(o: SamplingOptions) -> bool:
+    return o.repetition_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+
+
+def _min_tokens_active(seq: SeqState) -> bool:
+    return seq.num_output < seq.sampling.min_tokens and bool(seq.sampling.min_tokens_banned_ids)
+
+
+def _scatter_index(ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) index tensors addressing ids[r] in row r of a [len(ids), vocab] tensor."""
+    rows = [r for r, row in enumerate(ids) for _ in row]
+    flat = [t for row in ids for t in row]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(flat, dtype=torch.long, device=device)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix(seed: int, index: int) -> int:
+    """A generator seed for draw `index` of a seq seeded `seed`: nearby pairs get unrelated streams."""
+    return _splitmix64((_splitmix64(seed & _MASK64) + index) & _MASK64)

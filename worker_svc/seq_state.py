@@ -1,0 +1,43 @@
+"""What the worker keeps per sequence between steps, and what it reports back per sampled token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingOptions:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # <= 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None  # None: draws from the worker's shared generator
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    min_tokens_banned_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
+    logprobs: int = 0  # how many top logprobs to return; 0: none
+
+
+@dataclass(slots=True)
+class SeqState:
+    seq_id: int
+    token_ids: list[int]  # every known token: prompt, then generated
+    num_prompt_tokens: int
+    num_computed: int  # tokens whose K/V are in the cache
+    block_table: list[int]
+    sampling: SamplingOptions
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class Sampled:
+    seq_id: int
+    token_id: int
+    logprob: float | None = None  # set when the seq asked for logprobs
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
