@@ -48,14 +48,33 @@ def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
     )
 
 
+class SchedulerServer:
+    """The engine plus the public gRPC server in front of it."""
+
+    def __init__(self, config: EngineConfig, host: str, port: int) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.engine = Engine(config)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
+
+    async def start(self) -> int:
+        """Connects to the workers, then serves; returns the bound port."""
+        await self.engine.start()
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        await self.server.start()
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.engine.stop()
+
+
 async def serve(config: EngineConfig, host: str, port: int, stop: asyncio.Event | None = None) -> None:
     """Serves until `stop` is set (or SIGINT/SIGTERM when it is None)."""
-    engine = Engine(config)
-    await engine.start()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-    pbg.add_GenerationServicer_to_server(GenerationServicer(engine, config.model_name), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
+    server = SchedulerServer(config, host, port)
+    bound = await server.start()
     print(f"nanovllm scheduler ready on {host}:{bound}", flush=True)
     if stop is None:
         stop = asyncio.Event()
@@ -63,8 +82,7 @@ async def serve(config: EngineConfig, host: str, port: int, stop: asyncio.Event 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace=1.0)
-    await engine.stop()
+    await server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
