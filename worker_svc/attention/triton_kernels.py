@@ -6,21 +6,18 @@ block_size + n % block_size, and one (slot, kv_head) row is head_dim contiguous 
 kernel reads whole rows with `d = tl.arange(0, HEAD_DIM)` as the fastest axis, which Triton turns
 into 16-byte vector accesses (row strides are multiples of 16 bytes and specialised as such).
 
-All softmax math is fp32 in base 2: the caller's scale is multiplied by log2(e) so `exp2` can be
-used (one MUFU op, no extra multiply per score).
+All softmax math is fp32 in base 2: the launchers (triton_backend.py) pass scale * log2(e), so
+`exp2` is used directly (one MUFU op, no extra multiply per score).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
-def _store_kvcache_kernel(
+def store_kvcache_kernel(
     k_ptr,
     v_ptr,
     k_cache_ptr,
@@ -53,7 +50,7 @@ def _store_kvcache_kernel(
 
 
 @triton.jit
-def _decode_split_kernel(
+def decode_split_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -137,11 +134,12 @@ def _decode_split_kernel(
         # Partials: mid_o [S, H, NUM_SPLITS, D] normalised, mid_lse [S, H, NUM_SPLITS] (base 2).
         row = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * NUM_SPLITS + split
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
-        tl.store(mid_lse_ptr + row, m_i + tl.log2(l_i), mask=hmask)  # log2(0) = -inf when empty
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
+        tl.store(mid_lse_ptr + row, lse, mask=hmask)
 
 
 @triton.jit
-def _decode_merge_kernel(
+def decode_merge_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     out_ptr,
@@ -171,10 +169,22 @@ def _decode_merge_kernel(
 
 
 @triton.jit
-def _prefill_kernel(
+def _key_rows(bt_row, q_start, n, mask, PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Row index (int64) of context positions n in the K/V source: a cache slot when PAGED, else a
+    row of the flat new-token k/v (prefill from scratch: context == the sequence's own tokens)."""
+    if PAGED:
+        # Masked-off lanes get undefined block ids; callers mask the K/V loads with the same mask.
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=mask)
+        return blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+    else:
+        return (q_start + n).to(tl.int64)
+
+
+@triton.jit
+def prefill_kernel(
     q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
+    k_ptr,
+    v_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -182,20 +192,25 @@ def _prefill_kernel(
     scale_log2,
     stride_qt,
     stride_qh,
-    stride_cache_slot,
-    stride_cache_head,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
     stride_bt,
     stride_ot,
     stride_oh,
+    PAGED: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program = (query tile, sequence, query head). Keys come from the paged cache (already holding
+    # Program = (query tile, sequence, query head). PAGED: keys come from the cache (already holding
     # this step's K/V), so a cached prefix, a chunked-prefill continuation and a q_len = 1 decode
-    # token in a mixed batch are all the same case: queries are the last q_len context positions.
+    # token in a mixed batch are all one case: queries are the last q_len context positions.
+    # Not PAGED (no sequence has a prefix): keys are read straight from the new k/v, which is
+    # contiguous (no block-table gather) and works before the cache exists (warm-up).
     mt = tl.program_id(0)
     s = tl.program_id(1)
     h = tl.program_id(2)
@@ -219,24 +234,22 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
     # K is read transposed ([D, BLOCK_N], still contiguous along D) so QK^T is a plain tl.dot.
-    kt_base = kvh * stride_cache_head + d[:, None]
-    v_base = kvh * stride_cache_head + d[None, :]
+    kt_base = k_ptr + kvh * stride_k_head + d[:, None]
+    v_base = v_ptr + kvh * stride_v_head + d[None, :]
 
     # Phase 1: keys strictly before the tile's first query position are visible to every row, so
     # whole BLOCK_N tiles there need no mask at all (the bulk of the work for long contexts).
-    tile_first_pos = prefix + mt * BLOCK_M
-    full_end = (tile_first_pos // BLOCK_N) * BLOCK_N
+    full_end = ((prefix + mt * BLOCK_M) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        blk = tl.load(bt_row + n // BLOCK_SIZE)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
-        kt = tl.load(k_cache_ptr + slot[None, :] * stride_cache_slot + kt_base)
+        rows = _key_rows(bt_row, q_start, n, None, PAGED, BLOCK_SIZE)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row)
         qk = tl.dot(q, kt) * scale_log2
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + slot[:, None] * stride_cache_slot + v_base)
+        v = tl.load(v_base + rows[:, None] * stride_v_row)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -247,190 +260,18 @@ def _prefill_kernel(
     for n0 in range(full_end, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
-        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
-        kt = tl.load(k_cache_ptr + slot[None, :] * stride_cache_slot + kt_base, mask=nmask[None, :], other=0.0)
+        rows = _key_rows(bt_row, q_start, n, nmask, PAGED, BLOCK_SIZE)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row, mask=nmask[None, :], other=0.0)
         qk = tl.dot(q, kt) * scale_log2
-        visible = (n[None, :] <= qpos[:, None]) & nmask[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
+        qk = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + slot[:, None] * stride_cache_slot + v_base, mask=nmask[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_v_row, mask=nmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     o = acc / l_i[:, None]
     dst = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=imask[:, None])
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-side launchers. They only read shapes/strides and Python ints (never tensor values), so
-# they are safe inside CUDA-graph capture.
-# ----------------------------------------------------------------------------------------------
-
-# A split shorter than this is not worth its partial write + merge read.
-MIN_SPLIT_LEN = 128
-MAX_SPLITS = 32
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Split-K factor for decode so the grid holds ~4 resident programs per SM.
-
-    A decode program is small (a few KB of registers/smem), so several share an SM; ~4 per SM keeps
-    enough loads in flight to saturate HBM. Big batches already fill the machine (batch 256 x 8 kv
-    heads = 2048 programs) and get 1 split: no partials, no merge kernel. `max_seq_len` may be a
-    loose bound (max model length under CUDA graphs); it only caps the count, and the kernel sizes
-    each split from the real seq_len, so extra splits cost one tiny empty program each.
-    """
-    base = num_seqs * num_kv_heads
-    target = 4 * num_sms
-    if base >= target:
-        return 1
-    useful = triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_LEN)
-    return max(1, min(triton.cdiv(target, base), useful, MAX_SPLITS))
-
-
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
-    assert k_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), (
-        "cache must be [num_blocks, block_size, kv_heads, head_dim] with contiguous slots"
-    )
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    assert block_size & (block_size - 1) == 0 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
-    return block_size, head_dim
-
-
-def store_kvcache(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Scatter k/v [T, kv_heads, head_dim] into the paged caches; slot -1 tokens are skipped."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    _check_cache(k_cache, v_cache)
-    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.shape[2:] == k.shape[1:]
-    _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
-        HEADS_POW2=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim,
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
-    )  # fmt: skip
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_splits: int,
-    out: torch.Tensor | None = None,
-    block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> torch.Tensor:
-    """One new token per sequence (token s belongs to sequence s). Returns [S, num_heads, head_dim]."""
-    num_seqs, num_heads, _ = q.shape
-    block_size, head_dim = _check_cache(k_cache, v_cache)
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and seq_lens.shape[0] == num_seqs
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if num_seqs == 0:
-        return out
-    # 64 x 128 bf16 K and V tiles (32 KB per step) keep HBM busy without spilling registers.
-    block_n = block_n or (64 if head_dim <= 128 else 32)
-    if num_splits > 1:
-        mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        mid_o = mid_lse = out  # unused by the NUM_SPLITS == 1 specialisation
-    _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
-        NUM_SPLITS=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )  # fmt: skip
-    if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            SPLITS_POW2=triton.next_power_of_2(num_splits),
-            num_warps=4 if head_dim >= 128 else 1,
-        )  # fmt: skip
-    return out
-
-
-def prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    max_query_len: int,
-    scale: float,
-    out: torch.Tensor | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = 2,
-) -> torch.Tensor:
-    """Varlen causal attention of q [T, H, D] over the paged context (prefix + new tokens)."""
-    num_tokens, num_heads, _ = q.shape
-    block_size, head_dim = _check_cache(k_cache, v_cache)
-    num_kv_heads = k_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if num_tokens == 0 or num_seqs == 0:
-        return out
-    # Long prompts: 128-row tiles (wgmma-sized on Hopper). Short/mixed batches: smaller tiles so a
-    # q_len = 1 decode row does not drag a mostly-empty 128-row tile through the whole context.
-    if block_m is None:
-        block_m = 128 if max_query_len > 64 and head_dim <= 128 else 64 if max_query_len > 16 else 16
-    block_n = block_n or (64 if head_dim <= 128 else 32)
-    num_warps = num_warps or (8 if block_m >= 128 else 4)
-    grid = (triton.cdiv(max(max_query_len, 1), block_m), num_seqs, num_heads)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )  # fmt: skip
-    return out
