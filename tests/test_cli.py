@@ -1,0 +1,106 @@
+"""The CLI as a user runs it: `nanovllm serve` in one process, `nanovllm generate` in another."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+
+def nanovllm() -> list[str]:
+    exe = shutil.which("nanovllm")
+    if exe is None:
+        pytest.fail("the nanovllm console script is not installed: run `pip install -e .`")
+    return [exe]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = nanovllm() + ["serve", "--model", str(tiny_model_dir), "--port", str(port), "--device", "cpu"]
+    cmd += ["--num-kvcache-blocks", "128"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line and str(port) in line:
+            break
+    else:
+        proc.kill()
+    assert proc.poll() is None, "".join(lines)
+    yield f"127.0.0.1:{port}", proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_generate_streams_text(server, tiny_model_dir) -> None:
+    addr, _ = server
+    out = subprocess.run(
+        nanovllm()
+        + ["generate", "--addr", addr, "--prompt", "The quick brown", "--max-tokens", "8"]
+        + ["--temperature", "0", "--ignore-eos"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() != ""
+
+
+def test_generate_json_matches_text_and_token_ids(server, tiny_model_dir) -> None:
+    addr, _ = server
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = subprocess.run(
+        nanovllm()
+        + ["generate", "--addr", addr, "--prompt-token-ids", "5,6,7,8", "--max-tokens", "6"]
+        + ["--temperature", "0", "--ignore-eos", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    msgs = [json.loads(line) for line in out.stdout.splitlines()]
+    ids = [t for m in msgs for t in m["token_ids"]]
+    assert len(ids) == 6
+    assert "".join(m["text"] for m in msgs) == tok.decode(ids, skip_special_tokens=True)
+    assert msgs[-1]["finish_reason"] == "length" and all(m["finish_reason"] is None for m in msgs[:-1])
+
+
+def test_generate_reports_bad_input(server) -> None:
+    addr, _ = server
+    out = subprocess.run(
+        nanovllm() + ["generate", "--addr", addr, "--prompt", "hi", "--temperature", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "temperature" in out.stderr
+
+
+def test_sigterm_stops_everything(server, tiny_model_dir) -> None:
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    # Its worker processes are gone too.
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert not [line for line in ps.splitlines() if "worker_svc" in line and str(tiny_model_dir) in line]
