@@ -119,6 +119,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     try:
         with Client(args.addr) as client:
+            if args.wait:
+                try:
+                    grpc.channel_ready_future(client.channel).result(timeout=args.wait)
+                except grpc.FutureTimeoutError:
+                    print(f"nanovllm: no server answered at {args.addr} within {args.wait} s", file=sys.stderr)
+                    return 1
             for msg in client.generate(prompt, **kwargs):
                 if args.json:
                     out = {
@@ -180,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int)
     g.add_argument("--json", action="store_true", help="one JSON object per streamed message")
+    g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -79,3 +79,10 @@ def build_tiny_qwen3(out: Path, *, tie: bool = True, seed: int = 0, num_kv_heads
                 p.normal_(0.0, 0.2)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-qwen3")
+    print(f"tiny random Qwen3 written to {build_tiny_qwen3(target)}")
