@@ -18,6 +18,7 @@ from tests.runner_utils import (
     new_seq,
     outputs,
 )
+from worker_svc.attention.layer import PagedAttention
 from worker_svc.batch import prepare
 from worker_svc.seq_state import SamplingOptions, SeqState
 
@@ -49,6 +50,20 @@ def test_logits_match_hf(model_dir: Path, hf: torch.nn.Module) -> None:
         expected = torch.cat([hf(torch.tensor([p])).logits[0] for p in PROMPTS])
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_prefill_runs_before_the_cache_exists(tiny_model_dir: Path) -> None:
+    # The CUDA warm-up measures peak memory with a from-scratch prefill before allocating the cache.
+    runner = make_runner(tiny_model_dir)
+    seqs = [new_seq(i, p, Blocks(), len(p)) for i, p in enumerate(PROMPTS)]
+    batch = prepare(seqs, [len(p) for p in PROMPTS], BLOCK_SIZE, runner.max_model_len, runner.device)
+    with torch.inference_mode():
+        cached = runner.model(batch.input_ids, batch.positions, batch.meta)
+        for layer in runner.model.modules():
+            if isinstance(layer, PagedAttention):
+                layer.k_cache = layer.v_cache = torch.empty(0)
+        uncached = runner.model(batch.input_ids, batch.positions, batch.meta)
+    assert torch.equal(cached, uncached)
 
 
 def test_greedy_matches_hf(model_dir: Path, reference: list[list[int]]) -> None:

@@ -29,17 +29,15 @@ class TorchBackend:
         meta: AttnMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if meta.is_decode:
+        if meta.is_decode and meta.has_prefix:
             return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
-        block_size = k_cache.size(1)
         loc, lens = meta.query_start_loc_host, meta.seq_lens_host
         for i, seq_len in enumerate(lens):
             start, end = loc[i], loc[i + 1]
             if meta.has_prefix:
-                blocks = meta.block_tables[i, : -(-seq_len // block_size)]
-                keys = k_cache[blocks].flatten(0, 1)[:seq_len]
-                values = v_cache[blocks].flatten(0, 1)[:seq_len]
+                keys = _context(k_cache, meta.block_tables[i], seq_len)
+                values = _context(v_cache, meta.block_tables[i], seq_len)
             else:
                 keys, values = k[start:end], v[start:end]
             out[start:end] = _causal(q[start:end], keys, values, scale)
@@ -55,6 +53,11 @@ class TorchBackend:
         mask = (ctx[None, :] < meta.seq_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.squeeze(2)
+
+
+def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` positions of one seq's K or V [length, kv_heads, D], read through its blocks."""
+    return cache[block_table[: -(-length // cache.size(1))]].flatten(0, 1)[:length]
 
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
