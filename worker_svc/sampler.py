@@ -54,7 +54,7 @@ class Sampler:
         if any(o.seed is None for o in opts):
             noise.exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
-            if seq.sampling.seed is not None:
+            if seq.sampling.seed is not None and seq.sampling.temperature > 0:
                 gen = torch.Generator(device=self.device).manual_seed(_mix(seq.sampling.seed, seq.num_output))
                 noise[i].exponential_(generator=gen)
         # E can round to 0; a floor keeps zero-probability tokens at 0 instead of 0/0.
@@ -122,7 +122,8 @@ def _report(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SeqState]) -> li
     # what describes the model rather than the sampling settings.
     logprobs = raw[rows].float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
-    top_values, top_ids = logprobs.topk(max(seqs[i].sampling.logprobs for i in rows), dim=-1)
+    most = min(max(seqs[i].sampling.logprobs for i in rows), logprobs.size(1))
+    top_values, top_ids = logprobs.topk(most, dim=-1)
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
     for j, i in enumerate(rows):
         n = seqs[i].sampling.logprobs
