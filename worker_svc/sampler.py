@@ -17,7 +17,8 @@ _MASK64 = (1 << 64) - 1
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
-        # Shared by the unseeded seqs: their draws depend on the batch, which nobody can observe.
+        # Shared by the unseeded seqs: their draws may depend on the rest of the batch, which is
+        # fine since only seeded seqs promise reproducible tokens.
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
