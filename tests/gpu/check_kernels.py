@@ -1,0 +1,305 @@
+"""Triton attention kernels on a GPU: correctness vs a torch reference, then timings.
+
+Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
+Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
+so an element the kernel forgot to write shows up. Exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.testing
+
+from worker_svc.attention import triton_backend as tb
+from worker_svc.attention.metadata import AttnMetadata
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+QWEN3 = {"heads": (16, 8), "head_dim": 128}  # Qwen3-0.6B attention shape
+FAILURES: list[str] = []
+DEV = "cuda"  # a CPU smoke run of this script (under TRITON_INTERPRET=1) may switch it
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    meta: AttnMetadata
+
+
+def make_case(
+    ctx: list[int], qlen: list[int], dtype: torch.dtype, heads: tuple[int, int] = (16, 8), head_dim: int = 128,
+    block_size: int = 16, bound: int | None = None, fill: bool = True,
+) -> Case:  # fmt: skip
+    """Caches holding each prefix (shuffled block ids), the step's new q/k/v, and the metadata."""
+    nblk = [-(-c // block_size) for c in ctx]
+    perm = torch.randperm(sum(nblk) + 5, device=DEV)
+    tables = torch.zeros(len(ctx), max(nblk) + 2, dtype=torch.int32, device=DEV)
+    slots, used = [], 0
+    for i, (c, n) in enumerate(zip(ctx, qlen, strict=True)):
+        tables[i, : nblk[i]] = perm[used : used + nblk[i]].int()
+        used += nblk[i]
+        pos = torch.arange(c - n, c, device=DEV)
+        slots.append(tables[i, pos // block_size].long() * block_size + pos % block_size)
+    shape = (sum(nblk) + 5, block_size, heads[1], head_dim)
+    make = torch.randn if fill else torch.empty
+    k_cache, v_cache = make(shape, dtype=dtype, device=DEV), make(shape, dtype=dtype, device=DEV)
+    t = sum(qlen)
+    q, k, v = (torch.randn(t, h, head_dim, dtype=dtype, device=DEV) for h in (heads[0], heads[1], heads[1]))
+    cu = [0]
+    for n in qlen:
+        cu.append(cu[-1] + n)
+    meta = AttnMetadata(
+        slot_mapping=torch.cat(slots), query_start_loc=torch.tensor(cu, dtype=torch.int32, device=DEV),
+        seq_lens=torch.tensor(ctx, dtype=torch.int32, device=DEV), block_tables=tables,
+        max_query_len=max(qlen), max_seq_len=bound or max(ctx), query_start_loc_host=cu, seq_lens_host=ctx,
+        is_decode=all(n == 1 for n in qlen), has_prefix=any(c > n for c, n in zip(ctx, qlen, strict=True)),
+    )  # fmt: skip
+    return Case(q, k, v, k_cache, v_cache, meta)
+
+
+def reference(c: Case, scale: float) -> torch.Tensor:
+    """fp32 per-sequence attention over the context gathered through the block table."""
+    out = torch.zeros(c.q.shape, dtype=torch.float32, device=DEV)
+    bs, group = c.k_cache.shape[1], c.q.shape[1] // c.k_cache.shape[2]
+    loc, lens = c.meta.query_start_loc_host, c.meta.seq_lens_host
+    for i, ctx in enumerate(lens):
+        q0, q1 = loc[i], loc[i + 1]
+        blocks = c.meta.block_tables[i, : -(-ctx // bs)].long()
+        k = c.k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
+        v = c.v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", c.q[q0:q1].float(), k) * scale
+        qpos = torch.arange(ctx - (q1 - q0), ctx, device=DEV)
+        s = s.masked_fill(torch.arange(ctx, device=DEV)[None, :] > qpos[:, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    return out
+
+
+def report(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    nan = bool(torch.isnan(out).any())
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    ok = not nan and err < TOL[dtype]
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<64} rel_err {err:.2e}{'  NaN!' if nan else ''}")
+    if not ok:
+        FAILURES.append(name)
+
+
+def poisoned(q: torch.Tensor) -> torch.Tensor:
+    return torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+
+
+def rand_lens(n: int, lo: int, hi: int, bs: int = 16) -> list[int]:
+    """Random lengths, a third of them pinned to a block boundary or one past it."""
+    lens = [random.randint(lo, hi) for _ in range(n)]
+    for i in range(0, n, 3):
+        lens[i] = max(lo, min(hi, (lens[i] // bs) * bs + (i // 3) % 2))
+    return lens
+
+
+def check_store(dtype: torch.dtype) -> None:
+    ctx = rand_lens(64, 1, 600)
+    c = make_case(ctx, [random.randint(1, x) for x in ctx], dtype)
+    c.meta.slot_mapping[::7] = -1  # skipped tokens must not land anywhere
+    # k/v as strided views of one fused qkv buffer, as the model produces them.
+    qkv = torch.cat([c.q.flatten(1), c.k.flatten(1), c.v.flatten(1)], 1)
+    w = c.k[0].numel()
+    k, v = (qkv[:, -2 * w : -w].view_as(c.k), qkv[:, -w:].view_as(c.v))
+    exp_k, exp_v, keep = c.k_cache.clone(), c.v_cache.clone(), c.meta.slot_mapping >= 0
+    exp_k.view(-1, *c.k.shape[1:])[c.meta.slot_mapping[keep]] = c.k[keep]
+    exp_v.view(-1, *c.v.shape[1:])[c.meta.slot_mapping[keep]] = c.v[keep]
+    tb.store_kvcache(k, v, c.k_cache, c.v_cache, c.meta.slot_mapping)
+    ok = torch.equal(c.k_cache, exp_k) and torch.equal(c.v_cache, exp_v)
+    print(f"{'ok  ' if ok else 'FAIL'} store_kvcache {dtype} (strided k/v, -1 slots)")
+    if not ok:
+        FAILURES.append(f"store {dtype}")
+
+
+def check_prefill(dtype: torch.dtype) -> None:
+    b = tb.TritonBackend()
+    cases: list[tuple[str, list[int], list[int], dict]] = []
+    fresh = rand_lens(7, 1, 1500)
+    cases.append(("fresh prompts b=7", fresh, fresh, {}))
+    ctx = rand_lens(7, 1, 4096)
+    cases.append(("cached prefix b=7 ctx<=4096", ctx, [random.randint(1, min(x, 600)) for x in ctx], {}))
+    ctx = rand_lens(64, 1, 4096)
+    q = [1 if i % 2 else random.randint(1, min(x, 256)) for i, x in enumerate(ctx)]
+    cases.append(("mixed decode + chunks b=64", ctx, q, {}))
+    ctx = rand_lens(256, 1, 2048)
+    cases.append(("mixed small chunks b=256", ctx, [random.randint(1, min(x, 16)) for x in ctx], {}))
+    ctx = rand_lens(5, 1, 3000, 256)
+    cases.append(("block_size 256", ctx, [random.randint(1, x) for x in ctx], {"block_size": 256}))
+    ctx = rand_lens(5, 1, 2000)
+    q = [random.randint(1, x) for x in ctx]
+    cases.append(("head_dim 64, 32q/8kv", ctx, q, {"head_dim": 64, "heads": (32, 8)}))
+    cases.append(("head_dim 256, 12q/3kv", ctx, q, {"head_dim": 256, "heads": (12, 3), "block_size": 64}))
+    for name, ctx, q, kw in cases:
+        c = make_case(ctx, q, dtype, **kw)
+        scale = c.q.shape[-1] ** -0.5
+        tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)
+        m = c.meta
+        ref = reference(c, scale)
+        args = (m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)
+        out = tb.prefill_attention(c.q, c.k_cache, c.v_cache, *args, out=poisoned(c.q))
+        report(f"prefill paged {name} {dtype}", out, ref, dtype)
+        # The other paths the backend takes: fresh prompts read the new k/v (no cache); mixed
+        # batches give the short rows their own 16-row-tile launch.
+        if not m.has_prefix:
+            out = tb.prefill_attention(c.q, c.k, c.v, *args, paged=False, out=poisoned(c.q))
+            report(f"prefill flat  {name} {dtype}", out, ref, dtype)
+        if b.is_mixed(m):
+            out = tb.prefill_attention(c.q, c.k_cache, c.v_cache, *args, split_short=True, out=poisoned(c.q))
+            report(f"prefill split {name} {dtype}", out, ref, dtype)
+
+
+def check_decode(dtype: torch.dtype) -> None:
+    sms = tb.device_num_sms(torch.device(DEV))
+    for batch, max_ctx in ((1, 4096), (7, 4096), (64, 4096), (256, 2048), (512, 1024)):
+        ctx = rand_lens(batch, 1, max_ctx)
+        c = make_case(ctx, [1] * len(ctx), dtype)
+        tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)
+        ref = reference(c, 0.088)
+        auto = tb.choose_num_splits(batch, 8, max(ctx), sms)
+        for splits in sorted({auto, 1, 5, tb.choose_num_splits(batch, 8, 40960, sms)}):
+            out = poisoned(c.q)
+            m = c.meta
+            tb.decode_attention(c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out)
+            report(f"decode b={batch} ctx<={max_ctx} splits={splits} {dtype}", out, ref, dtype)
+
+
+def check_cuda_graph(dtype: torch.dtype) -> None:
+    """Capture backend.attend for decode with a loose length bound, then replay on new data."""
+    b = tb.TritonBackend()
+    for batch in (7, 64):
+        c = make_case([4096] * batch, [1] * batch, dtype, bound=8192)  # room for any length <= 4096
+        b.attend(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, 0.1)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = b.attend(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, 0.1)
+        for _ in range(2):
+            new = rand_lens(batch, 1, 4096)
+            c.meta.seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
+            c.meta.seq_lens_host = new
+            c.meta.block_tables.copy_(c.meta.block_tables[torch.randperm(batch, device=DEV)])
+            c.q.normal_()
+            out.fill_(float("nan"))
+            graph.replay()
+            report(f"decode CUDA-graph replay b={batch} {dtype}", out, reference(c, 0.1), dtype)
+
+
+def bench_decode(batch: int, ctx: int, bound: int | None = None, **cfg: int) -> tuple[float, float, int]:
+    """Median µs of a CUDA-graph replay (L2 flushed by do_bench before each) and achieved GB/s."""
+    c = make_case([ctx] * batch, [1] * batch, torch.bfloat16, bound=bound, fill=False)
+    m = c.meta
+    sms = tb.device_num_sms(torch.device(DEV))
+    splits = tb.choose_num_splits(batch, c.k_cache.shape[2], m.max_seq_len, sms)
+
+    def run() -> torch.Tensor:
+        return tb.decode_attention(c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, **cfg)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+    kv_bytes = 2 * batch * ctx * c.k_cache.shape[2] * c.k_cache.shape[3] * c.k_cache.element_size()
+    return ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9, splits
+
+
+def bench_prefill(paged: bool) -> tuple[float, float]:
+    lens = [1024] * 8
+    c = make_case(lens, lens, torch.bfloat16, fill=False)
+    m = c.meta
+    k, v = (c.k_cache, c.v_cache) if paged else (c.k, c.v)
+    tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, m.slot_mapping)
+    args = (c.q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, 1024, 0.088)
+    ms = triton.testing.do_bench(lambda: tb.prefill_attention(*args, paged=paged), return_mode="median")
+    flops = sum(4 * n * (n + 1) / 2 * 16 * 128 for n in lens)  # QK^T + PV over the causal triangle
+    return ms * 1e3, flops / (ms * 1e-3) / 1e12
+
+
+def bench_mixed(split_short: bool) -> tuple[float, float]:
+    """A chunked-prefill step: 255 decode rows at ctx 1024 next to one 512-token chunk."""
+    ctx, q = [1024] * 255 + [512], [1] * 255 + [512]
+    c = make_case(ctx, q, torch.bfloat16, fill=False)
+    m = c.meta
+    args = (c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, 512, 0.088)
+    ms = triton.testing.do_bench(lambda: tb.prefill_attention(*args, split_short=split_short), return_mode="median")
+    kv_bytes = 2 * sum(ctx) * 8 * 128 * 2
+    return ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9
+
+
+def bench_reference_points() -> list[str]:
+    x = torch.empty(2**29, dtype=torch.bfloat16, device=DEV)  # 1 GiB
+    ms = triton.testing.do_bench(lambda: x.clone(), return_mode="median")
+    q = torch.randn(8, 16, 1024, 128, dtype=torch.bfloat16, device=DEV)
+    sdpa = triton.testing.do_bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), return_mode="median"
+    )
+    tflops = 8 * 4 * 1024 * 1025 / 2 * 16 * 128 / (sdpa * 1e-3) / 1e12
+    return [
+        f"{'torch clone 1 GiB (read+write)':<40} {ms * 1e3:>9.1f} µs  {2 * 2**30 / (ms * 1e-3) / 1e9:>8.0f} GB/s",
+        f"{'torch SDPA causal 8x1024 (MHA, dense)':<40} {sdpa * 1e3:>9.1f} µs  {tflops:>8.1f} TFLOP/s",
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode tile/warp/stage configs")
+    args = parser.parse_args()
+    print(f"seed {args.seed}  {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    for dtype in (torch.bfloat16, torch.float16):
+        check_store(dtype)
+        check_prefill(dtype)
+        check_decode(dtype)
+        check_cuda_graph(dtype)
+    print(f"correctness: {len(FAILURES)} failure(s) in {time.time() - t0:.0f} s")
+
+    rows = []
+    for batch, ctx, bound in ((256, 1024, None), (64, 4096, None), (1, 1024, None), (1, 1024, 40960)):
+        us, gbs, splits = bench_decode(batch, ctx, bound)
+        label = f"decode b={batch} ctx={ctx} splits={splits}" + (f" (bound {bound})" if bound else "")
+        rows.append(f"{label:<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
+    for paged in (True, False):
+        us, tflops = bench_prefill(paged)
+        label = "prefill 8x1024 " + ("paged" if paged else "flat k/v")
+        rows.append(f"{label:<40} {us:>9.1f} µs  {tflops:>8.1f} TFLOP/s")
+    for split in (True, False):
+        us, gbs = bench_mixed(split)
+        rows.append(f"{'mixed 255 dec@1024 + 512 chunk split=' + str(split):<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
+    rows += bench_reference_points()
+    if args.sweep:
+        for batch, ctx in ((256, 1024), (64, 4096)):
+            for block_n in (32, 64, 128):
+                for warps in (2, 4, 8):
+                    for stages in (1, 2, 3, 4):
+                        cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages}
+                        try:
+                            us, gbs, _ = bench_decode(batch, ctx, **cfg)
+                            print(f"sweep b={batch} ctx={ctx} {cfg}: {us:.1f} µs {gbs:.0f} GB/s")
+                        except Exception as e:  # e.g. out of shared memory for big tiles x stages
+                            print(f"sweep b={batch} ctx={ctx} {cfg}: failed ({type(e).__name__})")
+    print("\n" + "\n".join(rows))
+    if FAILURES:
+        print(f"\nFAILED: {FAILURES}")
+        return 1
+    print("\nall checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

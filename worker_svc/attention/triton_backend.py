@@ -1,0 +1,270 @@
+"""Attention backend on the Triton kernels in triton_kernels.py, plus their host-side launchers.
+
+The launchers read only shapes, strides and Python ints (never tensor values), so a decode step is
+safe to capture in a CUDA graph: the grid depends on the batch size and on `meta.max_seq_len`,
+which the graph capture should set to the max model length (the split count then stays valid for
+any sequence the graph will replay with).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import triton
+
+from worker_svc.attention.metadata import AttnMetadata
+from worker_svc.attention.triton_kernels import (
+    decode_merge_kernel,
+    decode_split_kernel,
+    prefill_kernel,
+    store_kvcache_kernel,
+)
+
+LOG2E = 1.4426950408889634
+MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
+MAX_SPLITS = 32
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Split-K factor for decode so the grid holds ~4 programs per SM.
+
+    A decode program is small (sm_90 build at head_dim 128: ~39 KB shared memory, 108 registers x
+    128 threads), so 4 fit an SM at once, and together they keep enough loads in flight for HBM.
+    Big batches already fill the GPU (256 seqs x 8 kv heads = 2048 programs) and get 1 split: no
+    partials, no merge kernel. `max_seq_len` may be a loose bound: it only caps the count, as the
+    kernel sizes each split from the real seq_len and surplus splits are near-free empty programs.
+    """
+    base = num_seqs * num_kv_heads
+    target = 4 * num_sms
+    if base >= target:
+        return 1
+    useful = triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_LEN)
+    return max(1, min(triton.cdiv(target, base), useful, MAX_SPLITS))
+
+
+@functools.cache
+def device_num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter runs on CPU tensors: size splits as for an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), (
+        "cache must be [num_blocks, block_size, kv_heads, head_dim] with evenly strided slots"
+    )
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    assert block_size & (block_size - 1) == 0 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
+
+
+def store_kvcache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter k/v [T, kv_heads, head_dim] (last dim contiguous) into the caches; slot -1 is skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_cache(k_cache, v_cache)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.shape[2:] == k.shape[1:]
+    store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D]."""
+    num_seqs, num_heads, head_dim = q.shape
+    _check_cache(k_cache, v_cache)
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and seq_lens.shape[0] == num_seqs
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    # 64-token K and V tiles (2 x 16 KB at head_dim 128 bf16) per loop step; halved for head_dim 256
+    # so the tiles still fit the register/shared-memory budget of a 4-warp program. num_stages=3 lets
+    # Triton's pipeliner also prefetch the block-table entries a step ahead (with 2 it issues that
+    # load synchronously right before the K/V copies, exposing its latency every step).
+    block_n = block_n or (64 if head_dim <= 128 else 32)
+    if num_splits > 1:
+        mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # not touched by the NUM_SPLITS == 1 specialisation
+    decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
+        NUM_SPLITS=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        decode_merge_kernel[(num_seqs, num_heads)](
+            mid_o, mid_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            SPLITS_POW2=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim >= 128 else 1,
+        )  # fmt: skip
+    return out
+
+
+SHORT_Q = 16  # query length served by the 16-row prefill tiles when a batch mixes short and long
+INT32_MAX = 2**31 - 1
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    paged: bool = True,
+    split_short: bool = False,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Varlen causal attention of q [T, heads, D] over each sequence's context.
+
+    paged=True: k/v are the caches [num_blocks, block_size, kv_heads, D] holding the whole context
+    (prefix + this step's tokens). paged=False: k/v are this step's [T, kv_heads, D] and no
+    sequence has a prefix (seq_lens == query lengths). split_short: the batch mixes sequences of
+    <= SHORT_Q new tokens (decode rows) with longer ones; the short ones then get their own launch
+    with 16-row tiles instead of dragging a mostly empty 128-row tile through their whole context.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    if paged:
+        _check_cache(k, v)
+        row_dim, block_size = 1, k.shape[1]
+    else:
+        assert k.shape[0] == num_tokens and v.shape[0] == num_tokens
+        row_dim, block_size = 0, 1
+    num_kv_heads = k.shape[-2]
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and num_heads % num_kv_heads == 0
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    def launch(bm: int, min_q: int, max_q: int) -> None:
+        bn = block_n or (64 if head_dim <= 128 else 32)
+        warps = num_warps or (8 if bm >= 128 or head_dim >= 256 else 4)
+        prefill_kernel[(triton.cdiv(min(max_query_len, max_q), bm), num_heads, num_seqs)](
+            q, k, v, block_tables, seq_lens, query_start_loc, out,
+            scale * LOG2E, min_q, max_q,
+            q.stride(0), q.stride(1),
+            k.stride(row_dim), k.stride(row_dim + 1),
+            v.stride(row_dim), v.stride(row_dim + 1),
+            block_tables.stride(0),
+            out.stride(0), out.stride(1),
+            PAGED=paged,
+            GROUP=num_heads // num_kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            num_warps=warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+
+    # Long prompts: 128-row tiles (wgmma-sized on Hopper); 64 at head_dim 256 to bound registers.
+    big = block_m or (128 if max_query_len > 64 and head_dim <= 128 else 64 if max_query_len > SHORT_Q else 16)
+    if split_short and max_query_len > SHORT_Q and block_m is None:
+        launch(16, 1, SHORT_Q)
+        launch(big, SHORT_Q + 1, INT32_MAX)
+    else:
+        launch(big, 0, INT32_MAX)
+    return out
+
+
+class TritonBackend:
+    """AttentionBackend on Triton kernels: paged store, split-K GQA decode, varlen paged prefill."""
+
+    name = "triton"
+
+    def __init__(self, num_sms: int | None = None) -> None:
+        self.num_sms = num_sms  # None: ask the device (lets tests or tuning pin the split count)
+        self._mixed_cache: tuple[AttnMetadata | None, bool] = (None, False)
+
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
+    ) -> None:
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if not meta.has_prefix:
+            # Every context is just this step's tokens: read them from k/v directly, contiguous and
+            # valid before the cache exists (warm-up). Checked before is_decode so a step of
+            # 1-token prompts never reads the cache.
+            return prefill_attention(
+                q, k, v, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
+                paged=False,
+            )  # fmt: skip
+        if meta.is_decode:
+            num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
+            sms = self.num_sms or device_num_sms(q.device)
+            splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
+            return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits)
+        return prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
+            split_short=self.is_mixed(meta),
+        )  # fmt: skip
+
+    def is_mixed(self, meta: AttnMetadata) -> bool:
+        """Whether the step mixes short (<= SHORT_Q, e.g. decode) and long query runs; computed once
+        per step from the host copy of query_start_loc (every layer sees the same meta object). A
+        stale answer could only cost speed: both launch plans cover every sequence."""
+        if self._mixed_cache[0] is not meta:
+            loc = meta.query_start_loc_host
+            shortest = min((b - a for a, b in itertools.pairwise(loc)), default=0)
+            self._mixed_cache = (meta, shortest <= SHORT_Q < meta.max_query_len)
+        return self._mixed_cache[1]

@@ -1,0 +1,283 @@
+"""Triton kernels for paged attention: KV-cache store, split-K GQA decode, and varlen prefill.
+
+Cache layout (per layer): k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim],
+contiguous, so logical position n of a sequence lives at slot block_table[n // block_size] *
+block_size + n % block_size, and one (slot, kv_head) row is head_dim contiguous elements. Every
+kernel reads whole rows with `d = tl.arange(0, HEAD_DIM)` as the fastest axis, which Triton turns
+into 16-byte vector accesses (row strides are multiples of 16 bytes and specialised as such).
+
+All softmax math is fp32 in base 2: the launchers (triton_backend.py) pass scale * log2(e), so
+`exp2` is used directly (one MUFU op, no extra multiply per score).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def store_kvcache_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_slot,
+    stride_cache_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_POW2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # One program per new token: it moves num_kv_heads * head_dim elements of K and of V.
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + t)
+    if slot < 0:  # padded / skipped token (e.g. CUDA-graph padding)
+        return
+    h = tl.arange(0, HEADS_POW2)[:, None]
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = h < NUM_KV_HEADS
+    # K/V may be strided views of a fused qkv output; only the last dim must be contiguous.
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=mask)
+    dst = slot * stride_cache_slot + h * stride_cache_head + d  # slot is int64: no overflow
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
+    # so every K/V tile is fetched from HBM once per group instead of once per query head. The
+    # group is padded to BLOCK_H (>= 16, tl.dot's minimum M): padded rows load q = 0 and are never
+    # stored; the wasted MMA work is free because the kernel is bound by HBM reads, not FLOPs.
+    kvh = tl.program_id(0)
+    s = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + s)
+    # The split length is derived from the *actual* seq_len, so a grid sized for a loose bound
+    # (max model length under CUDA graphs) still spreads real work evenly; surplus splits get an
+    # empty range and only write a "no keys" partial (lse = -inf).
+    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT_LEN)
+    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    hh = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HEAD_DIM)
+    hmask = hh < GROUP
+    heads = kvh * GROUP + hh
+    # Pure decode: sequence s owns exactly token s of the flat batch.
+    q = tl.load(
+        q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=hmask[:, None], other=0.0
+    )
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    kv_base = kvh * stride_cache_head + d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        # BLOCK_N spans BLOCK_N / BLOCK_SIZE cache blocks (or part of one): gather per-row slots.
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0)
+        slot = blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+        off = slot[:, None] * stride_cache_slot + kv_base
+        k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N] fp32
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        # Every iteration has >= 1 valid key, so m_new is finite and exp2 never sees -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty range (or seq_len 0 padding) -> zeros, not NaN
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + s.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    else:
+        # Partials: mid_o [S, H, NUM_SPLITS, D] normalised, mid_lse [S, H, NUM_SPLITS] (base 2).
+        row = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
+        tl.store(mid_lse_ptr + row, lse, mask=hmask)
+
+
+@triton.jit
+def decode_merge_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):
+    # Program = (sequence, query head): log-sum-exp weighted sum of the split partials.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_POW2)
+    d = tl.arange(0, HEAD_DIM)
+    spmask = sp < NUM_SPLITS
+    row = (s.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + row + sp, mask=spmask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights become 0, output 0
+    w = tl.exp2(lse - m)
+    o = tl.load(mid_o_ptr + (row + sp)[:, None] * HEAD_DIM + d[None, :], mask=spmask[:, None], other=0.0)
+    w_sum = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    dst = out_ptr + s.to(tl.int64) * stride_ot + h * stride_oh + d
+    tl.store(dst, res.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _key_rows(bt_row, q_start, n, mask, PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Row index (int64) of context positions n in the K/V source: a cache slot when PAGED, else a
+    row of the flat new-token k/v (prefill from scratch: context == the sequence's own tokens)."""
+    if PAGED:
+        # Masked-off lanes get undefined block ids; callers mask the K/V loads with the same mask.
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=mask)
+        return blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+    else:
+        return (q_start + n).to(tl.int64)
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    scale_log2,
+    min_q_len,
+    max_q_len,
+    stride_qt,
+    stride_qh,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    PAGED: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Program = (query tile, query head, sequence). PAGED: keys come from the cache (already holding
+    # this step's K/V), so a cached prefix, a chunked-prefill continuation and a q_len = 1 decode
+    # token in a mixed batch are all one case: queries are the last q_len context positions.
+    # Not PAGED (no sequence has a prefix): keys are read straight from the new k/v, which is
+    # contiguous (no block-table gather) and works before the cache exists (warm-up).
+    # Grid (tile, head, seq): the GROUP query heads sharing a kv head run back to back, so their
+    # repeated K/V reads mostly hit L2.
+    mt = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    # The grid is sized by max_query_len: tiles past a shorter sequence's end exit here, and so do
+    # sequences outside [min_q_len, max_q_len] (the launch covering another q_len class has them).
+    if (mt * BLOCK_M >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
+        return
+    ctx = tl.load(seq_lens_ptr + s)
+    prefix = ctx - q_len
+    kvh = h // GROUP
+
+    i = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < q_len
+    d = tl.arange(0, HEAD_DIM)
+    tok = (q_start + i).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=imask[:, None], other=0.0)
+    qpos = prefix + i
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    # K is read transposed ([D, BLOCK_N], still contiguous along D) so QK^T is a plain tl.dot.
+    kt_base = k_ptr + kvh * stride_k_head + d[:, None]
+    v_base = v_ptr + kvh * stride_v_head + d[None, :]
+
+    # Phase 1: keys strictly before the tile's first query position are visible to every row, so
+    # whole BLOCK_N tiles there need no mask at all (the bulk of the work for long contexts).
+    full_end = ((prefix + mt * BLOCK_M) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        rows = _key_rows(bt_row, q_start, n, None, PAGED, BLOCK_SIZE)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row)
+        qk = tl.dot(q, kt) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_v_row)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Phase 2: the diagonal band, up to the last query row's own position, with the causal mask.
+    # Its first tile starts at or below every row's position, so each row sees >= 1 key there and
+    # m_new stays finite (rows past q_len are masked garbage that is never stored).
+    hi = tl.minimum(ctx, prefix + tl.minimum((mt + 1) * BLOCK_M, q_len))
+    for n0 in range(full_end, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        rows = _key_rows(bt_row, q_start, n, nmask, PAGED, BLOCK_SIZE)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row, mask=nmask[None, :], other=0.0)
+        qk = tl.dot(q, kt) * scale_log2
+        qk = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_v_row, mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    dst = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=imask[:, None])
