@@ -95,11 +95,12 @@ def load_eos_ids(model_dir: str, tokenizer: object) -> set[int]:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, workers: WorkerGroup | None = None) -> None:
+        """`workers` replaces the gRPC worker group (the in-process benchmark passes its own)."""
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
-        self.workers = WorkerGroup(list(config.worker_addresses))
+        self.workers = workers or WorkerGroup(list(config.worker_addresses))
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, Request] = {}
         self.by_request_id: dict[str, Request] = {}

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from worker_svc.sampler import Sampler, apply_min_p, apply_min_tokens, apply_penalties, apply_top_k_top_p
-from worker_svc.seq_state import SamplingOptions, SeqState
+from worker_svc.sampler import Sampler, apply_min_p, apply_min_tokens, apply_penalties, apply_top_k_top_p, report
+from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 CPU = torch.device("cpu")
 PROBS = [0.1, 0.2, 0.3, 0.4]
@@ -22,8 +22,13 @@ def seq(opts: SamplingOptions, prompt: tuple[int, ...] = (0,), out: tuple[int, .
     return SeqState(seq_id, tokens, len(prompt), len(tokens), [], opts)
 
 
+def samples(sampler: Sampler, logits: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
+    tokens, logprobs = sampler.sample(logits, seqs)
+    return report(seqs, tokens.tolist(), logprobs)
+
+
 def sample(logits: torch.Tensor, seqs: list[SeqState], seed: int = 0) -> list[int]:
-    return [s.token_id for s in Sampler(CPU, seed).sample(logits, seqs)]
+    return [s.token_id for s in samples(Sampler(CPU, seed), logits, seqs)]
 
 
 def chi_square(tokens: list[int], probs: list[float]) -> float:
@@ -79,7 +84,7 @@ def test_seeded_draws_follow_the_distribution() -> None:
     sampler = Sampler(CPU, 0)
     logits = torch.tensor([PROBS]).log()
     opts = SamplingOptions(seed=99)
-    tokens = [sampler.sample(logits, [seq(opts, out=(0,) * i)])[0].token_id for i in range(2000)]
+    tokens = [samples(sampler, logits, [seq(opts, out=(0,) * i)])[0].token_id for i in range(2000)]
     assert chi_square(tokens, PROBS) < CHI2_3DF
 
 
@@ -135,7 +140,7 @@ def test_logprobs_come_from_the_raw_logits() -> None:
     logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(3))
     opts = SamplingOptions(temperature=0.7, repetition_penalty=1.5, top_k=5, logprobs=4, seed=1)
     seqs = [seq(opts, prompt=(1, 2, 3)), seq(SamplingOptions(logprobs=0))]
-    got = Sampler(CPU, 0).sample(logits, seqs)
+    got = samples(Sampler(CPU, 0), logits, seqs)
     raw = logits[0].log_softmax(-1)
     assert got[0].logprob == pytest.approx(raw[got[0].token_id].item())
     assert got[0].top_ids == raw.argsort(descending=True)[:4].tolist()

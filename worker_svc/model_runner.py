@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -12,12 +13,23 @@ import torch.distributed as dist
 from worker_svc.attention import get_backend
 from worker_svc.batch import prepare
 from worker_svc.config import WorkerConfig
+from worker_svc.cuda_graph import DecodeGraphs
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
-from worker_svc.sampler import Sampler
+from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
+
+
+@dataclass
+class Pending:
+    """A launched step: the seqs that sample, and their results on their way to the host."""
+
+    seqs: list[SeqState]
+    tokens: torch.Tensor | None
+    logprobs: Logprobs | None
+    done: torch.cuda.Event | None
 
 
 class ModelRunner:
@@ -35,10 +47,10 @@ class ModelRunner:
         self.block_size, self.vocab_size = config.block_size, arch.vocab_size
         self.device = _device(config, rank)
         self.dtype = _dtype(config, arch)
+        backend = get_backend(config.attention_backend, config.device)
+        self.model_backend = backend.name
         with _default_dtype(self.dtype), self.device:
-            self.model = MODELS[arch.model_type](
-                arch, get_backend(config.attention_backend, config.device), self.max_model_len
-            )
+            self.model = MODELS[arch.model_type](arch, backend, self.max_model_len)
         if config.load_format == "dummy":
             fill_dummy(self.model, config.seed)
         else:
@@ -49,6 +61,15 @@ class ModelRunner:
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
         self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
+        # for seqs added in the step that removes others.
+        self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
+        self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
+            self.graphs.capture()
 
     def run(self, seqs: list[SeqState], num_tokens: list[int]) -> list[Sampled]:
         """Computes num_tokens[i] more tokens of seqs[i] from seq.num_computed on, storing their K/V
@@ -57,28 +78,72 @@ class ModelRunner:
         Returns the samples in batch order on rank 0, [] on the other ranks, which take part in the
         collectives and append the token rank 0 broadcasts.
         """
+        return self.collect(self.launch(seqs, num_tokens))
+
+    def launch(self, seqs: list[SeqState], num_tokens: list[int]) -> Pending:
+        """Queues a step on the device and returns without waiting for it. The sampled tokens stay
+        on the device (a later step's decode reads them there) until `collect` brings them over."""
+        if not seqs:
+            return Pending([], None, None, None)
+        for seq in seqs:
+            if seq.slot < 0:
+                if not self._free_slots:
+                    raise ValueError(f"more than {len(self.last_tokens)} sequences held at once")
+                seq.slot = self._free_slots.pop()
         batch = prepare(seqs, num_tokens, self.block_size, self.max_model_len, self.device)
         with torch.inference_mode():
-            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            if batch.fill_rows.numel():
+                batch.input_ids[batch.fill_rows] = self.last_tokens[batch.fill_slots]
+            if self.graphs is not None and self.graphs.fits(batch):
+                hidden = self.graphs.run(batch)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch.meta)
             for seq, n in zip(seqs, num_tokens, strict=True):
                 seq.num_computed += n
             if not batch.samplers:
-                return []
+                return Pending([], None, None, None)
             sampling = [seqs[i] for i in batch.samplers]
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-            samples = self.sampler.sample(logits.float(), sampling) if logits is not None else []
-            token_ids = self._share([s.token_id for s in samples], len(sampling))
-        for seq, token_id in zip(sampling, token_ids, strict=True):
-            seq.token_ids.append(token_id)
-        return samples
+            if logits is not None:
+                tokens, logprobs = self.sampler.sample(logits.float(), sampling)
+            else:
+                tokens, logprobs = torch.empty(len(sampling), dtype=torch.long, device=self.device), None
+            if self.world_size > 1:
+                dist.broadcast(tokens, src=0)  # every rank feeds rank 0's choice to its next step
+            self.last_tokens[[s.slot for s in sampling]] = tokens
+            host_tokens = tokens.to("cpu", non_blocking=True)
+            host_logprobs = logprobs.to_host() if logprobs is not None else None
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+        for seq in sampling:
+            seq.num_pending += 1
+        return Pending(sampling, host_tokens, host_logprobs, done)
 
-    def _share(self, token_ids: list[int], count: int) -> list[int]:
-        """Rank 0's sampled tokens, on every rank."""
-        if self.world_size == 1:
-            return token_ids
-        tokens = torch.tensor(token_ids or [0] * count, dtype=torch.long, device=self.device)
-        dist.broadcast(tokens, src=0)
-        return tokens.tolist()
+    def collect(self, pending: Pending) -> list[Sampled]:
+        """Waits for a launched step and appends its sampled tokens to their seqs (every rank)."""
+        if pending.tokens is None:
+            return []
+        if pending.done is not None:
+            pending.done.synchronize()
+        token_ids = pending.tokens.tolist()
+        for seq, token_id in zip(pending.seqs, token_ids, strict=True):
+            seq.token_ids.append(token_id)
+            seq.num_pending -= 1
+        if self.rank != 0:
+            return []
+        return report(pending.seqs, token_ids, pending.logprobs)
+
+    def needs_history(self, seqs: list[SeqState]) -> bool:
+        """Whether launching these needs every earlier token's value on the host (penalties do)."""
+        return any(s.num_pending and penalised(s.sampling) for s in seqs)
+
+    def release(self, seq: SeqState) -> None:
+        """Gives a finished or preempted seq's slot back."""
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
 
     def _budget_blocks(self) -> int:
         per_block = block_bytes(self.model, self.block_size, self.dtype)

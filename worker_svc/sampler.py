@@ -7,11 +7,36 @@ skipped when no seq in the batch uses it, since this runs every decode step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 _MASK64 = (1 << 64) - 1
+
+
+def _tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor on device without a device sync: the copy to a GPU starts from pinned memory
+    (from pageable memory it would first wait for all queued device work)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class Logprobs:
+    """Top logprobs of the rows that asked, still where they were computed."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [R]
+    top_values: torch.Tensor  # [R, n]
+    top_ids: torch.Tensor  # [R, n]
+
+    def to_host(self) -> Logprobs:
+        moved = (t.to("cpu", non_blocking=True) for t in (self.chosen, self.top_values, self.top_ids))
+        return Logprobs(self.rows, *moved)
 
 
 class Sampler:
@@ -21,31 +46,36 @@ class Sampler:
         # fine since only seeded seqs promise reproducible tokens.
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
-        """Samples one token per row of logits [S, vocab] (float32); row i belongs to seqs[i]."""
+    def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> tuple[torch.Tensor, Logprobs | None]:
+        """Samples one token per row of logits [S, vocab] (float32); row i belongs to seqs[i].
+
+        Returns the tokens and the requested logprobs on the device, without waiting for them."""
         opts = [s.sampling for s in seqs]
         work = logits
-        if any(_penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs):
+        if any(penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs):
             work = logits.clone()  # keep the raw logits intact for the logprobs
             apply_penalties(work, seqs)
             apply_min_tokens(work, seqs)
         tokens = work.argmax(dim=-1)
         if any(o.temperature > 0 for o in opts):
-            greedy = torch.tensor([o.temperature == 0 for o in opts], device=self.device)
-            tokens = torch.where(greedy, tokens, self._draw(work, seqs))
-        return _report(logits, tokens, seqs)
+            if all(o.temperature > 0 for o in opts):
+                tokens = self._draw(work, seqs)
+            else:
+                greedy = _tensor([o.temperature == 0 for o in opts], self.device)
+                tokens = torch.where(greedy, tokens, self._draw(work, seqs))
+        return tokens, _logprobs(logits, tokens, seqs)
 
     def _draw(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
-        temps = torch.tensor([o.temperature or 1.0 for o in opts], device=self.device)
+        temps = _tensor([o.temperature or 1.0 for o in opts], self.device)
         logits = logits / temps.unsqueeze(1)
         vocab = logits.size(1)
         if any(0 < o.top_k < vocab or o.top_p < 1 for o in opts):
-            top_k = torch.tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], device=self.device)
-            top_p = torch.tensor([o.top_p for o in opts], device=self.device)
+            top_k = _tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], self.device)
+            top_p = _tensor([o.top_p for o in opts], self.device)
             logits = apply_top_k_top_p(logits, top_k, top_p)
         if any(o.min_p > 0 for o in opts):
-            logits = apply_min_p(logits, torch.tensor([o.min_p for o in opts], device=self.device))
+            logits = apply_min_p(logits, _tensor([o.min_p for o in opts], self.device))
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, from
         # one draw per vocab entry. A seq's draw depends only on its own noise row, so a seeded seq
@@ -65,7 +95,7 @@ class Sampler:
 def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
     """In place. Repetition penalty over prompt and output tokens (positive logits divided, negative
     multiplied); presence and frequency penalties over output tokens only."""
-    rows = [i for i, s in enumerate(seqs) if _penalised(s.sampling)]
+    rows = [i for i, s in enumerate(seqs) if penalised(s.sampling)]
     if not rows:
         return
     picked = [seqs[i] for i in rows]
@@ -77,7 +107,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
     counts.index_put_(out_index, torch.ones(out_index[0].numel(), device=device), accumulate=True)
 
     def per_row(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=device).unsqueeze(1)
+        return _tensor(values, device).unsqueeze(1)
 
     rep = torch.where(seen, per_row([s.sampling.repetition_penalty for s in picked]), 1.0)
     sub = logits[rows]
@@ -113,26 +143,33 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
-def _report(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SeqState]) -> list[Sampled]:
-    token_ids = tokens.tolist()
-    out = [Sampled(s.seq_id, t) for s, t in zip(seqs, token_ids, strict=True)]
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SeqState]) -> Logprobs | None:
     rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs > 0]
     if not rows:
-        return out
+        return None
     # From the raw logits, before penalties and temperature: what vLLM returns by default, and
     # what describes the model rather than the sampling settings.
-    logprobs = raw[rows].float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+    index = _tensor(rows, raw.device, torch.long)
+    logprobs = raw[index].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
     most = min(max(seqs[i].sampling.logprobs for i in rows), logprobs.size(1))
     top_values, top_ids = logprobs.topk(most, dim=-1)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(rows):
+    return Logprobs(rows, chosen, top_values, top_ids)
+
+
+def report(seqs: list[SeqState], token_ids: list[int], logprobs: Logprobs | None) -> list[Sampled]:
+    """Host-side samples, once the tokens (and logprobs) have reached the host."""
+    out = [Sampled(s.seq_id, t) for s, t in zip(seqs, token_ids, strict=True)]
+    if logprobs is None:
+        return out
+    chosen, values, ids = logprobs.chosen.tolist(), logprobs.top_values.tolist(), logprobs.top_ids.tolist()
+    for j, i in enumerate(logprobs.rows):
         n = seqs[i].sampling.logprobs
-        out[i].logprob, out[i].top_ids, out[i].top_logprobs = chosen[j], top_ids[j][:n], top_values[j][:n]
+        out[i].logprob, out[i].top_ids, out[i].top_logprobs = chosen[j], ids[j][:n], values[j][:n]
     return out
 
 
-def _penalised(o: SamplingOptions) -> bool:
+def penalised(o: SamplingOptions) -> bool:
     return o.repetition_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
 
 
@@ -144,7 +181,7 @@ def _scatter_index(ids: list[list[int]], device: torch.device) -> tuple[torch.Te
     """(row, id) index tensors addressing ids[r] in row r of a [len(ids), vocab] tensor."""
     rows = [r for r, row in enumerate(ids) for _ in row]
     flat = [t for row in ids for t in row]
-    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(flat, dtype=torch.long, device=device)
+    return _tensor(rows, device, torch.long), _tensor(flat, device, torch.long)
 
 
 def _splitmix64(x: int) -> int:

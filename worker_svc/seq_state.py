@@ -28,10 +28,19 @@ class SeqState:
     num_computed: int  # tokens whose K/V are in the cache
     block_table: list[int]
     sampling: SamplingOptions
+    # Tokens sampled by launched steps whose values are still on the device. The next decode step
+    # reads such a token there (by `slot`), so a step can launch before the last one's values land.
+    num_pending: int = 0
+    slot: int = -1  # this seq's row in the runner's on-device buffer of last sampled tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the seq has, including those whose values are not on the host yet."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
 
 @dataclass(slots=True)
