@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import Client
 
@@ -39,6 +41,8 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         cmd += ["--attention-backend", args.attention_backend]
         cmd += ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        # Ctrl-C reaches the workers too: they outwait the scheduler's drain, which closes their streams.
+        cmd += ["--shutdown-timeout", str(args.shutdown_timeout + 5)]
         for flag, value in (
             ("--device", args.device),
             ("--max-model-len", args.max_model_len),
@@ -54,24 +58,22 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
 
 
 async def _serve(args: argparse.Namespace, procs: list[subprocess.Popen], addrs: list[str]) -> int:
-    from scheduler_svc.server import engine_config, serve
+    from scheduler_svc.server import Shutdown, engine_config, serve, serve_options
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown = Shutdown()
+    shutdown.install()
 
     async def watch_workers() -> None:
         while all(p.poll() is None for p in procs):
             await asyncio.sleep(0.5)
         dead = next(p for p in procs if p.poll() is not None)
         print(f"nanovllm: a worker exited with code {dead.returncode}; stopping", file=sys.stderr, flush=True)
-        stop.set()
+        shutdown.now()  # nothing can finish without it: no drain
 
     watcher = asyncio.create_task(watch_workers())
-    server = asyncio.create_task(serve(engine_config(args, addrs), args.host, args.port, stop))
+    server = asyncio.create_task(serve(engine_config(args, addrs), serve_options(args), shutdown))
     await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
+    shutdown.now()
     watcher.cancel()
     try:
         await server
@@ -82,6 +84,9 @@ async def _serve(args: argparse.Namespace, procs: list[subprocess.Popen], addrs:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("nanovllm: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cmds, addrs = worker_commands(args)
     procs = [subprocess.Popen(c) for c in cmds]
@@ -99,11 +104,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt: str | list[int]
+    prompt: str | list[int] | None = args.prompt
     if args.prompt_token_ids is not None:
         prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
-    else:
-        prompt = args.prompt
+    messages = None
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.chat})
     kwargs = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -118,14 +125,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "logprobs": args.logprobs,
     }
     try:
-        with Client(args.addr) as client:
+        with Client(args.addr, channel(args)) as client:
             if args.wait:
                 try:
                     grpc.channel_ready_future(client.channel).result(timeout=args.wait)
                 except grpc.FutureTimeoutError:
                     print(f"nanovllm: no server answered at {args.addr} within {args.wait} s", file=sys.stderr)
                     return 1
-            for msg in client.generate(prompt, **kwargs):
+            for msg in client.generate(prompt, messages=messages, **kwargs):
                 if args.json:
                     out = {
                         "token_ids": list(msg.token_ids),
@@ -158,6 +165,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def channel(args: argparse.Namespace) -> grpc.Channel:
+    if not (args.tls or args.tls_ca):
+        return grpc.insecure_channel(args.addr)
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None  # None: the system's roots
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(ca), options=options)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Standard gRPC health check, as compose's healthcheck runs it: exit 0 only when SERVING."""
+    with channel(args) as ch:
+        try:
+            res = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"nanovllm: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(res.status))
+    return 0 if res.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def add_connection_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--addr", default=f"127.0.0.1:{port}")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
+    p.add_argument("--tls-ca", help="connect with TLS, trusting this PEM CA certificate")
+    p.add_argument("--tls-server-name", help="name the server certificate must carry, if not the --addr host")
+
+
 def parser() -> argparse.ArgumentParser:
     from scheduler_svc.server import add_args as add_scheduler_args
     from worker_svc.server import add_args as add_worker_args
@@ -170,10 +206,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="stream a generation from a running server")
-    g.add_argument("--addr", default="127.0.0.1:50051")
+    add_connection_args(g, 50051)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-token-ids", help="comma-separated token ids")
+    src.add_argument("--chat", help="a user message, rendered with the model's chat template")
+    g.add_argument("--system", help="a system message before --chat")
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
@@ -188,9 +226,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per streamed message")
     g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up")
     g.set_defaults(func=cmd_generate)
+
+    h = sub.add_parser("health", help="standard gRPC health check of a scheduler or worker; exit 0 if SERVING")
+    add_connection_args(h, 50051)
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.set_defaults(func=cmd_health)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     sys.exit(args.func(args))
+if __name__ == "__main__":
+    main()

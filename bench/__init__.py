@@ -1,0 +1,1 @@
+"""Benchmarks: the standard throughput workload, latency, and the helpers they need."""

@@ -1,0 +1,69 @@
+"""The worker without gRPC: the same Executor and model runner in this process, on a thread.
+
+It has the scheduler-side WorkerGroup interface (connect, send, receive, close, info), so the
+in-process benchmark runs the very same engine loop as the service; only the transport differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+from proto import worker_pb2 as wpb
+from worker_svc.config import WorkerConfig
+from worker_svc.executor import END, Executor
+from worker_svc.model_runner import ModelRunner
+
+
+class LocalWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.runner = ModelRunner(config)
+        self.info: wpb.WorkerInfo | None = None
+        self._requests: queue.Queue[wpb.StepRequest | None] = queue.Queue()
+        self._results: asyncio.Queue[wpb.StepResult | BaseException] | None = None
+        self._thread: threading.Thread | None = None
+
+    async def connect(self, timeout: float) -> wpb.WorkerInfo:
+        r = self.runner
+        self.info = wpb.WorkerInfo(
+            rank=0,
+            world_size=1,
+            num_kv_blocks=r.num_kv_blocks,
+            block_size=r.block_size,
+            max_model_len=r.max_model_len,
+            vocab_size=r.vocab_size,
+            max_num_seqs=r.config.max_num_seqs,
+            max_num_batched_tokens=r.config.max_num_batched_tokens,
+            device=r.config.device,
+            ready=True,
+        )
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[wpb.StepResult | BaseException] = asyncio.Queue()
+        self._results = results
+
+        def serve() -> None:
+            try:
+                for res in Executor(self.runner, answer=True).run(self._requests):
+                    loop.call_soon_threadsafe(results.put_nowait, res)
+            except BaseException as e:
+                loop.call_soon_threadsafe(results.put_nowait, e)
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        return self.info
+
+    async def send(self, req: wpb.StepRequest) -> None:
+        self._requests.put(req)
+
+    async def receive(self) -> wpb.StepResult:
+        assert self._results is not None
+        item = await self._results.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        self._requests.put(END)
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -1,0 +1,226 @@
+"""Throughput and latency of the standard workload, through the full gRPC stack and in-process.
+
+    python -m bench.throughput --model DIR --load-format dummy [--modes full,inproc,latency]
+
+full:    `nanovllm serve` (scheduler + worker processes) and an asyncio gRPC client sending all
+         requests at once; output tokens / wall seconds from the first request sent to the last
+         token received, after one warm-up request.
+inproc:  the same engine, scheduler and model runner in this process, no gRPC (bench/local_worker.py).
+latency: one request at a time (256 prompt + 512 output tokens, greedy) through gRPC: time to first
+         token, time per output token, and ms per output token including prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.make_model import write as write_model
+from bench.workload import Job, standard
+from client import AsyncClient
+
+TEMPERATURE = 0.6
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    path = Path(args.model)
+    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        return str(path)
+    out = Path("/tmp") / f"{path.name}-bench"
+    if not (out / "tokenizer.json").exists():
+        write_model(path / "config.json", out)  # a config alone: add a synthetic full-size tokenizer
+    return str(out)
+
+
+def serve_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype]
+    flags += ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    flags += ["--attention-backend", args.attention_backend]
+    flags += ["--tensor-parallel-size", str(args.tp), "--max-inflight-steps", str(args.max_inflight_steps)]
+    if args.max_model_len:
+        flags += ["--max-model-len", str(args.max_model_len)]
+    if args.num_kvcache_blocks:
+        flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
+    return flags
+
+
+async def consume(stream) -> tuple[int, float | None]:
+    """(output tokens received, arrival time of the first one)."""
+    count, first = 0, None
+    async for msg in stream:
+        if msg.token_ids and first is None:
+            first = time.perf_counter()
+        count += len(msg.token_ids)
+    return count, first
+
+
+async def run_jobs(generate, jobs: list[Job], label: str) -> tuple[int, float]:
+    """Sends every job at once; returns (output tokens, wall seconds)."""
+    bar = tqdm(total=len(jobs), desc=label, unit="req", file=sys.stderr, mininterval=1.0)
+
+    async def one(job: Job) -> int:
+        n, _ = await consume(generate(job))
+        bar.update(1)
+        return n
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(j) for j in jobs))
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return sum(counts), elapsed
+
+
+def client_kwargs(job: Job, temperature: float = TEMPERATURE) -> dict:
+    return {"max_tokens": job.max_tokens, "temperature": temperature, "ignore_eos": True}
+
+
+async def full_stack(addr: str, jobs: list[Job]) -> tuple[int, float]:
+    async with AsyncClient(addr) as c:
+        await consume(c.generate(jobs[0].prompt[:16], max_tokens=8, ignore_eos=True))  # warm-up
+        return await run_jobs(lambda j: c.generate(j.prompt, **client_kwargs(j)), jobs, "full stack")
+
+
+async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
+    job = Job(list(range(1000, 1256)), 512)
+    ttft, tpot, per_token = [], [], []
+    async with AsyncClient(addr) as c:
+        await consume(c.generate(job.prompt[:16], max_tokens=8, ignore_eos=True))
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n, first = await consume(c.generate(job.prompt, **client_kwargs(job, temperature=0.0)))
+            end = time.perf_counter()
+            assert n == job.max_tokens and first is not None
+            ttft.append(first - start)
+            tpot.append((end - first) / (n - 1))
+            per_token.append((end - start) / n)
+    return {
+        "ttft_ms": 1e3 * statistics.median(ttft),
+        "tpot_ms": 1e3 * statistics.median(tpot),
+        "ms_per_token_incl_prefill": 1e3 * statistics.median(per_token),
+    }
+
+
+def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen, str]:
+    port = 50151
+    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *serve_flags(args)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        if "scheduler ready" in line:
+            break
+    else:
+        raise SystemExit(f"server exited with {proc.wait()}")
+    # Keep draining its output so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [sys.stderr.write(x) for x in proc.stdout], daemon=True).start()
+    return proc, f"127.0.0.1:{port}"
+
+
+async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> tuple[int, float]:
+    from bench.local_worker import LocalWorker
+    from scheduler_svc.engine import Engine, EngineConfig
+    from scheduler_svc.sampling_params import SamplingParams
+    from worker_svc.config import WorkerConfig
+
+    worker = LocalWorker(
+        WorkerConfig(
+            model=model,
+            load_format=args.load_format,
+            device=args.device,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            num_kv_blocks=args.num_kvcache_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            attention_backend=args.attention_backend,
+        )
+    )
+    engine = Engine(
+        EngineConfig(
+            model=model,
+            worker_addresses=("in-process",),
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_inflight_steps=args.max_inflight_steps,
+        ),
+        workers=worker,  # type: ignore[arg-type]
+    )
+    await engine.start()
+    ids = iter(range(10**9))
+
+    def generate(job: Job):
+        params = SamplingParams(**client_kwargs(job))
+        return engine.generate(f"r{next(ids)}", job.prompt, params)
+
+    try:
+        await consume(engine.generate("warm-up", jobs[0].prompt[:16], SamplingParams(max_tokens=8, ignore_eos=True)))
+        return await run_jobs(generate, jobs, "in-process")
+    finally:
+        await engine.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model dir; a dir with only config.json gets a synthetic tokenizer")
+    p.add_argument("--modes", default="full,inproc,latency")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--num-kvcache-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--max-inflight-steps", type=int, default=2)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tp", type=int, default=1)
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    model = model_dir(args)
+    jobs = standard(args.num_requests)
+    total_prompt = sum(len(j.prompt) for j in jobs)
+    results: dict[str, float] = {}
+    if "full" in modes or "latency" in modes:
+        proc, addr = start_server(args, model)
+        try:
+            if "full" in modes:
+                n, secs = asyncio.run(full_stack(addr, jobs))
+                results["full_tok_s"] = n / secs
+                print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+            if "latency" in modes:
+                for k, v in asyncio.run(latency(addr)).items():
+                    results[k] = v
+                    print(f"latency {k}: {v:.3f}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    if "inproc" in modes:
+        n, secs = asyncio.run(in_process(args, model, jobs))
+        results["inproc_tok_s"] = n / secs
+        print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+    print(f"\nworkload: {len(jobs)} requests, {total_prompt} prompt tokens, {sum(j.max_tokens for j in jobs)} output")
+    for k, v in results.items():
+        print(f"{k:>28}: {v:,.3f}")
+    if "full_tok_s" in results and "inproc_tok_s" in results:
+        print(f"{'full / in-process':>28}: {results['full_tok_s'] / results['inproc_tok_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
