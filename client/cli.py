@@ -195,8 +195,8 @@ def add_connection_args(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from scheduler_svc.server import add_args as add_scheduler_args
-    from worker_svc.server import add_args as add_worker_args
+    from scheduler_svc.flags import add_args as add_scheduler_args
+    from worker_svc.flags import add_args as add_worker_args
 
     p = argparse.ArgumentParser(prog="nanovllm", description="nanovllm-grpc: serve and call an LLM over gRPC")
     sub = p.add_subparsers(dest="command", required=True)
@@ -238,5 +238,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     sys.exit(args.func(args))
+
+
 if __name__ == "__main__":
     main()

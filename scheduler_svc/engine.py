@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
 from scheduler_svc.sequence import FinishReason, Sequence
@@ -105,6 +107,8 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.by_request_id: dict[str, Request] = {}
         self.dead: str | None = None
+        self.draining = False
+        self.metrics = Metrics(self)
         self.max_model_len = 0
         self.vocab_size = 0
         self._ids = itertools.count()
@@ -145,7 +149,10 @@ class Engine:
             raise InvalidRequest("chat.messages is empty")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequest("this model's tokenizer has no chat template; send a text prompt instead")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as e:  # templates raise on what they refuse, e.g. roles out of order
+            raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -175,6 +182,8 @@ class Engine:
         """Streams one request's outputs; closing the iterator early aborts the request."""
         if self.dead is not None:
             raise WorkerUnavailable(self.dead)
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and accepts no new requests; retry on another replica")
         if self.scheduler is None:
             raise WorkerUnavailable("the engine is not started yet")
         self._validate(prompt, params)
@@ -189,6 +198,7 @@ class Engine:
         self.by_request_id[request_id] = req
         self.scheduler.add(seq)
         self._wake.set()
+        reason, first, last, streamed = "abort", 0.0, 0.0, 0
         try:
             while True:
                 item = await req.queue.get()
@@ -199,11 +209,21 @@ class Engine:
                         break
                     item.merge(nxt)
                 if isinstance(item, BaseException):
+                    reason = "error"
                     raise item
+                last = time.monotonic()
+                if not first:
+                    first = last
+                    self.metrics.first_token(req.arrival, first, seq.num_prompt_tokens)
+                streamed += len(item.token_ids)
+                self.metrics.streamed(len(item.token_ids))
+                if item.finish_reason is not None:
+                    reason = item.finish_reason.value
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
+            self.metrics.finish(reason, req.arrival, first, last, streamed)
             self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -214,6 +234,20 @@ class Engine:
         if self.scheduler is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
             self._wake.set()
+
+    async def drain(self, timeout: float, force: asyncio.Event | None = None) -> None:
+        """Refuses new requests and waits up to `timeout` s (or until `force`) for the running ones;
+        those left get UNAVAILABLE, so their clients know to retry elsewhere."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.requests and loop.time() < deadline and not (force is not None and force.is_set()):
+            await asyncio.sleep(0.05)  # only while shutting down: a poll is simpler than an event per request
+        for req in self.requests.values():
+            req.queue.put_nowait(
+                ShuttingDown(f"the server shut down before this request finished ({timeout:g} s drain)")
+            )
+        self.requests.clear()
 
     # ---- the step loop ----
 
@@ -228,12 +262,14 @@ class Engine:
                     if batch is None:
                         break
                     await self.workers.send(to_step_request(batch, self.eos_token_ids))
+                    self.metrics.step_sent()
                     inflight.append(batch)
                 if not inflight:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 res = await self.workers.receive()
+                self.metrics.step_done()
                 batch = inflight.popleft()
                 assert res.step_id == batch.step_id, (res.step_id, batch.step_id)
                 samples = from_step_result(res)

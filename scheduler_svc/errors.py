@@ -13,3 +13,8 @@ class Overloaded(RuntimeError):
 
 class WorkerUnavailable(RuntimeError):
     """A worker died or cannot be reached (maps to UNAVAILABLE)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining or did not finish a request before its shutdown timeout (maps to UNAVAILABLE,
+    which clients treat as: retry on another replica)."""

@@ -1,4 +1,7 @@
-"""The one error boundary: maps exceptions raised by handlers to gRPC status codes."""
+"""The one error boundary: maps exceptions raised by the Generation handlers to gRPC status codes.
+
+Only the public API is wrapped: health and reflection come from grpcio and set their own statuses.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any
 
 import grpc
 
-from scheduler_svc.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from proto import generate_pb2 as pb
+from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +20,9 @@ STATUS = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WorkerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
+PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Generation'].full_name}/"
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -34,7 +40,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or not details.method.startswith(PREFIX):
             return handler
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary

@@ -1,37 +1,32 @@
-"""Runs the scheduler: the public gRPC server in front of one engine."""
+"""Runs the scheduler: the public gRPC server (Generation, health, reflection) in front of one engine."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
 from scheduler_svc.engine import Engine, EngineConfig
+from scheduler_svc.flags import add_args
 from scheduler_svc.interceptor import ErrorInterceptor
 from scheduler_svc.servicer import GenerationServicer
+from scheduler_svc.status import StatusLog
 
 log = logging.getLogger("scheduler")
 
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Scheduler flags; `nanovllm serve` shares them."""
-    p.add_argument("--model", required=True, help="model directory (tokenizer + config.json)")
-    p.add_argument("--served-model-name", default="", help="name reported by GetModelInfo (default: the dir name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    p.add_argument(
-        "--max-inflight-steps", type=int, default=2, choices=(1, 2), help="2: send step N+1 before N returns"
-    )
-    p.add_argument("--max-queued-requests", type=int, default=0, help="0: unbounded")
+GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
@@ -48,41 +43,143 @@ def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
     )
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the public side is served; the engine's settings are in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None  # None: no metrics endpoint
+    log_interval: float = 0.0  # 0: no status lines
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
+        log_interval=args.log_interval,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
 class SchedulerServer:
     """The engine plus the public gRPC server in front of it."""
 
-    def __init__(self, config: EngineConfig, host: str, port: int) -> None:
-        self.config = config
-        self.host = host
-        self.port = port
+    def __init__(self, config: EngineConfig, options: ServeOptions) -> None:
+        self.options = options
+        self.port = options.port
+        self.metrics_port: int | None = None
         self.engine = Engine(config)
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((GENERATION, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self._status: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Connects to the workers, then serves; returns the bound port."""
-        await self.engine.start()
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.port}")
-        await self.server.start()
+        """Serves, connects to the workers, then reports SERVING; returns the bound port."""
+        await self.listen()
+        await self.connect()
         return self.port
 
+    async def listen(self) -> int:
+        """Opens the public port (and metrics) at once, so health checks see NOT_SERVING while workers load."""
+        o = self.options
+        for service in ("", GENERATION):
+            await self.health.set(service, NOT_SERVING)
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert is None or o.tls_key is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            key_cert = (Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
+        await self.server.start()
+        if o.metrics_port is not None:
+            self.metrics_port = self.engine.metrics.serve(o.host, o.metrics_port)
+        return self.port
+
+    async def connect(self) -> None:
+        await self.engine.start()
+        if self.options.log_interval > 0:
+            self._status = asyncio.create_task(StatusLog(self.engine, self.options.log_interval).run())
+        for service in ("", GENERATION):
+            await self.health.set(service, SERVING)
+
+    async def drain(self, timeout: float, force: asyncio.Event | None = None) -> None:
+        """NOT_SERVING from now on; refuses new requests and gives running ones `timeout` s to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.engine.drain(timeout, force)
+
     async def stop(self, grace: float = 1.0) -> None:
+        if self._status is not None:
+            self._status.cancel()
         await self.server.stop(grace)
         await self.engine.stop()
+        self.engine.metrics.close()
 
 
-async def serve(config: EngineConfig, host: str, port: int, stop: asyncio.Event | None = None) -> None:
-    """Serves until `stop` is set (or SIGINT/SIGTERM when it is None)."""
-    server = SchedulerServer(config, host, port)
-    bound = await server.start()
-    print(f"nanovllm scheduler ready on {host}:{bound}", flush=True)
-    if stop is None:
-        stop = asyncio.Event()
+class Shutdown:
+    """The first SIGINT or SIGTERM asks for a drain; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.forced = asyncio.Event()
+
+    def signal(self) -> None:
+        (self.forced if self.requested.is_set() else self.requested).set()
+
+    def now(self) -> None:
+        self.requested.set()
+        self.forced.set()
+
+    def install(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+            loop.add_signal_handler(sig, self.signal)
+
+
+async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown | None = None) -> None:
+    """Serves until shutdown is requested (SIGINT/SIGTERM when `shutdown` is None), then drains."""
+    if shutdown is None:
+        shutdown = Shutdown()
+        shutdown.install()
+    server = SchedulerServer(config, options)
+    try:
+        await server.listen()
+        connect = asyncio.ensure_future(server.connect())
+        stop = asyncio.ensure_future(shutdown.requested.wait())
+        await asyncio.wait({connect, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done():  # asked to stop while the workers were still loading
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connect
+            return
+        stop.cancel()
+        connect.result()
+        where = f"{options.host}:{server.port}"
+        if server.metrics_port is not None:
+            where += f" (metrics on http://{options.host}:{server.metrics_port}/metrics)"
+        print(f"nanovllm scheduler ready on {where}", flush=True)
+        await shutdown.requested.wait()
+        log.info(
+            "draining: no new requests; up to %g s for the %d running",
+            options.shutdown_timeout,
+            len(server.engine.requests),
+        )
+        await server.drain(options.shutdown_timeout, shutdown.forced)
+    finally:
+        await server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,5 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     add_args(p)
     p.add_argument("--workers", required=True, help="comma-separated worker addresses, rank 0 first")
     args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(engine_config(args, args.workers.split(",")), args.host, args.port))
+    asyncio.run(serve(engine_config(args, args.workers.split(",")), serve_options(args)))

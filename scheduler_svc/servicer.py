@@ -10,7 +10,7 @@ import grpc
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
 from scheduler_svc.engine import Engine, Output
-from scheduler_svc.errors import InvalidRequest
+from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 
@@ -96,7 +96,8 @@ class GenerationServicer(pbg.GenerationServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         e = self.engine
-        assert e.scheduler is not None and e.workers.info is not None
+        if e.scheduler is None or e.workers.info is None:
+            raise WorkerUnavailable("the workers are still loading the model")
         return pb.ModelInfo(
             model_name=self.model_name,
             max_model_len=e.max_model_len,

@@ -6,46 +6,70 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent import futures
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
-import grpc
-
-from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.engine import Engine, EngineConfig
-from scheduler_svc.server import SchedulerServer
+from scheduler_svc.server import SchedulerServer, ServeOptions
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
+from worker_svc.server import WorkerServer
 from worker_svc.servicer import WorkerServicer
 
-
-def start_worker(model_dir: str, **worker: object) -> tuple[grpc.Server, str]:
-    config = WorkerConfig(model=str(model_dir), device="cpu", dtype="float32", **worker)
-    servicer = WorkerServicer(rank=0, world_size=1, device="cpu")
-    servicer.runner = ModelRunner(config)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    wgrpc.add_WorkerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
+T = TypeVar("T")
 
 
-class Service:
-    def __init__(self, model_dir: str, engine: dict | None = None, **worker: object) -> None:
-        self.worker, worker_addr = start_worker(model_dir, **worker)
-        config = EngineConfig(model=str(model_dir), worker_addresses=(worker_addr,), **(engine or {}))
+def start_worker(model_dir: str, ready: bool = True, **worker: object) -> WorkerServer:
+    """A rank-0 worker on a free loopback port; `ready=False` leaves it loading (NOT_SERVING)."""
+    server = WorkerServer(WorkerServicer(rank=0, world_size=1, device="cpu"), "127.0.0.1", 0)
+    if ready:
+        load(server, model_dir, **worker)
+    return server
+
+
+def load(server: WorkerServer, model_dir: str, **worker: object) -> None:
+    server.ready(ModelRunner(WorkerConfig(model=str(model_dir), device="cpu", dtype="float32", **worker)))
+
+
+class Loop:
+    """An asyncio event loop on a daemon thread, for servers that the test's thread calls into."""
+
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self.call(self._make(config))
-        port = self.call(self.server.start())
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result(timeout=120)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+async def make_server(config: EngineConfig, options: ServeOptions) -> SchedulerServer:
+    return SchedulerServer(config, options)  # built on the loop: its asyncio objects belong there
+
+
+class Service:
+    """`engine`: EngineConfig fields; `serve`: ServeOptions fields; the rest: WorkerConfig fields."""
+
+    def __init__(self, model_dir: str, engine: dict | None = None, serve: dict | None = None, **worker: object) -> None:
+        self.worker = start_worker(model_dir, **worker)
+        config = EngineConfig(
+            model=str(model_dir), worker_addresses=(f"127.0.0.1:{self.worker.port}",), **(engine or {})
+        )
+        self.loop = Loop()
+        self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0, **(serve or {}))))
+        port = self.loop.call(self.server.start())
         self.addr = f"127.0.0.1:{port}"
 
-    @staticmethod
-    async def _make(config: EngineConfig) -> SchedulerServer:
-        return SchedulerServer(config, "127.0.0.1", 0)
-
-    def call(self, coro):  # runs a coroutine on the service's loop and waits for it
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.call(coro)
 
     @property
     def engine(self) -> Engine:
@@ -53,6 +77,5 @@ class Service:
 
     def stop(self) -> None:
         self.call(self.server.stop(grace=0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.loop.close()
         self.worker.stop(grace=0)

@@ -7,30 +7,24 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
+from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from worker_svc.config import WorkerConfig
+from worker_svc.flags import add_args
 from worker_svc.servicer import WorkerServicer
 
+if TYPE_CHECKING:
+    from worker_svc.model_runner import ModelRunner
+
 log = logging.getLogger("worker")
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Worker flags; `nanovllm serve` shares them."""
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--kvcache-block-size", type=int, default=16)
-    p.add_argument("--num-kvcache-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget on cpu")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "flash-attn"))
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+WORKER = wpb.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 def default_device() -> str:
@@ -71,6 +65,43 @@ def init_distributed(config: WorkerConfig, rank: int, dist_addr: str, dist_port:
     )
 
 
+class WorkerServer:
+    """The worker's gRPC server: Worker and standard health, NOT_SERVING until the model runner is built."""
+
+    def __init__(self, servicer: WorkerServicer, host: str, port: int) -> None:
+        self.servicer = servicer
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8),
+            options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+        )
+        wgrpc.add_WorkerServicer_to_server(servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.server.start()
+
+    def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", WORKER):
+            self.health.set(service, status)
+
+    def ready(self, runner: ModelRunner) -> None:
+        """Called once the weights are loaded and warmed up (the runner does both when built)."""
+        self.servicer.runner = runner
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def drain(self, timeout: float, force: threading.Event) -> None:
+        """NOT_SERVING from now on; waits up to `timeout` s for the scheduler to finish its requests and
+        close its step stream, so that a worker stopped with its scheduler never fails their requests."""
+        self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + timeout
+        while self.servicer.connected() and time.monotonic() < deadline and not force.is_set():
+            force.wait(0.1)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m worker_svc", description="nanovllm worker (one rank)")
     p.add_argument("--model", required=True)
@@ -82,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to wait for the scheduler to leave"
+    )
     add_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.rank}] %(levelname)s %(message)s")
@@ -90,22 +124,25 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rank must be in [0, {config.tensor_parallel_size}), got {args.rank}")
 
     servicer = WorkerServicer(args.rank, config.tensor_parallel_size, config.device)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
-    )
-    wgrpc.add_WorkerServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
-    server.start()
-    stop = threading.Event()
+    server = WorkerServer(servicer, args.host, args.port)
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if servicer.runner is None:
+            raise SystemExit(0)  # still loading: nothing to drain
+        (force if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
+    try:
+        from worker_svc.model_runner import ModelRunner  # torch import after the port is taken
 
-    from worker_svc.model_runner import ModelRunner  # torch import after the port is taken
-
-    if config.tensor_parallel_size > 1:
-        init_distributed(config, args.rank, args.dist_addr, args.dist_port)
-    servicer.runner = ModelRunner(config, args.rank, config.tensor_parallel_size)
-    print(f"nanovllm worker rank {args.rank} ready on {args.host}:{bound} (pid {os.getpid()})", flush=True)
-    stop.wait()
-    server.stop(grace=1.0)
+        if config.tensor_parallel_size > 1:
+            init_distributed(config, args.rank, args.dist_addr, args.dist_port)
+        server.ready(ModelRunner(config, args.rank, config.tensor_parallel_size))
+        print(f"nanovllm worker rank {args.rank} ready on {args.host}:{server.port} (pid {os.getpid()})", flush=True)
+        stop.wait()
+        log.info("draining: waiting up to %g s for the scheduler to disconnect", args.shutdown_timeout)
+        server.drain(args.shutdown_timeout, force)
+    finally:
+        server.stop()

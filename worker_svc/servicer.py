@@ -29,6 +29,10 @@ class WorkerServicer(wgrpc.WorkerServicer):
         self.runner: ModelRunner | None = None
         self._stream_lock = threading.Lock()
 
+    def connected(self) -> bool:
+        """Whether a scheduler holds the step stream."""
+        return self._stream_lock.locked()
+
     def Describe(self, request: wpb.DescribeRequest, context: grpc.ServicerContext) -> wpb.WorkerInfo:
         info = wpb.WorkerInfo(rank=self.rank, world_size=self.world_size, device=self.device)
         r = self.runner

@@ -1,0 +1,128 @@
+"""Prometheus metrics of one engine, in a registry of its own (tests run several engines per process).
+
+The step loop pays one histogram observation per step. Per-request numbers are observed by the
+request's own coroutine, on its first and last message. Queue lengths, KV blocks, prefix-cache and
+token counts are plain attributes read only when Prometheus scrapes, so they cost nothing per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from scheduler_svc.engine import Engine
+
+# "error": the request failed after it was queued (a worker died, or the drain timed out).
+FINISH_REASONS = ("stop", "length", "abort", "error")
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished = dict.fromkeys(FINISH_REASONS, 0)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"nanovllm_{name}_seconds", doc, buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token", "From arrival to the first streamed token.", TTFT_BUCKETS)
+        self.tpot = histogram(
+            "time_per_output_token", "Mean time between output tokens of a request (2+ tokens).", TPOT_BUCKETS
+        )
+        self.e2e = histogram("e2e_request_latency", "From arrival to the last message of a request.", E2E_BUCKETS)
+        self.step = histogram(
+            "step_duration", "Worker time of one step, send or previous result to result.", STEP_BUCKETS
+        )
+        self.registry.register(_StateCollector(self))
+        self._sent: deque[float] = deque()
+        self._last_done = 0.0
+        self._http: WSGIServer | None = None
+
+    # ---- the step loop's hooks: O(1) ----
+
+    def step_sent(self) -> None:
+        self._sent.append(time.perf_counter())
+
+    def step_done(self) -> None:
+        """Steps run in order, so a step starts when it was sent or when the one before it ended,
+        whichever is later; counting from there keeps pipelined steps from counting their wait."""
+        now = time.perf_counter()
+        self.step.observe(now - max(self._sent.popleft(), self._last_done))
+        self._last_done = now
+
+    # ---- a request's hooks, called from its own coroutine ----
+
+    def first_token(self, arrival: float, now: float, prompt_tokens: int) -> None:
+        self.ttft.observe(now - arrival)
+        self.prompt_tokens += prompt_tokens
+
+    def streamed(self, num_tokens: int) -> None:
+        self.generation_tokens += num_tokens
+
+    def finish(self, reason: str, arrival: float, first: float, last: float, num_tokens: int) -> None:
+        """`first`/`last`: when the first and last tokens were streamed (0 when none was)."""
+        self.finished[reason] += 1
+        self.e2e.observe(time.monotonic() - arrival)
+        if num_tokens > 1:
+            self.tpot.observe((last - first) / (num_tokens - 1))
+
+    # ---- HTTP ----
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP on a background thread; returns the bound port."""
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _StateCollector(Collector):
+    """Reads counts and the scheduler's state at scrape time (from the HTTP thread; only len()s and ints)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "nanovllm_requests", "Finished requests by finish reason.", labels=["finish_reason"]
+        )
+        for reason, count in m.finished.items():
+            requests.add_metric([reason], count)
+        yield requests
+        yield CounterMetricFamily("nanovllm_prompt_tokens", "Prompt tokens of requests that started.", m.prompt_tokens)
+        yield CounterMetricFamily("nanovllm_generation_tokens", "Output tokens streamed.", m.generation_tokens)
+        sched = m.engine.scheduler
+        if sched is None:
+            return
+        blocks = sched.blocks
+        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", len(sched.waiting))
+        yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", len(sched.running))
+        yield GaugeMetricFamily(
+            "nanovllm_kv_blocks_used", "KV blocks referenced by a sequence.", blocks.num_blocks - blocks.num_free
+        )
+        yield GaugeMetricFamily("nanovllm_kv_blocks_free", "KV blocks free (cached ones included).", blocks.num_free)
+        yield CounterMetricFamily("nanovllm_prefix_cache_queries", "Full prompt blocks looked up.", blocks.num_queries)
+        yield CounterMetricFamily("nanovllm_prefix_cache_hits", "Prompt blocks found cached.", blocks.num_hits)
+        yield GaugeMetricFamily("nanovllm_prefix_cache_hit_rate", "Hits / queries since start.", blocks.hit_rate)
+        yield CounterMetricFamily("nanovllm_preemptions", "Sequences preempted for KV blocks.", sched.num_preemptions)
