@@ -235,6 +235,12 @@ class Engine:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
             self._wake.set()
 
+    async def wait_dead(self) -> str:
+        """Returns why, once the step loop has ended for good (a worker died, or a bug)."""
+        assert self._loop_task is not None, "start() first"
+        await asyncio.shield(self._loop_task)
+        return self.dead or "the engine loop ended"
+
     async def drain(self, timeout: float, force: asyncio.Event | None = None) -> None:
         """Refuses new requests and waits up to `timeout` s (or until `force`) for the running ones;
         those left get UNAVAILABLE, so their clients know to retry elsewhere."""

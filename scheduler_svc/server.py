@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
 from scheduler_svc.engine import Engine, EngineConfig
+from scheduler_svc.errors import WorkerUnavailable
 from scheduler_svc.flags import add_args
 from scheduler_svc.interceptor import ErrorInterceptor
 from scheduler_svc.servicer import GenerationServicer
@@ -155,30 +157,31 @@ async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown 
         shutdown = Shutdown()
         shutdown.install()
     server = SchedulerServer(config, options)
+    requested = asyncio.ensure_future(shutdown.requested.wait())
     try:
         await server.listen()
         connect = asyncio.ensure_future(server.connect())
-        stop = asyncio.ensure_future(shutdown.requested.wait())
-        await asyncio.wait({connect, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({connect, requested}, return_when=asyncio.FIRST_COMPLETED)
         if not connect.done():  # asked to stop while the workers were still loading
             connect.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connect
             return
-        stop.cancel()
         connect.result()
         where = f"{options.host}:{server.port}"
         if server.metrics_port is not None:
             where += f" (metrics on http://{options.host}:{server.metrics_port}/metrics)"
         print(f"nanovllm scheduler ready on {where}", flush=True)
-        await shutdown.requested.wait()
-        log.info(
-            "draining: no new requests; up to %g s for the %d running",
-            options.shutdown_timeout,
-            len(server.engine.requests),
-        )
+        dead = asyncio.ensure_future(server.engine.wait_dead())
+        await asyncio.wait({dead, requested}, return_when=asyncio.FIRST_COMPLETED)
+        if dead.done():  # exit non-zero, so that a supervisor (compose's restart policy) starts a fresh one
+            raise WorkerUnavailable(f"the engine stopped: {dead.result()}")
+        dead.cancel()
+        running = len(server.engine.requests)
+        log.info("draining: no new requests; up to %g s for the %d running", options.shutdown_timeout, running)
         await server.drain(options.shutdown_timeout, shutdown.forced)
     finally:
+        requested.cancel()
         await server.stop()
 
 
@@ -190,4 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(engine_config(args, args.workers.split(",")), serve_options(args)))
+    try:
+        asyncio.run(serve(engine_config(args, args.workers.split(",")), serve_options(args)))
+    except WorkerUnavailable as e:
+        sys.exit(f"nanovllm scheduler: {e}")
