@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -32,7 +33,7 @@ def server(tiny_model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = nanovllm() + ["serve", "--model", str(tiny_model_dir), "--port", str(port), "--device", "cpu"]
-    cmd += ["--num-kvcache-blocks", "128"]
+    cmd += ["--num-kvcache-blocks", "128", "--log-interval", "0.5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     deadline = time.time() + 120
@@ -46,14 +47,16 @@ def server(tiny_model_dir):
     else:
         proc.kill()
     assert proc.poll() is None, "".join(lines)
-    yield f"127.0.0.1:{port}", proc
+    # Keep reading: the status lines land in `lines`, and a full pipe would block the server.
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    yield f"127.0.0.1:{port}", proc, lines
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
 
 
 def test_generate_streams_text(server, tiny_model_dir) -> None:
-    addr, _ = server
+    addr, *_ = server
     out = subprocess.run(
         nanovllm()
         + ["generate", "--addr", addr, "--prompt", "The quick brown", "--max-tokens", "8"]
@@ -67,7 +70,7 @@ def test_generate_streams_text(server, tiny_model_dir) -> None:
 
 
 def test_generate_json_matches_text_and_token_ids(server, tiny_model_dir) -> None:
-    addr, _ = server
+    addr, *_ = server
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = subprocess.run(
         nanovllm()
@@ -86,7 +89,7 @@ def test_generate_json_matches_text_and_token_ids(server, tiny_model_dir) -> Non
 
 
 def test_generate_reports_bad_input(server) -> None:
-    addr, _ = server
+    addr, *_ = server
     out = subprocess.run(
         nanovllm() + ["generate", "--addr", addr, "--prompt", "hi", "--temperature", "-3"],
         capture_output=True,
@@ -96,8 +99,39 @@ def test_generate_reports_bad_input(server) -> None:
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "temperature" in out.stderr
 
 
+def test_status_line_while_busy(server) -> None:
+    addr, _, lines = server
+    subprocess.run(
+        nanovllm() + ["generate", "--addr", addr, "--prompt-token-ids", "5,6,7", "--max-tokens", "200", "--ignore-eos"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    deadline = time.time() + 5
+    while not any("generation throughput" in line for line in lines):
+        assert time.time() < deadline, "".join(lines)
+        time.sleep(0.1)
+    line = next(line for line in lines if "generation throughput" in line)
+    assert "Running:" in line and "Waiting:" in line and "KV cache usage:" in line
+
+
+def test_generate_chat_and_health(server) -> None:
+    addr, *_ = server
+    out = subprocess.run(
+        nanovllm()
+        + ["generate", "--addr", addr, "--chat", "Hi", "--system", "Be terse.", "--max-tokens", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout.splitlines()[-1])["usage"]["prompt_tokens"] > 5  # the template's own tokens
+    health = subprocess.run(nanovllm() + ["health", "--addr", addr], capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0 and health.stdout.strip() == "SERVING"
+
+
 def test_sigterm_stops_everything(server, tiny_model_dir) -> None:
-    _, proc = server
+    _, proc, _ = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     # Its worker processes are gone too.
