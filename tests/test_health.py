@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -117,3 +120,32 @@ def test_reflection_lists_and_calls_the_api_without_proto_files(service, tiny_mo
         assert list(res.token_ids) == tok.encode("Hello world", add_special_tokens=False)
         msgs = call("Generate", True, token_ids={"ids": [5, 6, 7]}, sampling={"max_tokens": 4, "ignore_eos": True})
         assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].finish_reason == 2  # FINISH_REASON_LENGTH
+
+
+def test_scheduler_process_exits_nonzero_when_its_worker_dies(tiny_model_dir) -> None:
+    """So that a supervisor (compose's restart policy) replaces it instead of it answering UNAVAILABLE forever."""
+    worker = start_worker(tiny_model_dir, num_kv_blocks=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "scheduler_svc", "--model", str(tiny_model_dir), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", f"127.0.0.1:{worker.port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready on" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        worker.stop(grace=0)
+        with Client(f"127.0.0.1:{port}") as c, pytest.raises(grpc.RpcError) as err:
+            list(c.generate([5, 6, 7], max_tokens=4))  # an idle scheduler notices on its next step
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(timeout=30) == 1
+        assert "the engine stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.stop(grace=0)
