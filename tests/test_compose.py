@@ -213,7 +213,9 @@ def test_sigterm_drains_in_flight_requests_then_both_exit(stack) -> None:
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
+    deadline = time.time() + 30
     while not outs[0]:  # the first is running, the second queued behind it (--max-num-seqs 1)
+        assert time.time() < deadline and threads[0].is_alive(), "the first request never streamed"
         time.sleep(0.02)
     # Both at once, as Ctrl-C or a cgroup-wide stop does; compose stops the scheduler first, which is easier.
     scheduler.proc.send_signal(signal.SIGTERM)
