@@ -57,14 +57,14 @@ class ModelRunner:
             load_weights(self.model, config.model)
         self.model.eval()
         self.sampler = Sampler(self.device, config.seed)
-        self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
-        if self.num_kv_blocks < 1:
-            raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
-        self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.
         self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
+        self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
+        if self.num_kv_blocks < 1:
+            raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
+        self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
@@ -165,6 +165,8 @@ class ModelRunner:
             SeqState(i, [0] * n, n, 0, [0] * -(-n // self.block_size), SamplingOptions()) for i, n in enumerate(lengths)
         ]
         self.run(seqs, lengths)
+        for seq in seqs:
+            self.release(seq)
 
 
 def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:

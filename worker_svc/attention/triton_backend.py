@@ -107,7 +107,7 @@ def decode_attention(
     # so the tiles still fit the register/shared-memory budget of a 4-warp program. num_stages=3 lets
     # Triton's pipeliner also prefetch the block-table entries a step ahead (with 2 it issues that
     # load synchronously right before the K/V copies, exposing its latency every step).
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32)
     if num_splits > 1:
         mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -209,6 +209,9 @@ def prefill_attention(
 
     # Long prompts: 128-row tiles (wgmma-sized on Hopper); 64 at head_dim 256 to bound registers.
     big = block_m or (128 if max_query_len > 64 and head_dim <= 128 else 64 if max_query_len > SHORT_Q else 16)
+    if q.element_size() > 2:  # float32 tiles take twice the shared memory: halve the rows
+        big = min(big, 64)
+        num_stages = min(num_stages, 2)
     if split_short and max_query_len > SHORT_Q and block_m is None:
         launch(16, 1, SHORT_Q)
         launch(big, SHORT_Q + 1, INT32_MAX)
