@@ -98,8 +98,8 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     from worker_svc.attention import triton_kernels as k
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
-    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64}
-    pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64}
+    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
+    pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1}, 4, 3),

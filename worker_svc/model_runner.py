@@ -61,11 +61,11 @@ class ModelRunner:
         # for seqs added in the step that removes others.
         self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
+        self.graphs: DecodeGraphs | None = None  # captured once the cache exists
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
         self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
-        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)

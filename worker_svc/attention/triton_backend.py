@@ -51,6 +51,12 @@ def device_num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def dot_precision(q: torch.Tensor) -> str:
+    """float32 runs are the exactness check against the reference, so their dots stay IEEE fp32
+    rather than TF32; half-precision inputs ignore the setting."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), (
@@ -127,6 +133,7 @@ def decode_attention(
         BLOCK_N=block_n,
         MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
         NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
@@ -203,6 +210,7 @@ def prefill_attention(
             BLOCK_SIZE=block_size,
             BLOCK_M=bm,
             BLOCK_N=bn,
+            DOT_PRECISION=dot_precision(q),
             num_warps=warps,
             num_stages=num_stages,
         )  # fmt: skip

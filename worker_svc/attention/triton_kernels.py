@@ -74,6 +74,7 @@ def decode_split_kernel(
     BLOCK_N: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
     # so every K/V tile is fetched from HBM once per group instead of once per query head. The
@@ -115,14 +116,14 @@ def decode_split_kernel(
         off = slot[:, None] * stride_cache_slot + kv_base
         k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N] fp32
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N] fp32
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         # Every iteration has >= 1 valid key, so m_new is finite and exp2 never sees -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty range (or seq_len 0 padding) -> zeros, not NaN
@@ -207,6 +208,7 @@ def prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program = (query tile, query head, sequence). PAGED: keys come from the cache (already holding
     # this step's K/V), so a cached prefix, a chunked-prefill continuation and a q_len = 1 decode
@@ -250,13 +252,13 @@ def prefill_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         rows = _key_rows(bt_row, q_start, n, None, PAGED, BLOCK_SIZE)
         kt = tl.load(kt_base + rows[None, :] * stride_k_row)
-        qk = tl.dot(q, kt) * scale_log2
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_v_row)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Phase 2: the diagonal band, up to the last query row's own position, with the causal mask.
@@ -268,14 +270,14 @@ def prefill_kernel(
         nmask = n < hi
         rows = _key_rows(bt_row, q_start, n, nmask, PAGED, BLOCK_SIZE)
         kt = tl.load(kt_base + rows[None, :] * stride_k_row, mask=nmask[None, :], other=0.0)
-        qk = tl.dot(q, kt) * scale_log2
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_v_row, mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     o = acc / l_i[:, None]
