@@ -56,12 +56,15 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-async def consume(stream) -> tuple[int, float | None]:
-    """(output tokens received, arrival time of the first one)."""
+async def consume(stream, arrivals: list[float] | None = None) -> tuple[int, float | None]:
+    """(output tokens received, arrival time of the first one); `arrivals` collects every message's."""
     count, first = 0, None
     async for msg in stream:
+        now = time.perf_counter()
         if msg.token_ids and first is None:
-            first = time.perf_counter()
+            first = now
+        if arrivals is not None:
+            arrivals.append(now)
         count += len(msg.token_ids)
     return count, first
 
@@ -98,8 +101,10 @@ async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
     async with AsyncClient(addr) as c:
         await consume(c.generate(job.prompt[:16], max_tokens=8, ignore_eos=True))
         for _ in range(repeats):
-            start = time.perf_counter()
-            n, first = await consume(c.generate(job.prompt, **client_kwargs(job, temperature=0.0)))
+            start, arrivals = time.perf_counter(), []
+            n, first = await consume(c.generate(job.prompt, **client_kwargs(job, temperature=0.0)), arrivals)
+            gaps = [f"{1e3 * (b - a):.2f}" for a, b in zip([start, *arrivals[:5]], arrivals[:6], strict=True)]
+            print(f"latency: first message gaps (ms): {', '.join(gaps)}", file=sys.stderr)
             end = time.perf_counter()
             assert n == job.max_tokens and first is not None
             ttft.append(first - start)

@@ -1,12 +1,15 @@
 """Incremental detokenization with stop strings, one instance per request.
 
-Deltas never split a UTF-8 character: a window ending in U+FFFD waits for the next token. Text
-that could still turn out to be the start of a stop string is held back until it can't, so
-nothing past a stop string is ever streamed.
+Deltas never split a UTF-8 character: a fast tokenizer's own decode stream (one call into Rust
+per token, as this runs for every token of every request) returns nothing until a character is
+complete; other tokenizers decode a small window that waits while it ends in U+FFFD. Text that
+could still turn out to be the start of a stop string is held back until it can't, so nothing
+past a stop string is ever streamed.
 """
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT = "\ufffd"
@@ -23,6 +26,8 @@ class Detokenizer:
         self.text = ""  # completion text decoded so far (trimmed at a stop string once found)
         self.sent = 0  # characters of self.text already streamed
         self.stopped_on: str | None = None
+        self.backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer of a fast one
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -30,6 +35,14 @@ class Detokenizer:
     def add(self, token_id: int) -> str | None:
         """Takes one completion token; returns the stop string if it ends the text."""
         self.ids.append(token_id)
+        if self.stream is not None:
+            piece = self.stream.step(self.backend, token_id)
+            if not piece:
+                return None
+            start = len(self.text)
+            self.text += piece
+            self.read = len(self.ids)
+            return self._find_stop(start)
         before = self._decode(self.ids[self.prefix : self.read])
         window = self._decode(self.ids[self.prefix :])
         if window.endswith(REPLACEMENT) or len(window) <= len(before):

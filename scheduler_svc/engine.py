@@ -261,6 +261,7 @@ class Engine:
         assert self.scheduler is not None
         sched = self.scheduler
         inflight: deque = deque()
+        ready: tuple[list[Sequence], dict[int, Sample]] | None = None
         try:
             while True:
                 while len(inflight) < self.config.max_inflight_steps:
@@ -270,6 +271,14 @@ class Engine:
                     await self.workers.send(to_step_request(batch, self.eos_token_ids))
                     self.metrics.step_sent()
                     inflight.append(batch)
+                if ready is not None:
+                    # Streaming comes after the next step is on its way: detokenizing is the largest
+                    # per-token cost here and need not delay the worker. A stop string found now
+                    # ends its sequence one step later; that step's token is dropped.
+                    self._emit(*ready)
+                    ready = None
+                    if not inflight:
+                        continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
                     self._wake.clear()
                     await self._wake.wait()
@@ -279,8 +288,7 @@ class Engine:
                 batch = inflight.popleft()
                 assert res.step_id == batch.step_id, (res.step_id, batch.step_id)
                 samples = from_step_result(res)
-                updated = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()})
-                self._emit(updated, samples)
+                ready = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()}), samples
         except WorkerUnavailable as e:
             self._die(str(e))
         except Exception as e:  # a bug here must not hang clients: fail them loudly
