@@ -96,11 +96,11 @@ async def full_stack(addr: str, jobs: list[Job]) -> tuple[int, float]:
 
 
 async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
-    job = Job(list(range(1000, 1256)), 512)
     ttft, tpot, per_token = [], [], []
     async with AsyncClient(addr) as c:
-        await consume(c.generate(job.prompt[:16], max_tokens=8, ignore_eos=True))
-        for _ in range(repeats):
+        await consume(c.generate(list(range(16)), max_tokens=8, ignore_eos=True))
+        for r in range(repeats):
+            job = Job(list(range(1000 + 300 * r, 1256 + 300 * r)), 512)  # a new prompt: no prefix-cache hit
             start, arrivals = time.perf_counter(), []
             n, first = await consume(c.generate(job.prompt, **client_kwargs(job, temperature=0.0)), arrivals)
             gaps = [f"{1e3 * (b - a):.2f}" for a, b in zip([start, *arrivals[:5]], arrivals[:6], strict=True)]

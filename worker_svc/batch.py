@@ -26,6 +26,16 @@ class Batch:
     sample_rows: torch.Tensor  # int64: row in the flat batch of each sampler's last token
     fill_rows: torch.Tensor  # int64: rows whose token is a pending one ...
     fill_slots: torch.Tensor  # int64: ... found at these slots of the last-token buffer
+    sample_slots: torch.Tensor  # int64: the last-token buffer slot of each sampler
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Starts copying a device tensor to the host without waiting: into pinned memory, since a
+    copy into pageable memory would block until the device is done."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
@@ -70,10 +80,9 @@ def prepare(
         input_ids[cu[i] : cu[i] + b - a] = s.token_ids[a:b]
     samplers = [i for i, s in enumerate(seqs) if ends[i] == s.num_tokens]
     sample_rows = cu[1:][samplers] - 1
-    ids, pos, slot_map, loc, lens, tabs, rows, frows, fslots = to_device(
-        [input_ids, positions, slots, cu, ends, tables, sample_rows, np.asarray(fill_rows), np.asarray(fill_slots)],
-        device,
-    )
+    sample_slots = np.asarray([seqs[i].slot for i in samplers])
+    host = [input_ids, positions, slots, cu, ends, tables, sample_rows, np.asarray(fill_rows), np.asarray(fill_slots)]
+    ids, pos, slot_map, loc, lens, tabs, rows, frows, fslots, sslots = to_device([*host, sample_slots], device)
     meta = AttnMetadata(
         slot_mapping=slot_map,
         query_start_loc=loc.int(),
@@ -86,7 +95,7 @@ def prepare(
         is_decode=bool((counts == 1).all()),
         has_prefix=bool(starts.any()),
     )
-    return Batch(ids, pos, meta, samplers, rows, frows, fslots)
+    return Batch(ids, pos, meta, samplers, rows, frows, fslots, sslots)
 
 
 def _check(seqs: list[SeqState], counts: np.ndarray, ends: np.ndarray, block_size: int, max_model_len: int) -> None:

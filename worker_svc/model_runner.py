@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from worker_svc.attention import get_backend
-from worker_svc.batch import prepare
+from worker_svc.batch import prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
@@ -68,6 +68,7 @@ class ModelRunner:
         self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
+            self._compile_prefill()
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
             self.graphs.capture()
 
@@ -110,8 +111,8 @@ class ModelRunner:
                 tokens, logprobs = torch.empty(len(sampling), dtype=torch.long, device=self.device), None
             if self.world_size > 1:
                 dist.broadcast(tokens, src=0)  # every rank feeds rank 0's choice to its next step
-            self.last_tokens[[s.slot for s in sampling]] = tokens
-            host_tokens = tokens.to("cpu", non_blocking=True)
+            self.last_tokens[batch.sample_slots] = tokens
+            host_tokens = to_host(tokens)
             host_logprobs = logprobs.to_host() if logprobs is not None else None
             done = None
             if self.device.type == "cuda":
@@ -166,6 +167,22 @@ class ModelRunner:
         ]
         self.run(seqs, lengths)
         for seq in seqs:
+            self.release(seq)
+
+    def _compile_prefill(self) -> None:
+        """Runs one of each prefill shape the kernels specialise on (from scratch, after a cached
+        prefix, 16-, 64- and 128-row query tiles, decode rows mixed with a chunk), so their JIT
+        compilation happens now and not in some request's time to first token. Uses the first
+        blocks of the still unused cache."""
+        blocks = list(range(min(self.num_kv_blocks, -(-700 // self.block_size))))
+        need = -(-330 // self.block_size)
+        if len(blocks) < 2 * need:
+            return  # a cache this small is a test setup, not a server worth warming
+        a = SeqState(0, [0] * 330, 300, 0, blocks[:need], SamplingOptions())
+        b = SeqState(1, [0] * 330, 300, 0, blocks[need : 2 * need], SamplingOptions())
+        for seqs, counts in (([a], [200]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16])):
+            self.run(seqs, counts)
+        for seq in (a, b):
             self.release(seq)
 
 

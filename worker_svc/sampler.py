@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_svc.batch import to_host
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 _MASK64 = (1 << 64) - 1
@@ -35,8 +36,7 @@ class Logprobs:
     top_ids: torch.Tensor  # [R, n]
 
     def to_host(self) -> Logprobs:
-        moved = (t.to("cpu", non_blocking=True) for t in (self.chosen, self.top_values, self.top_ids))
-        return Logprobs(self.rows, *moved)
+        return Logprobs(self.rows, to_host(self.chosen), to_host(self.top_values), to_host(self.top_ids))
 
 
 class Sampler:

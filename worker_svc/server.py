@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -136,8 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, on_signal)
     try:
         from worker_svc.model_runner import ModelRunner  # torch import after the port is taken
+        from worker_svc.models.arch import ModelArch
 
         if config.tensor_parallel_size > 1:
+            # Checked before joining the process group: a rank that cannot take its share must fail
+            # at once, not after waiting for peers that may never come.
+            try:
+                ModelArch.read(config.model).check_tensor_parallel(config.tensor_parallel_size)
+            except ValueError as e:
+                sys.exit(f"nanovllm worker rank {args.rank}: {e}")
             init_distributed(config, args.rank, args.dist_addr, args.dist_port)
         server.ready(ModelRunner(config, args.rank, config.tensor_parallel_size))
         print(f"nanovllm worker rank {args.rank} ready on {args.host}:{server.port} (pid {os.getpid()})", flush=True)

@@ -32,6 +32,16 @@ class ModelArch:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
 
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Each rank holds whole heads and an equal share of the MLP, so the TP size must divide them."""
+        for name, count in (
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+        ):
+            if count % tp_size:
+                raise ValueError(f"the model's {name} ({count}) is not divisible by tensor_parallel_size ({tp_size})")
+
     @classmethod
     def read(cls, model_dir: str | Path) -> ModelArch:
         raw: dict[str, Any] = json.loads((Path(model_dir) / "config.json").read_text())
