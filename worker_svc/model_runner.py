@@ -47,7 +47,8 @@ class ModelRunner:
         self.block_size, self.vocab_size = config.block_size, arch.vocab_size
         self.device = _device(config, rank)
         self.dtype = _dtype(config, arch)
-        backend = get_backend(config.attention_backend, config.device)
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        backend = get_backend(config.attention_backend, config.device, config.block_size, half)
         self.model_backend = backend.name
         with _default_dtype(self.dtype), self.device:
             self.model = MODELS[arch.model_type](arch, backend, self.max_model_len)

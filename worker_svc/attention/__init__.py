@@ -11,14 +11,16 @@ from worker_svc.attention.torch_backend import TorchBackend
 __all__ = ["AttentionBackend", "AttnMetadata", "get_backend"]
 
 
-def get_backend(name: str, device: str) -> AttentionBackend:
-    """The backend called `name`; "auto" picks the fastest one available on `device`:
-    flash-attn when importable, else our Triton kernels on CUDA; torch on the CPU."""
+def get_backend(name: str, device: str, block_size: int = 16, half: bool = True) -> AttentionBackend:
+    """The backend called `name`; "auto" picks the fastest one available on `device`: flash-attn
+    when importable and usable (its paged cache needs blocks of a multiple of 256 tokens and fp16
+    or bf16), else our Triton kernels on CUDA; torch on the CPU."""
     if name == "auto":
         if device != "cuda":
             name = "torch"
         else:
-            name = "flash-attn" if importlib.util.find_spec("flash_attn") is not None else "triton"
+            usable = half and block_size % 256 == 0 and importlib.util.find_spec("flash_attn") is not None
+            name = "flash-attn" if usable else "triton"
     if name == "torch":
         return TorchBackend()
     if device != "cuda":
