@@ -8,6 +8,8 @@ step N+1 while the device still runs step N.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,34 +57,43 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
 def prepare(
     seqs: list[SeqState], num_tokens: list[int], block_size: int, max_model_len: int, device: torch.device
 ) -> Batch:
-    """Batch for computing num_tokens[i] tokens of seqs[i] from its num_computed on."""
+    """Batch for computing num_tokens[i] tokens of seqs[i] from its num_computed on.
+
+    This runs every step for up to hundreds of seqs, so each per-seq quantity is gathered once into
+    an array and the rest is vectorised."""
+    n = len(seqs)
+    if len(num_tokens) != n or not seqs:
+        raise ValueError(f"need one token count per seq and at least one seq; got {len(num_tokens)} for {n}")
     counts = np.asarray(num_tokens, dtype=np.int64)
-    starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
+    starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=n)
+    known = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
+    totals = known + np.fromiter((s.num_pending for s in seqs), dtype=np.int64, count=n)
+    widths = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
+    slot_of = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
     ends = starts + counts
-    _check(seqs, counts, ends, block_size, max_model_len)
-    cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+    _check(seqs, counts, ends, totals, known, widths * block_size, slot_of, max_model_len)
+    cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=cu[1:])
     total = int(cu[-1])
-    row = np.repeat(np.arange(len(seqs)), counts)
+    row = np.repeat(np.arange(n), counts)
     positions = np.arange(total) - np.repeat(cu[:-1] - starts, counts)
-    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        tables[i, : len(s.block_table)] = s.block_table
+    tables = np.zeros((n, int(widths.max())), dtype=np.int64)
+    tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(widths.sum())
+    )
     slots = tables[row, positions // block_size] * block_size + positions % block_size
+    # The last token of a range past the known ones was sampled on the device and is still there.
+    fill = ends > known
+    known_ends = np.minimum(ends, known)
+    ids = itertools.chain.from_iterable(
+        s.token_ids[a:b] if b > a + 1 else (s.token_ids[a],) if b > a else ()
+        for s, a, b in zip(seqs, starts.tolist(), known_ends.tolist(), strict=True)
+    )
     input_ids = np.zeros(total, dtype=np.int64)
-    fill_rows, fill_slots = [], []
-    for i, s in enumerate(seqs):
-        a, b, known = int(starts[i]), int(ends[i]), len(s.token_ids)
-        if b > known:  # the last token of the range was sampled on the device and is still there
-            fill_rows.append(int(cu[i + 1]) - 1)
-            fill_slots.append(s.slot)
-            b = known
-        input_ids[cu[i] : cu[i] + b - a] = s.token_ids[a:b]
-    samplers = [i for i, s in enumerate(seqs) if ends[i] == s.num_tokens]
-    sample_rows = cu[1:][samplers] - 1
-    sample_slots = np.asarray([seqs[i].slot for i in samplers])
-    host = [input_ids, positions, slots, cu, ends, tables, sample_rows, np.asarray(fill_rows), np.asarray(fill_slots)]
-    ids, pos, slot_map, loc, lens, tabs, rows, frows, fslots, sslots = to_device([*host, sample_slots], device)
+    input_ids[np.arange(total) < np.repeat(cu[:-1] + known_ends - starts, counts)] = np.fromiter(ids, dtype=np.int64)
+    samplers = np.flatnonzero(ends == totals)
+    host = [input_ids, positions, slots, cu, ends, tables, cu[1:][samplers] - 1, cu[1:][fill] - 1, slot_of[fill]]
+    ids_d, pos, slot_map, loc, lens, tabs, rows, frows, fslots, sslots = to_device([*host, slot_of[samplers]], device)
     meta = AttnMetadata(
         slot_mapping=slot_map,
         query_start_loc=loc.int(),
@@ -95,18 +106,32 @@ def prepare(
         is_decode=bool((counts == 1).all()),
         has_prefix=bool(starts.any()),
     )
-    return Batch(ids, pos, meta, samplers, rows, frows, fslots, sslots)
+    return Batch(ids_d, pos, meta, samplers.tolist(), rows, frows, fslots, sslots)
 
 
-def _check(seqs: list[SeqState], counts: np.ndarray, ends: np.ndarray, block_size: int, max_model_len: int) -> None:
-    if len(counts) != len(seqs) or not seqs:
-        raise ValueError(f"need one token count per seq and at least one seq; got {len(counts)} for {len(seqs)}")
-    for s, n, end in zip(seqs, counts.tolist(), ends.tolist(), strict=True):
-        if n < 1 or end > s.num_tokens:
-            raise ValueError(f"seq {s.seq_id}: cannot compute {n} tokens from {s.num_computed} of {s.num_tokens}")
-        if end > max_model_len:
-            raise ValueError(f"seq {s.seq_id}: {end} tokens exceed max_model_len {max_model_len}")
-        if end > len(s.block_table) * block_size:
-            raise ValueError(f"seq {s.seq_id}: {len(s.block_table)} blocks cannot hold {end} tokens")
-        if end - 1 > len(s.token_ids) or (end > len(s.token_ids) and s.slot < 0):
-            raise ValueError(f"seq {s.seq_id}: only its last token may still be on the device")
+def _check(
+    seqs: list[SeqState],
+    counts: np.ndarray,
+    ends: np.ndarray,
+    totals: np.ndarray,
+    known: np.ndarray,
+    capacity: np.ndarray,
+    slot_of: np.ndarray,
+    max_model_len: int,
+) -> None:
+    problems: tuple[tuple[np.ndarray, Callable[[SeqState, int, int], str]], ...] = (
+        (
+            (counts < 1) | (ends > totals),
+            lambda s, n, e: f"cannot compute {n} tokens from {s.num_computed} of {s.num_tokens}",
+        ),
+        (ends > max_model_len, lambda s, n, e: f"{e} tokens exceed max_model_len {max_model_len}"),
+        (ends > capacity, lambda s, n, e: f"{len(s.block_table)} blocks cannot hold {e} tokens"),
+        (
+            (ends - 1 > known) | ((ends > known) & (slot_of < 0)),
+            lambda s, n, e: "only its last token may still be on the device",
+        ),
+    )
+    for bad, message in problems:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"seq {seqs[i].seq_id}: {message(seqs[i], int(counts[i]), int(ends[i]))}")
