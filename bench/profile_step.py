@@ -1,0 +1,104 @@
+"""Where a decode step's time goes: one batch of the standard workload's shape, profiled.
+
+    PYTHONPATH=. python3 bench/profile_step.py [--batch 256] [--context 1024]
+
+Builds the worker's ModelRunner on dummy Qwen3-0.6B weights, puts `batch` sequences of `context`
+tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: back to back with
+the next step launched before the last is read (the host's share hidden), and one at a time (host +
+device). A torch profile of a few steps splits device time into attention, matmuls, sampling and
+the rest. The floor is the KV cache and weights read once per step at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from worker_svc.config import WorkerConfig
+from worker_svc.model_runner import ModelRunner
+from worker_svc.seq_state import SamplingOptions, SeqState
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if "decode" in n or "prefill" in n or "store_kvcache" in n:
+        return "attention (triton)"
+    if "gemm" in n or "matmul" in n or "nvjet" in n or "cutlass" in n or "sm90" in n:
+        return "matmuls (cuBLAS)"
+    if any(k in n for k in ("exponential", "softmax", "argmax", "div", "clamp", "reduce")):
+        return "sampling and reductions"
+    if "memcpy" in n or "copy" in n:
+        return "copies"
+    return "other elementwise (norms, rotary, silu, adds)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench/qwen3-0.6b")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args()
+    bs, ctx = args.batch, args.context
+    blocks_per = -(-(ctx + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
+    config = WorkerConfig(
+        args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=bs * blocks_per
+    )
+    runner = ModelRunner(config)
+    opts = SamplingOptions(temperature=0.6)
+    seqs = [SeqState(i, [1] * ctx, ctx, 0, list(range(i * blocks_per, (i + 1) * blocks_per)), opts) for i in range(bs)]
+    for i in range(0, bs, 8):  # prefill in groups to bound activation memory
+        runner.run(seqs[i : i + 8], [ctx] * len(seqs[i : i + 8]))
+    one = [1] * bs
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    pending = runner.launch(seqs, one)
+    for _ in range(args.steps - 1):
+        nxt = runner.launch(seqs, one)
+        runner.collect(pending)
+        pending = nxt
+    runner.collect(pending)
+    overlapped = (time.perf_counter() - t) / args.steps
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        runner.run(seqs, one)
+    serial = (time.perf_counter() - t) / args.steps
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.run(seqs, one)
+    by_cat: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        by_cat[category(ev.key)] += ev.device_time_total / 5 / 1e3  # ms per step
+    device = sum(by_cat.values())
+
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bandwidth = 2 * x.numel() * 20 / (time.perf_counter() - t)
+    mean_ctx = ctx + args.steps * 2.5  # the profiled steps come after two runs of `steps`
+    kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    floor = (kv + weights) / bandwidth
+
+    print(f"batch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
+    print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
+    print(f"step, one at a time (host + device):          {1e3 * serial:.2f} ms")
+    print(f"device time per step (profiler): {device:.2f} ms")
+    for name, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<46} {ms:6.2f} ms  {ms / device:5.1%}")
+
+
+if __name__ == "__main__":
+    main()
