@@ -144,10 +144,20 @@ class WorkerGroup:
             self.failure.set_result(why)
 
     async def send(self, req: wpb.StepRequest) -> None:
+        assert self.failure is not None
+        # A rank that died while the engine was idle: its watcher has said which, and the live ranks
+        # must not get a step they cannot finish.
+        if self.failure.done():
+            raise WorkerUnavailable(self.failure.result())
+        await asyncio.gather(*(self._write(rank, req) for rank in range(len(self.calls))))
+
+    async def _write(self, rank: int, req: wpb.StepRequest) -> None:
         try:
-            await asyncio.gather(*(call.write(req) for call in self.calls))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError) as e:
-            self._fail(f"sending a step to the workers failed: {e}")
+            await self.calls[rank].write(req)
+        # InvalidStateError: the stream has already ended, as rank 0's does when it dies while the
+        # engine is idle (no watcher reads rank 0's stream; its results do).
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as e:
+            self._fail(f"sending a step to worker rank {rank} ({self.addresses[rank]}) failed: {e}")
             raise WorkerUnavailable(self.failure.result()) from e  # type: ignore[union-attr]
 
     async def receive(self) -> wpb.StepResult:
