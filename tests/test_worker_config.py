@@ -63,3 +63,12 @@ def test_runner_rejects_what_the_model_cannot_do(tiny_model_dir: Path, tmp_path:
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"no \*\.safetensors"):
         ModelRunner(WorkerConfig(str(tmp_path)))
+
+
+def test_arch_rejects_tp_sizes_that_split_heads(tiny_model_dir: Path) -> None:
+    arch = ModelArch.read(tiny_model_dir)  # 4 query heads, 2 key/value heads
+    arch.check_tensor_parallel(2)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
+        arch.check_tensor_parallel(3)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel_size \(4\)"):
+        arch.check_tensor_parallel(4)
