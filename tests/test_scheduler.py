@@ -172,7 +172,7 @@ def test_randomised_mixed_workload_against_reference() -> None:
     base = [rng.randrange(EOS) for _ in range(16)]
     seqs, ms = [], []
     for i in range(30):
-        p = (base[: rng.choice([0, 4, 8, 16])] + [rng.randrange(EOS) for _ in range(rng.randint(1, 20))])
+        p = base[: rng.choice([0, 4, 8, 16])] + [rng.randrange(EOS) for _ in range(rng.randint(1, 20))]
         m = rng.randint(1, 40)
         seqs.append(add(s, i, p, m))
         ms.append(m)
