@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
@@ -23,6 +21,7 @@ from transformers import AutoTokenizer
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
 from scheduler_svc.metrics import Metrics
+from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
 from scheduler_svc.sequence import FinishReason, Sequence
@@ -49,51 +48,6 @@ class EngineConfig:
             raise ValueError("worker_addresses is empty")
         if self.max_inflight_steps not in (1, 2):
             raise ValueError(f"max_inflight_steps must be 1 or 2, got {self.max_inflight_steps}")
-
-
-@dataclass
-class Output:
-    """What one streamed message carries."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[Sample] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    stop_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-
-    def merge(self, later: Output) -> None:
-        self.token_ids += later.token_ids
-        self.text += later.text
-        self.logprobs += later.logprobs
-        for name in ("finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "cached_prompt_tokens"):
-            setattr(self, name, getattr(later, name))
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    seq: Sequence
-    detok: Detokenizer
-    queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)
-    arrival: float = field(default_factory=time.monotonic)
-
-
-def load_eos_ids(model_dir: str, tokenizer: object) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            if ids:
-                break
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(tok_eos)
-    return ids
 
 
 class Engine:

@@ -9,8 +9,9 @@ import grpc
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
-from scheduler_svc.engine import Engine, Output
+from scheduler_svc.engine import Engine
 from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
+from scheduler_svc.request import Output
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 
