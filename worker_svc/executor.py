@@ -59,6 +59,7 @@ class Executor:
 
     def run(self, requests: queue.Queue[wpb.StepRequest | None]) -> Iterator[wpb.StepResult]:
         pending: tuple[int, Pending] | None = None
+        self.runner.bind_thread()  # the gRPC servicer calls this from one of its own threads
         try:
             while True:
                 if pending is None:

@@ -137,6 +137,13 @@ class ModelRunner:
             return []
         return report(pending.seqs, token_ids, pending.logprobs)
 
+    def bind_thread(self) -> None:
+        """Makes this runner's GPU the calling thread's current device. CUDA keeps the current
+        device per thread, and Triton launches on it: a step run from a server thread would
+        otherwise launch on GPU 0 with another GPU's tensors (seen at TP=2 on rank 1)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def needs_history(self, seqs: list[SeqState]) -> bool:
         """Whether launching these needs every earlier token's value on the host (penalties do)."""
         return any(s.num_pending and penalised(s.sampling) for s in seqs)
