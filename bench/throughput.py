@@ -117,9 +117,9 @@ async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
     }
 
 
-def start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Popen, str]:
-    port = 50151
-    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *serve_flags(args)]
+def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
+    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -203,7 +203,7 @@ def main() -> None:
     total_prompt = sum(len(j.prompt) for j in jobs)
     results: dict[str, float] = {}
     if "full" in modes or "latency" in modes:
-        proc, addr = start_server(args, model)
+        proc, addr = start_server(model, 50151, serve_flags(args))
         try:
             if "full" in modes:
                 n, secs = asyncio.run(full_stack(addr, jobs))

@@ -14,29 +14,15 @@ Throughput at each size: `python3 -m bench.throughput --model bench/qwen3-0.6b -
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from bench.make_model import write as write_model
+from bench.throughput import start_server
 from client import Client
 from tests.gpu.check_worker import NEW_TOKENS, write_checkpoint
-
-
-def serve(model: Path, tp: int, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--tensor-parallel-size", str(tp), "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stderr.write(line)
-        if "scheduler ready" in line:
-            threading.Thread(target=lambda: [sys.stderr.write(x) for x in proc.stdout], daemon=True).start()
-            return proc
-    raise SystemExit(f"TP={tp} server exited with {proc.wait()}")
 
 
 def greedy(port: int, prompts: list[list[int]]) -> list[list[int]]:
@@ -68,7 +54,8 @@ def main() -> int:
     prompts = [[rng.randrange(150_000) for _ in range(rng.randint(8, 300))] for _ in range(args.prompts)]
     results = {}
     for tp, port in ((1, 50251), (args.tp, 50252)):
-        proc = serve(ckpt, tp, port)
+        flags = ["--tensor-parallel-size", str(tp), "--dtype", "float32", "--max-model-len", "1024"]
+        proc, _ = start_server(str(ckpt), port, [*flags, "--max-num-seqs", "64"])
         try:
             results[tp] = greedy(port, prompts)
         finally:
