@@ -12,7 +12,7 @@ import threading
 
 from proto import worker_pb2 as wpb
 from worker_svc.config import WorkerConfig
-from worker_svc.executor import END, Executor
+from worker_svc.executor import END, Executor, Ready
 from worker_svc.model_runner import ModelRunner
 
 
@@ -20,7 +20,7 @@ class LocalWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.runner = ModelRunner(config)
         self.info: wpb.WorkerInfo | None = None
-        self._requests: queue.Queue[wpb.StepRequest | None] = queue.Queue()
+        self._requests: queue.Queue[wpb.StepRequest | Ready | None] = queue.Queue()
         self._results: asyncio.Queue[wpb.StepResult | BaseException] | None = None
         self._thread: threading.Thread | None = None
 

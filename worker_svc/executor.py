@@ -1,21 +1,65 @@
 """Runs a stream of steps in order, overlapping the host work of step N+1 with the device's step N.
 
-The step after a launched one is prepared and launched before the launched one's tokens are read
-back, when it has already arrived; its decode inputs are the tokens the device just sampled, which
-never leave the device. Transport-agnostic: the gRPC servicer and the in-process benchmark both
-feed it a queue of StepRequests and forward the StepResults it yields.
+A launched step is read back only when the next one has been launched, or when the device has
+finished it and no next step has come: whichever happens first. Waiting for the next step is the
+point: the scheduler answers step N's result with step N+2 while the device runs N+1, so N+2 is
+launched before N+1 ends and the device never waits for the host. Its decode inputs are the tokens
+the device just sampled, which never leave the device. Transport-agnostic: the gRPC servicer and
+the in-process benchmark both feed it a queue of StepRequests and forward the StepResults it yields.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
 
 from proto import worker_pb2 as wpb
 from worker_svc.model_runner import ModelRunner, Pending
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 END = None  # put on the queue to end the stream
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Put on the request queue when the device has finished launched step `step_id`."""
+
+    step_id: int
+
+
+class Watcher:
+    """Turns launched steps' completion events into Ready items on the request queue, so the
+    executor blocks on one queue for whichever comes first: the next step or the device's result."""
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        self.inbox = inbox
+        self.events: queue.Queue[tuple[int, torch.cuda.Event] | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, step_id: int, done: torch.cuda.Event | None) -> None:
+        if done is None:  # ran synchronously (CPU), or nothing to read back: ready now
+            self.inbox.put(Ready(step_id))
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._wait, name="step-watcher", daemon=True)
+            self.thread.start()
+        self.events.put((step_id, done))
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.events.put(None)
+            self.thread.join()
+
+    def _wait(self) -> None:
+        # Events complete in launch order, so waiting on them one by one loses nothing; the wait
+        # releases the GIL.
+        while (item := self.events.get()) is not None:
+            item[1].synchronize()
+            self.inbox.put(Ready(item[0]))
 
 
 def to_state(msg: wpb.AddSeq) -> SeqState:
@@ -57,33 +101,31 @@ class Executor:
         self.answer = answer  # rank 0 answers; the other ranks only keep in step
         self.states: dict[int, SeqState] = {}
 
-    def run(self, requests: queue.Queue[wpb.StepRequest | None]) -> Iterator[wpb.StepResult]:
+    def run(self, requests: queue.Queue[wpb.StepRequest | Ready | None]) -> Iterator[wpb.StepResult]:
         pending: tuple[int, Pending] | None = None
         self.runner.bind_thread()  # the gRPC servicer calls this from one of its own threads
+        watcher = Watcher(requests)
         try:
-            while True:
-                if pending is None:
-                    req = requests.get()
-                else:
-                    try:
-                        req = requests.get_nowait()
-                    except queue.Empty:  # nothing to overlap with: hand back what is ready
+            while (req := requests.get()) is not END:
+                if isinstance(req, Ready):
+                    # The device is done and no next step came first: hand the result back now.
+                    if pending is not None and pending[0] == req.step_id:
                         yield from self._finish(pending)
                         pending = None
-                        req = requests.get()
-                if req is END:
-                    break
+                    continue  # else a step already read back on launching the next one
                 seqs, counts = self._apply(req)
                 if pending is not None and self.runner.needs_history(seqs):
                     yield from self._finish(pending)  # penalties need every token's value on the host
                     pending = None
-                launched = (req.step_id, self.runner.launch(seqs, counts))
+                handle = self.runner.launch(seqs, counts)
                 if pending is not None:
                     yield from self._finish(pending)
-                pending = launched
+                pending = (req.step_id, handle)
+                watcher.watch(req.step_id, handle.done)
             if pending is not None:
                 yield from self._finish(pending)
         finally:
+            watcher.close()
             for seq in self.states.values():
                 self.runner.release(seq)
             self.states.clear()

@@ -15,7 +15,7 @@ import grpc
 
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
-from worker_svc.executor import END, Executor
+from worker_svc.executor import END, Executor, Ready
 from worker_svc.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class WorkerServicer(wgrpc.WorkerServicer):
 
     def _run(self, requests: Iterator[wpb.StepRequest]) -> Iterator[wpb.StepResult]:
         assert self.runner is not None
-        # A reader thread queues requests as they arrive, so the executor can see whether the next
-        # step is already here and launch it before reading back the last one.
-        inbox: queue.Queue[wpb.StepRequest | None] = queue.Queue()
+        # A reader thread queues requests as they arrive: the executor waits on that one queue for
+        # the next step or for its launched step's completion, whichever comes first.
+        inbox: queue.Queue[wpb.StepRequest | Ready | None] = queue.Queue()
 
         def read() -> None:
             try:
