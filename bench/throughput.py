@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--num-kvcache-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--max-inflight-steps", type=int, default=2)
+    p.add_argument("--max-inflight-steps", type=int, default=3)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     args = p.parse_args()

@@ -1,8 +1,10 @@
 """The scheduler's engine: validates requests, runs the step loop, streams outputs per request.
 
-The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1
-before step N's tokens return, so the worker never waits on a round trip. A sequence that finished
-at step N may already be in step N+1; that extra token is dropped, never streamed.
+The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1 (and
+N+2) before step N's tokens return, so the worker never waits on a round trip; with three, the
+scheduler has a whole device step of slack to answer step N with step N+3. A sequence that
+finished at step N may already be in the steps after it; those extra tokens are dropped, never
+streamed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from scheduler_svc.sequence import FinishReason, Sequence
 from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
 
 log = logging.getLogger(__name__)
+MAX_INFLIGHT_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None  # None: the worker's
     enable_prefix_caching: bool = True
-    max_inflight_steps: int = 2
+    max_inflight_steps: int = 3
     max_queued_requests: int = 0  # 0: unbounded
     connect_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.worker_addresses:
             raise ValueError("worker_addresses is empty")
-        if self.max_inflight_steps not in (1, 2):
-            raise ValueError(f"max_inflight_steps must be 1 or 2, got {self.max_inflight_steps}")
+        if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
+            raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
 
 
 class Engine:

@@ -16,7 +16,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     p.add_argument(
-        "--max-inflight-steps", type=int, default=2, choices=(1, 2), help="2: send step N+1 before N returns"
+        "--max-inflight-steps",
+        type=int,
+        default=3,
+        choices=(1, 2, 3, 4),
+        help="steps sent ahead of the results: 1 waits for each; 3 gives the scheduler a device step of slack",
     )
     p.add_argument(
         "--max-queued-requests", type=int, default=0, help="past this many waiting, RESOURCE_EXHAUSTED (0: unbounded)"

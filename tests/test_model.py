@@ -116,6 +116,24 @@ def test_prefill_joins_running_decodes(model_dir: Path, reference: list[list[int
     assert [outputs(s) for s in seqs] == reference
 
 
+def test_decode_steps_three_deep_match_hf(model_dir: Path, reference: list[list[int]]) -> None:
+    # Three steps in flight: each step is launched while the two before it are unread, so a seq
+    # has two tokens on the device and its input is always the newest one, from its slot.
+    runner = make_runner(model_dir)
+    blocks = Blocks()
+    seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW) for i, p in enumerate(PROMPTS)]
+    runner.run(seqs, [len(p) for p in PROMPTS])
+    launched = []
+    for _ in range(MAX_NEW - 1):
+        launched.append(runner.launch(seqs, [1] * len(seqs)))
+        if len(launched) == 3:
+            runner.collect(launched.pop(0))
+    assert [s.num_pending for s in seqs] == [2] * len(seqs)
+    for pending in launched:
+        runner.collect(pending)
+    assert [outputs(s) for s in seqs] == reference
+
+
 def test_seeded_sampling_survives_batching_and_recompute(tiny_model_dir: Path) -> None:
     runner = make_runner(tiny_model_dir)
     blocks = Blocks()

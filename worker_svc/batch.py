@@ -71,7 +71,7 @@ def prepare(
     widths = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
     slot_of = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
     ends = starts + counts
-    _check(seqs, counts, ends, totals, known, widths * block_size, slot_of, max_model_len)
+    _check(seqs, counts, starts, ends, totals, known, widths * block_size, slot_of, max_model_len)
     cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=cu[1:])
     total = int(cu[-1])
@@ -82,7 +82,8 @@ def prepare(
         itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(widths.sum())
     )
     slots = tables[row, positions // block_size] * block_size + positions % block_size
-    # The last token of a range past the known ones was sampled on the device and is still there.
+    # The last token of a range past the known ones was sampled on the device and is still there
+    # (the range may start past `known` too, when several steps are in flight).
     fill = ends > known
     known_ends = np.minimum(ends, known)
     ids = itertools.chain.from_iterable(
@@ -112,6 +113,7 @@ def prepare(
 def _check(
     seqs: list[SeqState],
     counts: np.ndarray,
+    starts: np.ndarray,
     ends: np.ndarray,
     totals: np.ndarray,
     known: np.ndarray,
@@ -127,8 +129,11 @@ def _check(
         (ends > max_model_len, lambda s, n, e: f"{e} tokens exceed max_model_len {max_model_len}"),
         (ends > capacity, lambda s, n, e: f"{len(s.block_table)} blocks cannot hold {e} tokens"),
         (
-            (ends - 1 > known) | ((ends > known) & (slot_of < 0)),
-            lambda s, n, e: "only its last token may still be on the device",
+            # Tokens past the known ones were sampled on the device; only the newest is still in the
+            # seq's last-token slot, so a range may reach past `known` only to end on that one, and
+            # the ones in between must already be computed (they were fed by earlier steps).
+            (ends > known) & ((ends != totals) | (np.maximum(starts, known) < ends - 1) | (slot_of < 0)),
+            lambda s, n, e: "of the tokens still on the device only the newest can be fed",
         ),
     )
     for bad, message in problems:
