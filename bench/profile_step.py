@@ -12,6 +12,8 @@ the rest. The floor is the KV cache and weights read once per step at the measur
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -68,6 +70,12 @@ def main() -> None:
         runner.run(seqs, one)
     serial = (time.perf_counter() - t) / args.steps
 
+    host = cProfile.Profile()  # where the host's share of a step goes (hidden when steps overlap)
+    host.enable()
+    for _ in range(10):
+        runner.run(seqs, one)
+    host.disable()
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             runner.run(seqs, one)
@@ -98,6 +106,8 @@ def main() -> None:
     print(f"device time per step (profiler): {device:.2f} ms")
     for name, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<46} {ms:6.2f} ms  {ms / device:5.1%}")
+    print("host time of 10 steps run one at a time, by function (the device wait is in synchronize):")
+    pstats.Stats(host).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of one card, in one go, each step's log kept.
+#
+#   bench/gpu_suite.sh [LOG_DIR]            (from the repo root, on a machine with a GPU)
+#
+# Runs the kernel and worker correctness checks, the decode-step profile at batch 256 and 1, and
+# the throughput benchmark (full stack, in-process, single-request latency). A failing step is
+# reported and the rest still run; the exit status is that of the last failure.
+set -u
+LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
+mkdir -p "$LOG_DIR"
+export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
+    local rc=$?
+    # Progress bars rewrite one line with carriage returns: keep the log's last lines readable.
+    tr '\r' '\n' <"$LOG_DIR/$name.log" | grep -v 'it/s\]\|req/s\]' | tail -n 30
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    if [ "$rc" -ne 0 ]; then status=$rc; fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+step kernels 300 python3 tests/gpu/check_kernels.py
+step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qwen3-0.6b/config.json
+step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
+step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
+step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
+exit $status
