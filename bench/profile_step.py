@@ -5,8 +5,9 @@
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights, puts `batch` sequences of `context`
 tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: back to back with
 the next step launched before the last is read (the host's share hidden), and one at a time (host +
-device). A torch profile of a few steps splits device time into attention, matmuls, sampling and
-the rest. The floor is the KV cache and weights read once per step at the measured copy bandwidth.
+device), with a cProfile of the host's share. A torch profile of a few steps splits device time
+into attention, matmuls, sampling and the rest. The floor is the KV cache and weights read once
+per step at the measured copy bandwidth.
 """
 
 from __future__ import annotations
