@@ -1,9 +1,11 @@
 """The scheduler's own ceiling: the standard workload against a worker that answers instantly.
 
-    python -m bench.host_overhead --model DIR [--profile out.prof]
+    python -m bench.host_overhead --model DIR [--grpc] [--profile out.prof]
 
 No model runs: each step is answered at once with arbitrary tokens, so the output tokens/s is what
 the engine (scheduling, protobufs, detokenization, streaming) could sustain if the GPU took no time.
+With --grpc the engine sits behind the public gRPC server in a child process and the benchmark's
+client streams from it, as in the full-stack benchmark: the ceiling of the scheduler process.
 It runs on any machine; compare it with the GPU's step time to see whether the host keeps up.
 """
 
@@ -12,35 +14,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import multiprocessing
 import pstats
+import signal
 import time
 
-from bench.throughput import consume, model_dir
+from bench.throughput import consume, full_stack, model_dir
 from bench.workload import standard
 from proto import worker_pb2 as wpb
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.server import SchedulerServer, ServeOptions
 
 
 class InstantWorker:
-    """The WorkerGroup interface; every sampling seq gets token (step + seq) % 10000."""
+    """The WorkerGroup interface; every sampling seq gets token (step + seq) % 10000. With
+    `step_s` > 0 it plays a device that runs one step at a time for that long each: a step's result
+    is ready step_s after the later of its arrival and the previous step's end."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, step_s: float = 0.0) -> None:
         self.info = wpb.WorkerInfo(
             rank=0, world_size=1, num_kv_blocks=num_blocks, block_size=16, max_model_len=4096,
             vocab_size=151936, max_num_seqs=256, max_num_batched_tokens=8192, ready=True,
         )  # fmt: skip
-        self.pending: list[wpb.StepRequest] = []
+        self.pending: list[tuple[wpb.StepRequest, float]] = []  # with the time its result is ready
         self.todo: dict[int, int] = {}  # seq id -> tokens left before it samples
+        self.step_s = step_s
+        self.device_free = 0.0
 
     async def connect(self, timeout: float) -> wpb.WorkerInfo:
         return self.info
 
     async def send(self, req: wpb.StepRequest) -> None:
-        self.pending.append(wpb.StepRequest.FromString(req.SerializeToString()))
+        self.device_free = max(time.perf_counter(), self.device_free) + self.step_s
+        self.pending.append((wpb.StepRequest.FromString(req.SerializeToString()), self.device_free))
 
     async def receive(self) -> wpb.StepResult:
-        req = self.pending.pop(0)
+        req, ready = self.pending.pop(0)
+        if (wait := ready - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
         for s in req.removed:
             self.todo.pop(s, None)
         for a in req.added:
@@ -59,9 +71,9 @@ class InstantWorker:
         return None
 
 
-async def run(model: str) -> tuple[int, float]:
+async def run(model: str, step_s: float) -> tuple[int, float]:
     config = EngineConfig(model=model, worker_addresses=("instant",))
-    engine = Engine(config, workers=InstantWorker(40_000))  # type: ignore[arg-type]
+    engine = Engine(config, workers=InstantWorker(40_000, step_s))  # type: ignore[arg-type]
     await engine.start()
     jobs = standard()
     start = time.perf_counter()
@@ -73,17 +85,62 @@ async def run(model: str) -> tuple[int, float]:
     return sum(c for c, _ in counts), elapsed
 
 
+def serve(model: str, step_s: float, port: multiprocessing.Value, profile: str | None) -> None:  # type: ignore[valid-type]
+    """Child process: the public gRPC server over an engine whose worker answers instantly."""
+
+    async def run() -> None:
+        server = SchedulerServer(EngineConfig(model=model, worker_addresses=("instant",)), ServeOptions(port=0))
+        server.engine.workers = InstantWorker(40_000, step_s)  # type: ignore[assignment]
+        port.value = await server.start()
+        await server.server.wait_for_termination()
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: the profile gets saved
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if prof:
+            prof.disable()
+            prof.dump_stats(profile)
+
+
+def through_grpc(model: str, step_s: float, profile: str | None) -> tuple[int, float]:
+    ctx = multiprocessing.get_context("spawn")  # no forked copy of this process's gRPC state
+    port = ctx.Value("i", 0)
+    child = ctx.Process(target=serve, args=(model, step_s, port, profile))
+    child.start()
+    try:
+        while not port.value:
+            if not child.is_alive():
+                raise SystemExit("the scheduler process died")
+            time.sleep(0.1)
+        return asyncio.run(full_stack(f"127.0.0.1:{port.value}", standard()))
+    finally:
+        child.terminate()  # SIGTERM: its profile, if any, is written on the way out
+        child.join(timeout=30)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--profile", default=None, help="write a cProfile of the run here")
+    p.add_argument("--profile", default=None, help="write a cProfile of the engine's process here")
+    p.add_argument("--grpc", action="store_true", help="behind the gRPC server, in a process of its own")
+    p.add_argument("--step-ms", type=float, default=0.0, help="play a device taking this long per step")
     args = p.parse_args()
     args.load_format = "dummy"
     model = model_dir(args)
+    if args.grpc:
+        n, secs = through_grpc(model, args.step_ms / 1e3, args.profile)
+        print(f"scheduler process behind gRPC: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s")
+        return
     prof = cProfile.Profile() if args.profile else None
     if prof:
         prof.enable()
-    n, secs = asyncio.run(run(model))
+    n, secs = asyncio.run(run(model, args.step_ms / 1e3))
     if prof:
         prof.disable()
         prof.dump_stats(args.profile)
