@@ -1,4 +1,9 @@
-"""RMSNorm, computed in float32 whatever the model dtype, as the reference implementation does."""
+"""RMSNorm, computed in float32 whatever the model dtype, as the reference implementation does.
+
+On CUDA tensors it runs as one fused Triton kernel (layers/fused.py), which also takes the
+residual add before a decoder sublayer's norm; the torch code here is the CPU path and the
+reference that kernel rounds like.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_norm(x, None)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a sublayer's input and the new residual stream.
+
+        residual None (the first layer's input norm) gives (norm(x), x).
+        """
+        if x.is_cuda:
+            from worker_svc.layers.fused import add_rms_norm  # imports triton: CUDA hosts only
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        return self.add_norm_torch(x, residual)
+
+    def add_norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """add_norm in plain torch: the CPU path, and the reference the kernel rounds like."""
+        if residual is not None:
+            x = x + residual  # rounded to the model dtype: the residual stream is kept in it
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast back before the weight so low-precision runs round where the reference rounds.
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.to(x.dtype), x

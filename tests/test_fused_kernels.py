@@ -1,0 +1,187 @@
+"""The fused Triton kernels (worker_svc/layers/fused.py) vs the torch paths they replace, run by
+Triton's CPU interpreter.
+
+As in test_triton_interpret.py: TRITON_INTERPRET must be set before triton is imported, and
+conftest already imports triton via transformers, so under a plain `pytest` run one test re-runs
+this file in a subprocess with TRITON_INTERPRET=1, where the kernel tests actually execute. CI has
+no triton: everything skips there.
+
+The references are the torch paths in the same dtype. In bf16/fp16 the kernels round where those
+round, so nearly all elements must agree exactly (assert_matches says what the rest may be off by);
+fp32 must be allclose.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.norm import RMSNorm
+from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
+
+pytest.importorskip("triton")
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROWS = [1, 3, 17]
+HEADS, HEAD_DIM, HIDDEN, EPS = (4, 2), 128, 256, 1e-6
+
+if IN_INTERPRETER:
+    import triton.language as tl
+    from triton.runtime import interpreter as _interp
+
+    from worker_svc.layers import fused
+
+    def _round_bf16_to_nearest_even() -> None:
+        """triton 3.6's interpreter casts fp32 to bf16 by truncating the mantissa; the GPU (cvt.rn)
+        and torch round to nearest even. Left as is, every bf16 rounding the kernels copy from the
+        torch path would be off by up to an ulp, and RoPE's differences would magnify that."""
+        original = _interp.InterpreterBuilder.cast_impl
+
+        def cast_impl(self: _interp.InterpreterBuilder, src: _interp.TensorHandle, dst_type: tl.dtype) -> object:
+            if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+                return original(self, src, dst_type)
+            bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+            half_ulp_even = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return _interp.TensorHandle(((bits + half_ulp_even) >> np.uint32(16)).astype(np.uint16), dst_type.scalar)
+
+        _interp.InterpreterBuilder.cast_impl = cast_impl
+
+    _round_bf16_to_nearest_even()
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
+def test_fused_kernels_under_interpreter() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
+def test_kernels_compile_for_h100_without_spills() -> None:
+    """The interpreter never lowers to PTX; this builds each kernel for sm_90 as the runtime would
+    at Qwen3-0.6B's shapes (hidden 1024, 16 q / 8 kv heads of 128, MLP 3072) in bf16, and at
+    Qwen3-32B's widest ones (hidden 5120, 64 q + 8 kv heads)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker_svc.layers import fused
+
+    rope = {"NUM_Q_HEADS": 16, "NUM_QK_HEADS": 24, "HEADS_POW2": 32, "HALF": 64, "HALF_POW2": 64}
+    big_rope = {**rope, "NUM_Q_HEADS": 64, "NUM_QK_HEADS": 72, "HEADS_POW2": 128}  # Qwen3-32B's heads
+    builds = [
+        (fused._add_rms_norm_kernel, {"SIZE": 1024, "BLOCK": 1024, "HAS_RESIDUAL": True}, 4),
+        (fused._add_rms_norm_kernel, {"SIZE": 1024, "BLOCK": 1024, "HAS_RESIDUAL": False}, 4),
+        (fused._add_rms_norm_kernel, {"SIZE": 5120, "BLOCK": 8192, "HAS_RESIDUAL": True}, 8),
+        (fused._qk_norm_rope_kernel, rope, fused._rope_warps(32 * 64)),
+        (fused._qk_norm_rope_kernel, big_rope, fused._rope_warps(128 * 64)),
+        (fused._silu_and_mul_kernel, {"SIZE": 3072, "BLOCK": 1024}, 4),
+    ]
+    special = {"positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    for fn, consts, warps in builds:
+        names = fn.arg_names
+        default = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in names}
+        sig = {n: "constexpr" if n in consts else special.get(n, default[n]) for n in names}
+        aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = ASTSource(fn, sig, consts, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "kernel.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True)
+        assert log.returncode == 0 and " 0 bytes spill stores" in log.stderr, f"{fn.__name__} {consts}: {log.stderr}"
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: allclose. 16-bit: nearly every element bit-equal, and the rest off by at most 2 ulps at
+    the scale of their row (last dim): the kernels round where the torch path rounds, so only an fp32
+    ulp of their own (a sum of squares in another order, another exp) may flip a rounding, which the
+    next product can double and RoPE's differences of products can leave large next to a small
+    result."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        return
+    # A misplaced rounding also stays within an ulp or two, but on many elements, not a handful.
+    assert (out == ref).float().mean().item() >= 0.99
+    scale = ref.float().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(ref.dtype).tiny)
+    ulp = torch.finfo(ref.dtype).eps * torch.exp2(torch.floor(torch.log2(scale)))
+    err = (out.float() - ref.float()).abs()
+    assert (err <= 2 * ulp).all(), f"{(err / ulp).max().item():.1f} ulps of the row's scale apart"
+
+
+def random_weight(size: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return (1.0 + 0.3 * torch.randn(size, generator=gen)).to(dtype)
+
+
+def norm_module(size: int, dtype: torch.dtype, gen: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(size, EPS)
+    norm.weight.data = random_weight(size, dtype, gen)
+    return norm
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm(dtype: torch.dtype, rows: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    norm = norm_module(HIDDEN, dtype, gen)
+    # x as a strided view (rows wider than the hidden size): the launcher must honour row strides.
+    x = (3 * torch.randn(rows, HIDDEN + 64, generator=gen)).to(dtype)[:, :HIDDEN]
+    residual = (5 * torch.randn(rows, HIDDEN, generator=gen)).to(dtype) if with_residual else None
+    x_before, residual_before = x.clone(), None if residual is None else residual.clone()
+    out, new_residual = fused.add_rms_norm(x, residual, norm.weight, EPS)
+    ref, ref_residual = norm.add_norm_torch(x, residual)
+    assert_matches(out, ref)
+    assert torch.equal(new_residual, ref_residual)  # one rounded add: no excuse to differ
+    assert torch.equal(x, x_before) and (residual is None or torch.equal(residual, residual_before))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("heads", [HEADS, (2, 1)])  # (2, 1): a TP=2 rank's share of (4, 2)
+def test_qk_norm_rope(dtype: torch.dtype, rows: int, heads: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(100 + rows)
+    hq, hkv = heads
+    rotary = RotaryEmbedding(HEAD_DIM, 4096, 1e6)
+    q_norm, k_norm = norm_module(HEAD_DIM, dtype, gen), norm_module(HEAD_DIM, dtype, gen)
+    qkv = (2 * torch.randn(rows, (hq + 2 * hkv) * HEAD_DIM, generator=gen)).to(dtype)
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    positions[0] = 4095  # the last table row
+    q, k, v = qkv.split([hq * HEAD_DIM, hkv * HEAD_DIM, hkv * HEAD_DIM], dim=-1)
+    cos, sin = rotary(positions, dtype)
+    ref_q = apply_rotary(q_norm.add_norm_torch(q.reshape(rows, hq, HEAD_DIM), None)[0], cos, sin)
+    ref_k = apply_rotary(k_norm.add_norm_torch(k.reshape(rows, hkv, HEAD_DIM), None)[0], cos, sin)
+    ref_v = v.clone()
+    fused.qk_norm_rope(qkv, positions, rotary.cos, rotary.sin, q_norm.weight, k_norm.weight, hq, hkv, EPS)
+    out_q, out_k, out_v = qkv.split([hq * HEAD_DIM, hkv * HEAD_DIM, hkv * HEAD_DIM], dim=-1)
+    assert_matches(out_q.reshape(ref_q.shape), ref_q)
+    assert_matches(out_k.reshape(ref_k.shape), ref_k)
+    assert torch.equal(out_v, ref_v)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("size", [96, 1536])  # one masked block; two blocks of 1024, the second partial
+def test_silu_and_mul(dtype: torch.dtype, rows: int, size: int) -> None:
+    gen = torch.Generator().manual_seed(200 + rows)
+    x = (3 * torch.randn(rows, 2 * size, generator=gen)).to(dtype)
+    assert_matches(fused.silu_and_mul(x), SiluAndMul().forward_torch(x))
