@@ -23,9 +23,13 @@ import numpy as np
 import pytest
 import torch
 
+from worker_svc.attention.metadata import AttnMetadata
+from worker_svc.attention.torch_backend import TorchBackend
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
+from worker_svc.models.arch import ModelArch
+from worker_svc.models.qwen3 import Qwen3Model
 
 pytest.importorskip("triton")
 
@@ -185,3 +189,51 @@ def test_silu_and_mul(dtype: torch.dtype, rows: int, size: int) -> None:
     gen = torch.Generator().manual_seed(200 + rows)
     x = (3 * torch.randn(rows, 2 * size, generator=gen)).to(dtype)
     assert_matches(fused.silu_and_mul(x), SiluAndMul().forward_torch(x))
+
+
+def tiny_model(dtype: torch.dtype) -> Qwen3Model:
+    arch = ModelArch(
+        model_type="qwen3", vocab_size=64, hidden_size=HIDDEN, intermediate_size=384, num_layers=2,
+        num_heads=HEADS[0], num_kv_heads=HEADS[1], head_dim=HEAD_DIM, max_position_embeddings=4096,
+        rms_norm_eps=EPS, rope_theta=1e6, tie_word_embeddings=True, attention_bias=False, torch_dtype=None,
+    )  # fmt: skip
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as the runner builds it: parameters in dtype, RoPE tables fp32
+    try:
+        model = Qwen3Model(arch, TorchBackend(), max_positions=4096)
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator().manual_seed(3)
+    for name, param in model.named_parameters():
+        scale = 0.3 if "norm" in name else 0.05
+        param.data = (("norm" in name) + scale * torch.randn(param.shape, generator=gen)).to(dtype)
+    return model
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_forward_with_fused_kernels(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole Qwen3 forward, fused path against torch path: the residual stream through the
+    fused adds, q/k normed and rotated in place in the qkv buffer, and the final norm's add. Every
+    tensor claims to be on CUDA for the fused run, so the modules pick their kernels while the
+    tensors (and the interpreter) stay on the CPU."""
+    model = tiny_model(dtype)
+    lens, starts = [9, 8], [1000, 3000]  # two prompts; positions far into the tables
+    ids = torch.randint(0, 64, (sum(lens),), generator=torch.Generator().manual_seed(4))
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens, strict=True)])
+    loc = [0, lens[0], sum(lens)]
+    meta = AttnMetadata(
+        slot_mapping=torch.full((sum(lens),), -1), query_start_loc=torch.tensor(loc, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=torch.zeros(2, 1, dtype=torch.int32),
+        max_query_len=max(lens), max_seq_len=max(lens), query_start_loc_host=loc, seq_lens_host=lens,
+        is_decode=False, has_prefix=False,
+    )  # fmt: skip
+    with torch.inference_mode():
+        ref = model(ids, positions, meta)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            out = model(ids, positions, meta)
+    # The kernels' own exactness is checked above; here a miswired call (tables, weights, heads, the
+    # residual stream) would be far off, while a stray 1-ulp flip spreads through the matmuls.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)

@@ -1,4 +1,8 @@
-"""Rotary position embedding, neox style: dims i and i + head_dim/2 form a rotated pair."""
+"""Rotary position embedding, neox style: dims i and i + head_dim/2 form a rotated pair.
+
+This is the CPU path and the reference; on CUDA, Qwen3's attention rotates with the fused kernel
+in layers/fused.py, which reads the same fp32 tables by position and rounds like apply_rotary.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """Qwen3 for causal LM over a flat batch of tokens.
 
-A decoder layer is pre-norm attention then pre-norm SwiGLU MLP, each added to the residual. Qwen3's
-attention normalises every query and key head (RMSNorm over head_dim) before RoPE, and uses
-grouped-query attention: several query heads share one key/value head. Module and parameter
-names follow the Hugging Face checkpoint, except the merged projections named in `packed_modules`.
+A decoder layer is pre-norm attention then pre-norm SwiGLU MLP, each added to the residual. Layers
+pass (hidden, residual) on and each norm does the pending add first (residual += hidden; hidden =
+norm(residual)), so on CUDA the add and the norm are one fused kernel; the final norm takes the
+last layer's add. Qwen3's attention normalises every query and key head (RMSNorm over head_dim)
+before RoPE, and uses grouped-query attention: several query heads share one key/value head.
+Module and parameter names follow the Hugging Face checkpoint, except the merged projections
+named in `packed_modules`.
 """
 
 from __future__ import annotations
@@ -23,11 +26,9 @@ from worker_svc.layers.parallel import tp_size
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
 from worker_svc.models.arch import ModelArch
 
-Rope = tuple[torch.Tensor, torch.Tensor]
-
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
         super().__init__()
         tp = tp_size()
         self.qkv_proj = QKVParallelLinear(
@@ -38,15 +39,34 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.attention_bias)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.rotary = rotary  # one module shared by every layer: one copy of the tables
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim, backend)
 
-    def forward(self, x: torch.Tensor, rope: Rope, meta: AttnMetadata) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), *rope)
-        k = apply_rotary(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), *rope)
-        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        q, k, v = self.qk_norm_rope(self.qkv_proj(x), positions)
+        out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1))
+
+    def qk_norm_rope(
+        self, qkv: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, D], k and v [T, kv_heads, D] from the qkv projection, q and k normed and rotated."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
+        if qkv.is_cuda:
+            from worker_svc.layers.fused import qk_norm_rope  # imports triton: CUDA hosts only
+
+            # One kernel, in place on qkv, so q and k (views of it) come out normed and rotated.
+            # q_norm and k_norm share the model's eps.
+            qk_norm_rope(
+                qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight, self.k_norm.weight,
+                self.num_heads, self.num_kv_heads, self.q_norm.eps,
+            )  # fmt: skip
+            return q, k, v
+        cos, sin = self.rotary(positions, qkv.dtype)
+        return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin), v
 
 
 class Qwen3MLP(nn.Module):
@@ -62,32 +82,36 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Qwen3Attention(arch, backend)
+        self.self_attn = Qwen3Attention(arch, backend, rotary)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = Qwen3MLP(arch)
 
-    def forward(self, x: torch.Tensor, rope: Rope, meta: AttnMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, meta: AttnMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it): the MLP's add is left to the next norm."""
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, meta)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Qwen3Model(nn.Module):
     def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(arch, backend, rotary) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)  # shared by every layer: look the angles up once
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            hidden, residual = layer(hidden, residual, positions, meta)
+        return self.norm.add_norm(hidden, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
