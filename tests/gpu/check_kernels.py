@@ -1,4 +1,5 @@
-"""Triton attention kernels on a GPU: correctness vs a torch reference, then timings.
+"""Triton kernels on a GPU (attention, and the fused norm / RoPE / SiLU kernels of layers/fused.py):
+correctness vs a torch reference, then timings.
 
 Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
 Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
@@ -11,6 +12,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +21,14 @@ import triton.testing
 
 from worker_svc.attention import triton_backend as tb
 from worker_svc.attention.metadata import AttnMetadata
+from worker_svc.layers import fused
+from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.norm import RMSNorm
+from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 QWEN3 = {"heads": (16, 8), "head_dim": 128}  # Qwen3-0.6B attention shape
+HIDDEN, MLP, MAX_POS, EPS = 1024, 3072, 40960, 1e-6  # the rest of its layer
 FAILURES: list[str] = []
 DEV = "cuda"  # a CPU smoke run of this script (under TRITON_INTERPRET=1) may switch it
 
@@ -196,6 +203,158 @@ def check_cuda_graph(dtype: torch.dtype) -> None:
             report(f"decode CUDA-graph replay b={batch} {dtype}", out, reference(c, 0.1), dtype)
 
 
+def report_rounding(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """A fused kernel vs the torch path it replaces, in the same dtype. They round at the same points,
+    so nearly every element must be bit-equal. The rest come from an fp32 ulp (a sum of squares in
+    another order, another rsqrt or exp) flipping a rounding, which a following product can double
+    and RoPE's difference of products leaves large next to a small result: allowed up to 4 ulps at
+    the scale of the row (last dim). A misplaced rounding or a wrong index fails one or the other."""
+    nan = bool(torch.isnan(out).any())
+    equal = (out == ref).float().mean().item()
+    scale = ref.float().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(ref.dtype).tiny)
+    ulp = torch.finfo(ref.dtype).eps * torch.exp2(torch.floor(torch.log2(scale)))
+    worst = ((out.float() - ref.float()).abs() / ulp).max().item()
+    ok = not nan and equal >= 0.99 and worst <= 4
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<64} bit-equal {equal:8.4%}  worst {worst:.1f} ulp" + "  NaN!" * nan)
+    if not ok:
+        FAILURES.append(name)
+
+
+@dataclass
+class LayerParts:
+    norm: RMSNorm
+    q_norm: RMSNorm
+    k_norm: RMSNorm
+    rotary: RotaryEmbedding
+
+
+def layer_parts(dtype: torch.dtype) -> LayerParts:
+    """Norms with random weights in `dtype` (as loaded checkpoints have) and fp32 RoPE tables."""
+    norms = [RMSNorm(n, EPS).to(DEV) for n in (HIDDEN, QWEN3["head_dim"], QWEN3["head_dim"])]
+    for n in norms:
+        n.weight.data = (1 + 0.3 * torch.randn(n.weight.shape, device=DEV)).to(dtype)
+    return LayerParts(*norms, RotaryEmbedding(QWEN3["head_dim"], MAX_POS, 1e6).to(DEV))
+
+
+def qk_norm_rope_torch(
+    qkv: torch.Tensor, positions: torch.Tensor, p: LayerParts, heads: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, hq, D] and k [T, hkv, D] the way Qwen3Attention's CPU path computes them."""
+    d = QWEN3["head_dim"]
+    q, k, _ = qkv.split([heads[0] * d, heads[1] * d, heads[1] * d], dim=-1)
+    cos, sin = p.rotary(positions, qkv.dtype)
+    q = apply_rotary(p.q_norm.add_norm_torch(q.reshape(-1, heads[0], d), None)[0], cos, sin)
+    k = apply_rotary(p.k_norm.add_norm_torch(k.reshape(-1, heads[1], d), None)[0], cos, sin)
+    return q, k
+
+
+def qk_norm_rope_fused(qkv: torch.Tensor, positions: torch.Tensor, p: LayerParts, heads: tuple[int, int]) -> None:
+    fused.qk_norm_rope(qkv, positions, p.rotary.cos, p.rotary.sin, p.q_norm.weight, p.k_norm.weight, *heads, EPS)
+
+
+def report_qk(
+    name: str, before: torch.Tensor, after: torch.Tensor, positions: torch.Tensor, p: LayerParts, heads: tuple[int, int]
+) -> None:
+    """qkv after the fused kernel vs the torch path on qkv before it: q and k match, v untouched."""
+    d = QWEN3["head_dim"]
+    ref_q, ref_k = qk_norm_rope_torch(before, positions, p, heads)
+    q, k, v = after.split([heads[0] * d, heads[1] * d, heads[1] * d], dim=-1)
+    report_rounding(f"{name} q", q.reshape(ref_q.shape), ref_q)
+    report_rounding(f"{name} k", k.reshape(ref_k.shape), ref_k)
+    if not torch.equal(v, before[:, (heads[0] + heads[1]) * d :]):
+        print(f"FAIL {name}: v changed")
+        FAILURES.append(f"{name} v")
+
+
+def check_fused(dtype: torch.dtype) -> None:
+    p = layer_parts(dtype)
+    d = QWEN3["head_dim"]
+    for rows in (1, 7, 64, 256, 512):
+        x = (3 * torch.randn(rows, HIDDEN, device=DEV)).to(dtype)
+        for residual in (None, (5 * torch.randn(rows, HIDDEN, device=DEV)).to(dtype)):
+            out, new_residual = fused.add_rms_norm(x, residual, p.norm.weight, EPS)
+            ref, ref_residual = p.norm.add_norm_torch(x, residual)
+            name = f"add_rms_norm b={rows} {'+ residual' if residual is not None else 'no residual'} {dtype}"
+            report_rounding(name, out, ref)
+            if not torch.equal(new_residual, ref_residual):  # one rounded add each: must be equal
+                print(f"FAIL {name}: new residual differs")
+                FAILURES.append(f"{name} residual")
+        for heads in (QWEN3["heads"], (8, 4)):  # (8, 4): a TP=2 rank's share
+            qkv = (2 * torch.randn(rows, (heads[0] + 2 * heads[1]) * d, device=DEV)).to(dtype)
+            positions = torch.randint(0, MAX_POS, (rows,), device=DEV)
+            before = qkv.clone()
+            qk_norm_rope_fused(qkv, positions, p, heads)
+            report_qk(f"qk_norm_rope b={rows} heads={heads} {dtype}", before, qkv, positions, p, heads)
+        g = (3 * torch.randn(rows, 2 * MLP, device=DEV)).to(dtype)
+        report_rounding(f"silu_and_mul b={rows} {dtype}", fused.silu_and_mul(g), SiluAndMul().forward_torch(g))
+
+
+def check_fused_cuda_graph(dtype: torch.dtype) -> None:
+    """The three fused launches captured in one graph, replayed on new inputs and positions."""
+    p, rows, heads, d = layer_parts(dtype), 64, QWEN3["heads"], QWEN3["head_dim"]
+    x, residual = torch.empty(rows, HIDDEN, dtype=dtype, device=DEV), torch.empty(rows, HIDDEN, dtype=dtype, device=DEV)
+    qkv = torch.empty(rows, (heads[0] + 2 * heads[1]) * d, dtype=dtype, device=DEV)
+    positions = torch.zeros(rows, dtype=torch.long, device=DEV)
+    g = torch.empty(rows, 2 * MLP, dtype=dtype, device=DEV)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, new_residual = fused.add_rms_norm(x, residual, p.norm.weight, EPS)
+        qk_norm_rope_fused(qkv, positions, p, heads)
+        return out, new_residual, fused.silu_and_mul(g)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        for t, scale in ((x, 3), (residual, 5), (qkv, 2), (g, 3)):
+            t.copy_(scale * torch.randn(t.shape, device=DEV))
+        positions.copy_(torch.randint(0, MAX_POS, (rows,), device=DEV))
+        qkv_in = qkv.clone()
+        graph.replay()
+        ref, ref_residual = p.norm.add_norm_torch(x, residual)
+        report_rounding(f"CUDA-graph replay add_rms_norm b={rows} {dtype}", outs[0], ref)
+        report_rounding(f"CUDA-graph replay add_rms_norm residual b={rows} {dtype}", outs[1], ref_residual)
+        report_qk(f"CUDA-graph replay qk_norm_rope b={rows} {dtype}", qkv_in, qkv, positions, p, heads)
+        report_rounding(f"CUDA-graph replay silu_and_mul b={rows} {dtype}", outs[2], SiluAndMul().forward_torch(g))
+
+
+def graph_us(fn: Callable[[], object]) -> float:
+    """Median µs of one CUDA-graph replay of fn (L2 flushed before each by do_bench), so the torch
+    paths' many launches are timed without their host launch gaps, as a captured decode step runs."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3
+
+
+def bench_fused(rows: int) -> list[str]:
+    """Each fused kernel against the torch path it replaces, bf16, Qwen3-0.6B's layer, `rows` tokens."""
+    dtype, p, heads, d = torch.bfloat16, layer_parts(torch.bfloat16), QWEN3["heads"], QWEN3["head_dim"]
+    x, residual = torch.randn(rows, HIDDEN, dtype=dtype, device=DEV), torch.randn(rows, HIDDEN, dtype=dtype, device=DEV)
+    qkv = torch.randn(rows, (heads[0] + 2 * heads[1]) * d, dtype=dtype, device=DEV)
+    positions = torch.randint(0, 4096, (rows,), device=DEV)
+    g = torch.randn(rows, 2 * MLP, dtype=dtype, device=DEV)
+    qk_bytes = 2 * rows * (heads[0] + heads[1]) * d * 2  # q and k read and written
+    cases = [
+        ("add_rms_norm", 4 * x.numel() * 2,
+         lambda: fused.add_rms_norm(x, residual, p.norm.weight, EPS), lambda: p.norm.add_norm_torch(x, residual)),
+        ("qk_norm_rope", qk_bytes,
+         lambda: qk_norm_rope_fused(qkv, positions, p, heads),
+         lambda: qk_norm_rope_torch(qkv, positions, p, heads)),
+        ("silu_and_mul", 3 * rows * MLP * 2, lambda: fused.silu_and_mul(g), lambda: SiluAndMul().forward_torch(g)),
+    ]  # fmt: skip
+    rows_out = []
+    for name, nbytes, fused_fn, torch_fn in cases:
+        us, torch_us = graph_us(fused_fn), graph_us(torch_fn)
+        label = f"{name} T={rows} (torch path {torch_us:.1f} µs)"
+        rows_out.append(f"{label:<40} {us:>9.1f} µs  {nbytes / (us * 1e-6) / 1e9:>8.0f} GB/s")
+    return rows_out
+
+
 def bench_decode(batch: int, ctx: int, bound: int | None = None, **cfg: int) -> tuple[float, float, int]:
     """Median µs of a CUDA-graph replay (L2 flushed by do_bench before each) and achieved GB/s."""
     c = make_case([ctx] * batch, [1] * batch, torch.bfloat16, bound=bound, fill=False)
@@ -267,6 +426,8 @@ def main() -> int:
         check_prefill(dtype)
         check_decode(dtype)
         check_cuda_graph(dtype)
+        check_fused(dtype)
+        check_fused_cuda_graph(dtype)
     print(f"correctness: {len(FAILURES)} failure(s) in {time.time() - t0:.0f} s")
 
     rows = []
@@ -281,6 +442,8 @@ def main() -> int:
     for split in (True, False):
         us, gbs = bench_mixed(split)
         rows.append(f"{'mixed 255 dec@1024 + 512 chunk split=' + str(split):<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
+    for tokens in (256, 8192):  # a decode batch; a long prefill step
+        rows += bench_fused(tokens)
     rows += bench_reference_points()
     if args.sweep:
         for batch, ctx in ((256, 1024), (64, 4096)):
