@@ -1,0 +1,121 @@
+"""The Triton sampling kernel (worker_svc/sampling_kernel.py), run by Triton's CPU interpreter: a
+plain pytest run re-runs this file in a subprocess with TRITON_INTERPRET=1 (see
+tests/triton_interpreter.py). CI has no triton: everything skips there.
+
+Sizes stay small: the interpreter takes ~10 ms per program and chunk of the vocab. Seeds are fixed,
+so the distribution checks cannot flake.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.triton_interpreter import IN_INTERPRETER, fix_scalar_index, run_under_interpreter
+
+pytest.importorskip("triton")
+needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
+
+if IN_INTERPRETER:
+    fix_scalar_index()
+    from worker_svc.sampling_kernel import sample_tokens
+
+VOCAB = 5000  # three 2048-entry chunks, the last one partial
+INF = float("inf")
+# Chi-square critical value at p = 0.001 for 6 degrees of freedom.
+CHI2_6DF = 22.46
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
+def test_sampling_kernel_under_interpreter() -> None:
+    run_under_interpreter(__file__)
+
+
+def seeds(n: int, seed: int = 0) -> torch.Tensor:
+    rng = random.Random(seed)
+    return torch.tensor([rng.getrandbits(63) for _ in range(n)], dtype=torch.int64)
+
+
+def greedy_case(dtype: torch.dtype) -> torch.Tensor:
+    """Strided rows (a view of wider ones) with masks and ties, in `dtype`."""
+    wide = (torch.randn(6, VOCAB + 24, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    x = wide[:, :VOCAB]
+    x[1, x[1].argmax()] = -INF  # the best entry masked: the runner-up wins
+    x[2] = -INF
+    x[2, -1] = 0  # one live entry, in the partial last chunk
+    x[3] = -INF  # nothing live: index 0, as torch.argmax
+    x[4] = 0
+    x[4, [4196, 2148, 100]] = 5  # equal best in three chunks, at the same lane of each
+    x[5, [9, 7]] = 50  # equal best in one chunk
+    return x
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [None, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_rows_are_argmax(dtype: torch.dtype, splits: int | None) -> None:
+    x = greedy_case(dtype)
+    tokens = sample_tokens(x, torch.zeros(6), seeds(6), num_splits=splits)
+    assert tokens.dtype == torch.int64
+    assert tokens.tolist() == x.argmax(-1).tolist()
+    assert tokens[3:].tolist() == [0, 100, 7]
+
+
+@needs_interpreter
+def test_a_rows_token_depends_only_on_its_logits_temperature_and_seed() -> None:
+    x = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
+    temps = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    s = torch.tensor([11, 2**62 + 5, 0, 7])
+    batch = sample_tokens(x, temps, s).tolist()
+    alone = [sample_tokens(x[i : i + 1], temps[i : i + 1], s[i : i + 1], num_splits=1).item() for i in range(4)]
+    flipped = sample_tokens(x.flip(0), temps.flip(0), s.flip(0), num_splits=2).flip(0).tolist()
+    assert batch == alone == flipped
+    assert batch[3] == x[3].argmax().item()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_draw_as_their_float32_values(dtype: torch.dtype) -> None:
+    x = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(2)).to(dtype)
+    temps, s = torch.tensor([0.6, 1.3, 0.0]), seeds(3)
+    assert sample_tokens(x, temps, s).tolist() == sample_tokens(x.float(), temps, s).tolist()
+
+
+@needs_interpreter
+def test_different_seeds_draw_different_tokens() -> None:
+    x = torch.zeros(40, 1000)
+    tokens = sample_tokens(x, torch.ones(40), seeds(40)).tolist()
+    assert len(set(tokens)) >= 35  # uniform over 1000: ~0.8 repeats expected
+
+
+@needs_interpreter
+def test_draws_follow_softmax_at_their_temperature() -> None:
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.25, 0.15, 0.07, 0.03])
+    logits = probs.log()
+    logits[2] = -INF  # masked: never drawn, the rest renormalised
+    temps = torch.tensor([0.7] * 1000 + [2.0] * 1000)
+    tokens = sample_tokens(logits.expand(2000, 8), temps, seeds(2000, seed=3))
+    for half, t in ((tokens[:1000], 0.7), (tokens[1000:], 2.0)):
+        counts = torch.bincount(half, minlength=8).double()
+        assert counts[2] == 0
+        expected = (logits.double() / t).softmax(0) * 1000
+        live = expected > 0
+        chi2 = ((counts[live] - expected[live]) ** 2 / expected[live]).sum().item()
+        assert chi2 < CHI2_6DF, (t, counts.tolist(), expected.tolist())
+
+
+@needs_interpreter
+def test_masked_entries_never_win() -> None:
+    x = torch.randn(34, 3000, generator=torch.Generator().manual_seed(4))
+    x[:32, ::2] = -INF
+    temps = torch.full((34,), 100.0)  # close to uniform over the live entries
+    x[32] = -INF
+    x[32, -1] = -1e30  # the only live entry, very unlikely-looking
+    x[33] = 0
+    x[33, 1234] = 1
+    temps[33] = 1e-38  # below the kernel's floor: as greedy, and no 0 * inf
+    tokens = sample_tokens(x, temps, seeds(34, seed=5)).tolist()
+    assert all(t % 2 == 1 for t in tokens[:32])
+    assert tokens[32:] == [2999, 1234]

@@ -1,0 +1,44 @@
+"""Running Triton kernels on the CPU in tests, through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jit helpers
+are decorated at import time), and conftest already imports triton via transformers. So a test
+file re-runs itself in a subprocess with TRITON_INTERPRET=1 (`run_under_interpreter`), where its
+kernel tests execute.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_under_interpreter(test_file: str) -> None:
+    """Runs a test file's tests in a pytest subprocess under the interpreter; fails with its output."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(test_file).resolve())]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+def fix_scalar_index() -> None:
+    """triton 3.6's interpreter calls int() on 1-element arrays, a TypeError since numpy 2.4.
+
+    That breaks `range(start, end)` over loaded scalars (triton-lang/triton#9171, fixed upstream by
+    #9172). Re-patch `__index__` to take the element explicitly.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patched(tensor: type, scope: interpreter._LangPatchScope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched

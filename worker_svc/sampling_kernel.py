@@ -1,0 +1,179 @@
+"""One pass over the logits per sampled token: the Gumbel-max trick in a Triton kernel.
+
+Row r's token is argmax_v(logit_v / T_r + g_v) with g_v standard Gumbel noise, which picks v with
+probability softmax(logit / T)_v (the law of the exponential race in sampler.py) without
+materialising probabilities. Vocab entry v's noise is word v % 4 of Philox(seed_r, counter v // 4):
+a function of the row's seed and v only, so a row's token depends on nothing but its own logits,
+temperature and seed, whatever the block size or the split of the row over programs. T = 0 rows
+skip the noise: plain argmax. Ties go to the lowest index, as in torch.argmax.
+
+Imports triton: load it only where a GPU (or the interpreter) will run it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Vocab entries per loop step and warps per program: 16 per thread, two 16-byte loads of bf16
+# (72 registers on sm_90, so several programs share an SM and hide each other's load latency).
+BLOCK = 2048
+NUM_WARPS = 4
+MAX_SPLITS = 64  # partials per row that merge_kernel reads as one block
+LOG2E = tl.constexpr(1.4426950408889634)
+MIN_TEMPERATURE = tl.constexpr(1e-30)  # keeps log2(e) / T finite: a 0 logit never makes 0 * inf = NaN
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter runs on CPU tensors: split as for an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(rows: int, vocab: int, num_sms: int) -> int:
+    """Programs per row, for ~4 programs per SM: at batch 1 a single program would stream the whole
+    row (300 KB of bf16 at vocab 151,936) through one SM; big batches need no split."""
+    chunks = triton.cdiv(vocab, BLOCK)
+    return max(1, min(chunks, MAX_SPLITS, 4 * num_sms // max(rows, 1)))
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """tl.log2 lowers to libdevice's exact log2f, which doubles the kernel's instruction count;
+    lg2.approx's ~1e-7 error is far below anything sampling can show. The interpreter has no
+    libdevice, hence the switch."""
+    return libdevice.fast_log2f(x) if FAST else tl.log2(x)
+
+
+@triton.jit
+def _gumbel_log2(bits, FAST: tl.constexpr):
+    """Gumbel noise in log2 units, up to a constant: -log2(E) for E ~ Exp(1), from 32 random bits.
+
+    E = -ln(1 - s) with s = (bits + 0.5) / 2^32, uniform in (0, 1). Small s (the large-noise tail,
+    where unlikely tokens win) takes the series s + s^2/2 + s^3/3, since 1 - s would round its bits
+    away; the floor on 1 - s covers s rounded up to 1. E stays in [2^-33, 17.4]: the noise is finite,
+    so it can neither beat a -inf logit nor cancel one into NaN."""
+    s = (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+    tail = s * (1.0 + s * (0.5 + s * 0.3333333333333333)) * LOG2E
+    e = tl.where(s < 0.0078125, tail, -_log2(tl.maximum(1.0 - s, 2.9802322387695312e-08), FAST))  # E * log2(e)
+    return -_log2(e, FAST)
+
+
+@triton.jit
+def _scan(row_ptr, vocab, first, last, scale, seed, NOISE: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-lane (best score, its index) over chunks [first, last) of BLOCK entries; each lane sees
+    rising indices, so `>` keeps the first of equal scores."""
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    for chunk in range(first, last):
+        idx = chunk * BLOCK + lanes
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        if NOISE:
+            # One Philox call per 4 entries (it yields four words; its 10 rounds would otherwise
+            # dominate the kernel). Interleaving the words keeps every value in the load's register
+            # layout: no shared-memory shuffles.
+            b0, b1, b2, b3 = tl.randint4x(seed, chunk * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+            bits = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [BLOCK])  # entry 4c + j: word j
+            x = x * scale + _gumbel_log2(bits, FAST)
+        better = x > best
+        best = tl.where(better, x, best)
+        best_idx = tl.where(better, idx, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def _first_max(values, indices, fill):
+    """(max, lowest index holding it) of a block; all -inf gives index 0, as torch.argmax does."""
+    top = tl.max(values, 0)
+    return top, tl.min(tl.where(values == top, indices, fill), 0)
+
+
+@triton.jit(do_not_specialize=["chunks_per_split", "num_splits"])
+def sample_kernel(
+    logits_ptr,
+    stride_row,
+    vocab,
+    temperature_ptr,
+    seed_ptr,
+    out_ptr,
+    part_score_ptr,
+    part_idx_ptr,
+    chunks_per_split,
+    num_splits,
+    FAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid (rows, splits): program (r, p) scans chunks [p * chunks_per_split, ...) of row r and
+    writes its token, or with several splits its partial (score, index) for merge_kernel."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    first = split * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, tl.cdiv(vocab, BLOCK))
+    temperature = tl.load(temperature_ptr + row).to(tl.float32)
+    if temperature > 0:
+        # Scores in log2 units, logit * log2(e) / T - log2(E): the argmax of logit / T - ln(E).
+        scale = LOG2E / tl.maximum(temperature, MIN_TEMPERATURE)
+        seed = tl.load(seed_ptr + row)
+        best, best_idx = _scan(row_ptr, vocab, first, last, scale, seed, True, FAST, BLOCK)
+    else:
+        best, best_idx = _scan(row_ptr, vocab, first, last, 1.0, 0, False, FAST, BLOCK)
+    top, token = _first_max(best, best_idx, vocab)
+    if num_splits > 1:  # a runtime branch: one compiled kernel for every batch size
+        tl.store(part_score_ptr + row * num_splits + split, top)
+        tl.store(part_idx_ptr + row * num_splits + split, token)
+    else:
+        tl.store(out_ptr + row, token.to(tl.int64))
+
+
+@triton.jit
+def merge_kernel(part_score_ptr, part_idx_ptr, out_ptr, num_splits, vocab, MAX_SPLITS: tl.constexpr):
+    """One program per row picks the best partial; splits cover rising vocab ranges, so the lowest
+    index among equal scores is still the row's first."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, MAX_SPLITS)
+    mask = offs < num_splits
+    scores = tl.load(part_score_ptr + row * num_splits + offs, mask=mask, other=float("-inf"))
+    indices = tl.load(part_idx_ptr + row * num_splits + offs, mask=mask, other=0)
+    _, token = _first_max(scores, indices, vocab)
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, num_splits: int | None = None
+) -> torch.Tensor:
+    """Token ids [S] int64 from logits [S, V] (bf16, fp16 or fp32; rows may be strided, the last dim
+    must be contiguous), temperature [S] (0: greedy) and int64 seeds [S]. Launches without waiting.
+
+    num_splits (programs per row) defaults to choose_num_splits; it never changes the tokens."""
+    rows, vocab = logits.shape
+    assert logits.stride(-1) == 1, "the vocab dim must be contiguous"
+    assert temperature.shape == (rows,) and seeds.shape == (rows,) and seeds.dtype == torch.int64
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    chunks = triton.cdiv(vocab, BLOCK)
+    splits = min(num_splits or choose_num_splits(rows, vocab, _num_sms(logits.device)), chunks, MAX_SPLITS)
+    per_split = triton.cdiv(chunks, splits)
+    splits = triton.cdiv(chunks, per_split)  # no program without a chunk
+    if splits > 1:
+        part_score = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    else:
+        part_score = part_idx = out  # not touched with a single split
+    sample_kernel[(rows, splits)](
+        logits, logits.stride(0), vocab, temperature, seeds, out, part_score, part_idx, per_split, splits,
+        FAST=_COMPILED, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    if splits > 1:
+        merge_kernel[(rows,)](part_score, part_idx, out, splits, vocab, MAX_SPLITS=MAX_SPLITS, num_warps=1)
+    return out
+
+
+_COMPILED = isinstance(sample_kernel, triton.runtime.JITFunction)  # False under TRITON_INTERPRET=1
