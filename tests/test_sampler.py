@@ -4,6 +4,9 @@ distributions checked with a chi-square test at a fixed seed."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +149,19 @@ def test_logprobs_come_from_the_raw_logits() -> None:
     assert got[0].top_ids == raw.argsort(descending=True)[:4].tolist()
     assert got[0].top_logprobs == pytest.approx(raw.sort(descending=True).values[:4].tolist())
     assert got[1].logprob is None and got[1].top_ids == []
+
+
+def test_cpu_sampler_needs_no_triton() -> None:
+    """CI installs no triton: the sampler must import, and sample on the CPU, without it."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from worker_svc.sampler import Sampler\n"
+        "from worker_svc.seq_state import SamplingOptions, SeqState\n"
+        "s = Sampler(torch.device('cpu'), 0)\n"
+        "seq = SeqState(0, [0], 1, 1, [], SamplingOptions(seed=1))\n"
+        "assert s.kernel is None and s.sample(torch.randn(1, 10).bfloat16(), [seq])[0].shape == (1,)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]

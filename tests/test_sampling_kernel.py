@@ -1,6 +1,6 @@
-"""The Triton sampling kernel (worker_svc/sampling_kernel.py), run by Triton's CPU interpreter: a
-plain pytest run re-runs this file in a subprocess with TRITON_INTERPRET=1 (see
-tests/triton_interpreter.py). CI has no triton: everything skips there.
+"""The Triton sampling kernel (worker_svc/sampling_kernel.py), and the Sampler drawing with it, run
+by Triton's CPU interpreter: a plain pytest run re-runs this file in a subprocess with
+TRITON_INTERPRET=1 (see tests/triton_interpreter.py). CI has no triton: everything skips there.
 
 Sizes stay small: the interpreter takes ~10 ms per program and chunk of the vocab. Seeds are fixed,
 so the distribution checks cannot flake.
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from tests.triton_interpreter import IN_INTERPRETER, fix_scalar_index, run_under_interpreter
+from worker_svc.sampler import Sampler, report
+from worker_svc.seq_state import SamplingOptions, SeqState
 
 pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
@@ -22,6 +24,7 @@ if IN_INTERPRETER:
     fix_scalar_index()
     from worker_svc.sampling_kernel import sample_tokens
 
+CPU = torch.device("cpu")
 VOCAB = 5000  # three 2048-entry chunks, the last one partial
 INF = float("inf")
 # Chi-square critical value at p = 0.001 for 6 degrees of freedom.
@@ -119,3 +122,65 @@ def test_masked_entries_never_win() -> None:
     tokens = sample_tokens(x, temps, seeds(34, seed=5)).tolist()
     assert all(t % 2 == 1 for t in tokens[:32])
     assert tokens[32:] == [2999, 1234]
+
+
+def seq(opts: SamplingOptions, prompt: tuple[int, ...] = (0,), out: tuple[int, ...] = ()) -> SeqState:
+    tokens = [*prompt, *out]
+    return SeqState(0, tokens, len(prompt), len(tokens), [], opts)
+
+
+def draw(sampler: Sampler, logits: torch.Tensor, seqs: list[SeqState]) -> list[int]:
+    tokens, logprobs = sampler.sample(logits, seqs)
+    return [s.token_id for s in report(seqs, tokens.tolist(), logprobs)]
+
+
+@needs_interpreter
+def test_sampler_seeded_token_ignores_the_rest_of_the_batch() -> None:
+    """The same token alone, next to plain rows (the one-pass path) and next to rows that need
+    penalties or top-k (the torch-filtered path), in any position, at any worker seed."""
+    gen = torch.Generator().manual_seed(6)
+    mine, others = torch.randn(1, 600, generator=gen), torch.randn(3, 600, generator=gen)
+    drawn = set()
+    for seed in range(6):
+        me = seq(SamplingOptions(seed=seed, temperature=0.8), out=(1, 2, 3))
+        plain = [seq(SamplingOptions(seed=5)), seq(SamplingOptions())]
+        filtered = [seq(SamplingOptions(top_k=5)), seq(SamplingOptions(repetition_penalty=1.3)), seq(SamplingOptions())]
+        alone = draw(Sampler(CPU, 0, kernel=True), mine, [me])[0]
+        fast = draw(Sampler(CPU, 1, kernel=True), torch.cat([mine, others[:2]]), [me, *plain])[0]
+        slow = draw(Sampler(CPU, 2, kernel=True), torch.cat([others, mine]), [*filtered, me])[3]
+        assert alone == fast == slow
+        drawn.add(alone)
+    assert len(drawn) > 2  # the seed matters
+
+
+@needs_interpreter
+def test_sampler_settings_on_the_kernel_path() -> None:
+    logits = torch.randn(5, 600, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    order = logits.float().argsort(-1, descending=True)
+    best, second = order[:, 0].tolist(), order[:, 1].tolist()
+    banned = SamplingOptions(temperature=0, min_tokens=2, min_tokens_banned_ids=[best[2]])
+    seqs = [
+        seq(SamplingOptions(temperature=0, logprobs=3)),
+        seq(SamplingOptions(top_k=1)),
+        seq(banned, out=(9,)),  # one output of the two min_tokens: its best token is banned
+        seq(SamplingOptions(top_k=2, temperature=5.0)),
+        seq(SamplingOptions(top_p=1e-6)),
+    ]
+    tokens, logprobs = Sampler(CPU, 0, kernel=True).sample(logits, seqs)
+    got = report(seqs, tokens.tolist(), logprobs)
+    assert [s.token_id for s in got[:3]] == [best[0], best[1], second[2]]
+    assert got[3].token_id in (best[3], second[3])
+    assert got[4].token_id == best[4]
+    raw = logits[0].float().log_softmax(-1)  # logprobs from the raw logits, in float32
+    assert got[0].logprob == pytest.approx(raw[best[0]].item())
+    assert got[0].top_ids == order[0, :3].tolist()
+
+
+@needs_interpreter
+def test_sampler_unseeded_rows_draw_fresh_noise_from_the_worker_seed() -> None:
+    logits = torch.zeros(1, 1000)
+    runs = [[draw(sampler, logits, [seq(SamplingOptions())])[0] for _ in range(8)] for sampler in (
+        Sampler(CPU, 7, kernel=True), Sampler(CPU, 7, kernel=True), Sampler(CPU, 8, kernel=True)
+    )]  # fmt: skip
+    assert len(set(runs[0])) >= 6  # fresh noise each step
+    assert runs[0] == runs[1] != runs[2]  # reproducible for a worker seed

@@ -107,7 +107,7 @@ class ModelRunner:
             sampling = [seqs[i] for i in batch.samplers]
             logits = self.model.compute_logits(hidden[batch.sample_rows])
             if logits is not None:
-                tokens, logprobs = self.sampler.sample(logits.float(), sampling)
+                tokens, logprobs = self.sampler.sample(logits, sampling)
             else:
                 tokens, logprobs = torch.empty(len(sampling), dtype=torch.long, device=self.device), None
             if self.world_size > 1:

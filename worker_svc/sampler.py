@@ -3,18 +3,28 @@
 Order, as in vLLM: repetition penalty, presence/frequency penalties, min_tokens masking,
 temperature (0: greedy), top-k, top-p, min-p, then one random draw per token. Every stage is
 skipped when no seq in the batch uses it, since this runs every decode step.
+
+On CUDA the draw is the one-pass Triton kernel of sampling_kernel.py; when no seq needs a stage
+before it, the kernel reads the model's logits as they are, in their own dtype. Elsewhere (the CPU)
+the draw is an exponential race in torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker_svc.batch import to_host
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 _MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1  # row seeds travel as int64
+_UNFILTERED = SamplingOptions()  # no top-k, top-p or min-p
 
 
 def _tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -40,16 +50,64 @@ class Logprobs:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(self, device: torch.device, seed: int, kernel: bool | None = None) -> None:
+        """kernel: draw with the Triton kernel; by default on CUDA when triton is installed. Tests
+        force it for CPU tensors under TRITON_INTERPRET=1."""
         self.device = device
         # Shared by the unseeded seqs: their draws may depend on the rest of the batch, which is
         # fine since only seeded seqs promise reproducible tokens.
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.row_seeds = random.Random(seed)  # the kernel path's equivalent: a fresh seed per row
+        if kernel is None:
+            kernel = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.kernel: Callable[..., torch.Tensor] | None = None
+        if kernel:
+            from worker_svc.sampling_kernel import sample_tokens  # imports triton
+
+            self.kernel = sample_tokens
 
     def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> tuple[torch.Tensor, Logprobs | None]:
-        """Samples one token per row of logits [S, vocab] (float32); row i belongs to seqs[i].
+        """Samples one token per row of logits [S, vocab] (any float dtype); row i belongs to seqs[i].
 
         Returns the tokens and the requested logprobs on the device, without waiting for them."""
+        tokens = self._sample_torch(logits.float(), seqs) if self.kernel is None else self._sample_kernel(logits, seqs)
+        return tokens, _logprobs(logits, tokens, seqs)
+
+    def _sample_kernel(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
+        assert self.kernel is not None
+        opts = [s.sampling for s in seqs]
+        seeds = [self._row_seed(s) for s in seqs]
+        vocab = logits.size(1)
+        filtered = [o.temperature > 0 and _filters(o, vocab) for o in opts]
+        if not (any(filtered) or any(penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs)):
+            seeds_dev, (temps,) = _upload(seeds, [[o.temperature for o in opts]], self.device)
+            return self.kernel(logits, temps, seeds_dev)
+        work = logits.to(torch.float32, copy=True)  # keep the raw logits intact for the logprobs
+        apply_penalties(work, seqs)
+        apply_min_tokens(work, seqs)
+        # Rows with top-k/top-p/min-p are filtered at their temperature, then drawn at T = 1. The
+        # others keep the logits and temperature the fast path would give the kernel, bit for bit,
+        # so a seeded seq's token does not depend on what its neighbours need.
+        pairs = list(zip(opts, filtered, strict=True))
+        temps = [0.0 if o.temperature == 0 else 1.0 if f else o.temperature for o, f in pairs]
+        scales = [o.temperature if f else 1.0 for o, f in pairs]
+        seeds_dev, (temps_dev, scales_dev) = _upload(seeds, [temps, scales], self.device)
+        if any(filtered):
+            work = work / scales_dev.unsqueeze(1)
+            work = _apply_filters(work, [o if f else _UNFILTERED for o, f in pairs], self.device)
+        return self.kernel(work, temps_dev, seeds_dev)
+
+    def _row_seed(self, seq: SeqState) -> int:
+        """A seeded seq's row seed depends only on its seed and output index: the same token whatever
+        else is in the batch, and again after preemption recomputes it."""
+        o = seq.sampling
+        if o.temperature == 0:
+            return 0  # unused: greedy rows draw no noise
+        if o.seed is not None:
+            return _mix(o.seed, seq.num_output) & _MASK63
+        return self.row_seeds.getrandbits(63)
+
+    def _sample_torch(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
         work = logits
         if any(penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs):
@@ -63,19 +121,12 @@ class Sampler:
             else:
                 greedy = _tensor([o.temperature == 0 for o in opts], self.device)
                 tokens = torch.where(greedy, tokens, self._draw(work, seqs))
-        return tokens, _logprobs(logits, tokens, seqs)
+        return tokens
 
     def _draw(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
         temps = _tensor([o.temperature or 1.0 for o in opts], self.device)
-        logits = logits / temps.unsqueeze(1)
-        vocab = logits.size(1)
-        if any(0 < o.top_k < vocab or o.top_p < 1 for o in opts):
-            top_k = _tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], self.device)
-            top_p = _tensor([o.top_p for o in opts], self.device)
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        if any(o.min_p > 0 for o in opts):
-            logits = apply_min_p(logits, _tensor([o.min_p for o in opts], self.device))
+        logits = _apply_filters(logits / temps.unsqueeze(1), opts, self.device)
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, from
         # one draw per vocab entry. A seq's draw depends only on its own noise row, so a seeded seq
@@ -90,6 +141,36 @@ class Sampler:
                 noise[i].exponential_(generator=gen)
         # E can round to 0; a floor keeps zero-probability tokens at 0 instead of 0/0.
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def _filters(o: SamplingOptions, vocab: int) -> bool:
+    return 0 < o.top_k < vocab or o.top_p < 1 or o.min_p > 0
+
+
+def _apply_filters(logits: torch.Tensor, opts: list[SamplingOptions], device: torch.device) -> torch.Tensor:
+    """Top-k, top-p, then min-p on temperature-scaled logits; rows without them come out unchanged."""
+    vocab = logits.size(1)
+    if any(0 < o.top_k < vocab or o.top_p < 1 for o in opts):
+        top_k = _tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], device)
+        top_p = _tensor([o.top_p for o in opts], device)
+        logits = apply_top_k_top_p(logits, top_k, top_p)
+    if any(o.min_p > 0 for o in opts):
+        logits = apply_min_p(logits, _tensor([o.min_p for o in opts], device))
+    return logits
+
+
+def _upload(seeds: list[int], rows: list[list[float]], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """int64 seeds and float32 rows on the device through one host buffer and one copy, pinned and
+    non-blocking on CUDA (see to_device in batch.py). Each part starts 16-byte aligned, as Triton
+    specialises kernels on pointer alignment: the batch size must not pick a new compilation."""
+    width = -(-len(seeds) // 4) * 4
+    host = torch.zeros(width + len(rows) * width // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    flat[: len(seeds)] = seeds
+    flat[width:].view(np.float32).reshape(len(rows), width)[:, : len(seeds)] = rows
+    dev = host.to(device, non_blocking=True)
+    floats = dev[width:].view(torch.float32).view(len(rows), width)[:, : len(seeds)]
+    return dev[: len(seeds)], list(floats.unbind(0))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
