@@ -1,5 +1,5 @@
-"""Triton kernels on a GPU (attention, and the fused norm / RoPE / SiLU kernels of layers/fused.py):
-correctness vs a torch reference, then timings.
+"""Triton kernels on a GPU (attention, the fused norm / RoPE / SiLU kernels of layers/fused.py, and
+sampling): correctness vs a torch reference, then timings.
 
 Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
 Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
@@ -19,12 +19,15 @@ import torch
 import triton
 import triton.testing
 
+from worker_svc import sampling_kernel as sk
 from worker_svc.attention import triton_backend as tb
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.layers import fused
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
+from worker_svc.sampler import Sampler
+from worker_svc.seq_state import SamplingOptions, SeqState
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 QWEN3 = {"heads": (16, 8), "head_dim": 128}  # Qwen3-0.6B attention shape
@@ -355,6 +358,89 @@ def bench_fused(rows: int) -> list[str]:
     return rows_out
 
 
+VOCAB = 151936  # Qwen3's
+
+
+def verdict(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<64} {detail}")
+    if not ok:
+        FAILURES.append(name)
+
+
+def check_sampling(dtype: torch.dtype) -> None:
+    """Greedy rows are torch.argmax (first of ties, past masks); T = 0.6 rows never draw a masked
+    entry and draw the same token whatever the split of the row and whatever else is in the batch."""
+    for batch in (1, 7, 256, 512):
+        x = (4 * torch.randn(batch, VOCAB, device=DEV)).to(dtype)
+        x[:, random.randrange(97) :: 97] = float("-inf")
+        x[0, [VOCAB - 5, 4099, 77]] = x[0].max() + 1  # a three-way tie for the best entry
+        seeds = torch.randint(0, 2**62, (batch,), device=DEV)
+        greedy = sk.sample_tokens(x, torch.zeros(batch, device=DEV), seeds)
+        ok = torch.equal(greedy, x.argmax(-1)) and greedy[0].item() == 77
+        verdict(f"sampling greedy == argmax b={batch} {dtype}", ok)
+        temps = torch.full((batch,), 0.6, device=DEV)
+        drawn = sk.sample_tokens(x, temps, seeds)
+        same = all(torch.equal(drawn, sk.sample_tokens(x, temps, seeds, num_splits=n)) for n in (1, 5, 64))
+        alone = sk.sample_tokens(x[-1:], temps[-1:], seeds[-1:])
+        live = bool(x[torch.arange(batch, device=DEV), drawn].isfinite().all())
+        ok = same and live and torch.equal(alone, drawn[-1:])
+        verdict(f"sampling T=0.6 split/batch-independent, unmasked b={batch} {dtype}", ok)
+
+
+def check_sampling_distribution() -> None:
+    """Draws vs softmax(logits / T): 8 live entries spread over the vocab (chunks, lanes and Philox
+    words differ); and a token of probability 4.5e-5 in 2^22 two-entry rows, which wins only on
+    large noise (above ~5), where the noise comes from its series branch and lg2.approx."""
+    live = torch.tensor([3, 1000, 2049, 40000, 75001, 100002, VOCAB - 2, VOCAB - 1], device=DEV)
+    probs = torch.tensor([0.02, 0.05, 0.08, 0.1, 0.15, 0.18, 0.2, 0.22], device=DEV)
+    rows, temp = 4096, 0.6
+    x = torch.full((rows, VOCAB), float("-inf"), dtype=torch.bfloat16, device=DEV)
+    x[:, live] = probs.log().to(torch.bfloat16)
+    temps, counts = torch.full((rows,), temp, device=DEV), torch.zeros(8, device=DEV)
+    for _ in range(8):
+        tokens = sk.sample_tokens(x, temps, torch.randint(0, 2**62, (rows,), device=DEV))
+        counts += (tokens[:, None] == live).sum(0)
+    expected = (x[0, live].float() / temp).softmax(0) * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    # 24.32: chi-square at p = 0.001 with 7 degrees of freedom (1 false failure in 1000 runs).
+    verdict("sampling distribution, 8 live of 151936, 32768 draws", chi2 < 24.32 and counts.sum() == 8 * rows,
+            f"chi2 {chi2:.1f}")  # fmt: skip
+    n = 2**22
+    pair = torch.tensor([0.0, -10.0], device=DEV).expand(n, 2)
+    tail = sk.sample_tokens(pair, torch.ones(n, device=DEV), torch.randint(0, 2**62, (n,), device=DEV))
+    hits, want = tail.sum().item(), n * torch.tensor([0.0, -10.0]).softmax(0)[1].item()
+    z = (hits - want) / want**0.5
+    verdict("sampling tail: p = 4.5e-5 over 2^22 draws", abs(z) < 5, f"{hits} hits, {want:.0f} expected (z {z:+.1f})")
+
+
+def bench_sampling() -> list[str]:
+    """The kernel at T = 0.6 on bf16 logits (CUDA-graph replay, L2 flushed) as µs and logits GB/s,
+    per split count; then a whole Sampler.sample call as the worker makes it (eager, host work
+    included), on the kernel path and on the torch path it replaces."""
+    out = []
+    for batch in (1, 256):
+        x = torch.randn(batch, VOCAB, dtype=torch.bfloat16, device=DEV)
+        temps = torch.full((batch,), 0.6, device=DEV)
+        seeds = torch.randint(0, 2**62, (batch,), device=DEV)
+        auto = sk.choose_num_splits(batch, VOCAB, tb.device_num_sms(torch.device(DEV)))
+        for splits in sorted({auto, 1, 8, 32}):
+            sk.sample_tokens(x, temps, seeds, num_splits=splits)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                sk.sample_tokens(x, temps, seeds, num_splits=splits)
+            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+            label = f"sample kernel b={batch} splits={splits}" + (" (auto)" if splits == auto else "")
+            out.append(f"{label:<40} {ms * 1e3:>9.1f} µs  {x.numel() * 2 / (ms * 1e-3) / 1e9:>8.0f} GB/s")
+        seqs = [SeqState(i, [0], 1, 1, [], SamplingOptions(temperature=0.6)) for i in range(batch)]
+        for kernel in (True, False):
+            sampler = Sampler(torch.device(DEV), 0, kernel=kernel)
+            ms = triton.testing.do_bench(lambda s=sampler, x=x, seqs=seqs: s.sample(x, seqs), return_mode="median")
+            label = f"Sampler.sample b={batch} {'kernel' if kernel else 'torch'} path"
+            out.append(f"{label:<40} {ms * 1e3:>9.1f} µs")
+    return out
+
+
 def bench_decode(batch: int, ctx: int, bound: int | None = None, **cfg: int) -> tuple[float, float, int]:
     """Median µs of a CUDA-graph replay (L2 flushed by do_bench before each) and achieved GB/s."""
     c = make_case([ctx] * batch, [1] * batch, torch.bfloat16, bound=bound, fill=False)
@@ -428,6 +514,9 @@ def main() -> int:
         check_cuda_graph(dtype)
         check_fused(dtype)
         check_fused_cuda_graph(dtype)
+    for dtype in (torch.bfloat16, torch.float32):
+        check_sampling(dtype)
+    check_sampling_distribution()
     print(f"correctness: {len(FAILURES)} failure(s) in {time.time() - t0:.0f} s")
 
     rows = []
@@ -444,6 +533,7 @@ def main() -> int:
         rows.append(f"{'mixed 255 dec@1024 + 512 chunk split=' + str(split):<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
     for tokens in (256, 8192):  # a decode batch; a long prefill step
         rows += bench_fused(tokens)
+    rows += bench_sampling()
     rows += bench_reference_points()
     if args.sweep:
         for batch, ctx in ((256, 1024), (64, 4096)):
