@@ -121,6 +121,19 @@ def test_a_rows_token_depends_only_on_its_logits_temperature_and_seed() -> None:
 
 
 @needs_interpreter
+def test_noise_does_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entry v's noise is word v % 4 of Philox(seed, v // 4) at any BLOCK: retuning it keeps the
+    seeded draws."""
+    from worker_svc import sampling_kernel
+
+    x = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(8))
+    temps, s = torch.tensor([0.7, 1.0, 1.5, 3.0]), seeds(4, seed=9)
+    tokens = sample_tokens(x, temps, s).tolist()
+    monkeypatch.setattr(sampling_kernel, "BLOCK", 512)
+    assert sample_tokens(x, temps, s).tolist() == tokens
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_logits_draw_as_their_float32_values(dtype: torch.dtype) -> None:
     x = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(2)).to(dtype)

@@ -37,7 +37,7 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(rows: int, vocab: int, num_sms: int) -> int:
     """Programs per row, for ~4 programs per SM: at batch 1 a single program would stream the whole
-    row (300 KB of bf16 at vocab 151,936) through one SM; big batches need no split."""
+    row (300 KB of bf16 at vocab 151,936) through one SM; past 2 rows per SM, one program per row."""
     chunks = triton.cdiv(vocab, BLOCK)
     return max(1, min(chunks, MAX_SPLITS, 4 * num_sms // max(rows, 1)))
 
