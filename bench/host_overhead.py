@@ -19,7 +19,7 @@ import pstats
 import signal
 import time
 
-from bench.throughput import consume, full_stack, model_dir
+from bench.throughput import consume, cpu_seconds, full_stack, model_dir
 from bench.workload import standard
 from proto import worker_pb2 as wpb
 from scheduler_svc.engine import Engine, EngineConfig
@@ -118,7 +118,11 @@ def through_grpc(model: str, step_s: float, profile: str | None) -> tuple[int, f
             if not child.is_alive():
                 raise SystemExit("the scheduler process died")
             time.sleep(0.1)
-        return asyncio.run(full_stack(f"127.0.0.1:{port.value}", standard()))
+        before = cpu_seconds(child.pid), time.process_time()
+        n, secs = asyncio.run(full_stack(f"127.0.0.1:{port.value}", standard()))
+        server, client = cpu_seconds(child.pid) - before[0], time.process_time() - before[1]
+        print(f"CPU busy (of one core): scheduler process {server / secs:.0%}, client {client / secs:.0%}")
+        return n, secs
     finally:
         child.terminate()  # SIGTERM: its profile, if any, is written on the way out
         child.join(timeout=30)

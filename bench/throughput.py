@@ -47,6 +47,7 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     flags += ["--attention-backend", args.attention_backend]
     flags += ["--tensor-parallel-size", str(args.tp), "--max-inflight-steps", str(args.max_inflight_steps)]
+    flags += ["--stream-interval", str(args.stream_interval)]
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
     if args.num_kvcache_blocks:
@@ -117,6 +118,22 @@ async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> dict[str, int]:
+    """The scheduler (`nanovllm serve` itself) and its worker processes, by role."""
+    children = [
+        int(d.name) for d in Path("/proc").iterdir()
+        if d.name.isdigit() and (d / "stat").exists()
+        and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid)
+    ]  # fmt: skip
+    return {"scheduler": pid, **{f"worker {i}": c for i, c in enumerate(sorted(children))}}
+
+
 def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
     """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
     cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *flags]
@@ -162,6 +179,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_inflight_steps=args.max_inflight_steps,
+            stream_interval=args.stream_interval,
         ),
         workers=worker,  # type: ignore[arg-type]
     )
@@ -194,6 +212,7 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--max-inflight-steps", type=int, default=3)
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     args = p.parse_args()
@@ -206,9 +225,15 @@ def main() -> None:
         proc, addr = start_server(model, 50151, serve_flags(args))
         try:
             if "full" in modes:
+                # CPU time per process over the run: a process near 1 CPU-second per second is the bottleneck.
+                procs = process_tree(proc.pid)
+                before = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
                 n, secs = asyncio.run(full_stack(addr, jobs))
+                after = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
                 results["full_tok_s"] = n / secs
                 print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+                busy = ", ".join(f"{k} {(after[k] - before[k]) / secs:.0%}" for k in before)
+                print(f"full stack: CPU busy (of one core) {busy}", flush=True)
             if "latency" in modes:
                 for k, v in asyncio.run(latency(addr)).items():
                     results[k] = v

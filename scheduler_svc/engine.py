@@ -44,6 +44,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_inflight_steps: int = 3
     max_queued_requests: int = 0  # 0: unbounded
+    # Tokens per streamed message (the first and last go out at once). Each message costs both
+    # ends tens of microseconds of Python gRPC, so with hundreds of streams a few tokens a message
+    # keep the scheduler process and its clients from becoming the bottleneck.
+    stream_interval: int = 1
     connect_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -51,6 +55,8 @@ class EngineConfig:
             raise ValueError("worker_addresses is empty")
         if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
             raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
 
 
 class Engine:
@@ -254,6 +260,7 @@ class Engine:
 
     def _emit(self, updated: list[Sequence], samples: dict[int, Sample]) -> None:
         assert self.scheduler is not None
+        interval = self.config.stream_interval
         for seq in updated:
             req = self.requests.get(seq.seq_id)
             if req is None:
@@ -273,7 +280,14 @@ class Engine:
                 out.completion_tokens = seq.num_output_tokens
                 out.cached_prompt_tokens = seq.num_cached_tokens
                 self.requests.pop(seq.seq_id, None)
-            req.queue.put_nowait(out)
+            if req.held is not None:
+                req.held.merge(out)
+                out = req.held
+            if final or len(out.token_ids) >= interval or seq.num_output_tokens == 1:
+                req.held = None
+                req.queue.put_nowait(out)
+            else:
+                req.held = out  # streamed with the next tokens
 
     def _die(self, why: str) -> None:
         self.dead = why

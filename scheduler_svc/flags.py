@@ -23,6 +23,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="steps sent ahead of the results: 1 waits for each; 3 gives the scheduler a device step of slack",
     )
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed message (the first and last go at once); more eases many streams' gRPC cost",
+    )
+    p.add_argument(
         "--max-queued-requests", type=int, default=0, help="past this many waiting, RESOURCE_EXHAUSTED (0: unbounded)"
     )
     p.add_argument(

@@ -40,6 +40,7 @@ class Request:
     seq: Sequence
     detok: Detokenizer
     queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)
+    held: Output | None = None  # tokens waiting for the stream interval to fill
     arrival: float = field(default_factory=time.monotonic)
 
 

@@ -42,6 +42,7 @@ def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         max_inflight_steps=args.max_inflight_steps,
         max_queued_requests=args.max_queued_requests,
+        stream_interval=args.stream_interval,
     )
 
 

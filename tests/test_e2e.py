@@ -167,6 +167,26 @@ def test_stop_strings_stop_ids_min_and_max_tokens(service, tok) -> None:
         assert l_ids == ids[:7] and l_msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
+def test_stream_interval_groups_tokens_and_keeps_outputs(tiny_model_dir, service, tok) -> None:
+    prompt = make_prompts(len(tok), 1, seed=12)[0]
+    with Client(service.addr) as c:
+        ids, text, _ = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
+    svc = Service(tiny_model_dir, engine={"stream_interval": 4}, num_kv_blocks=256, block_size=16)
+    try:
+        with Client(svc.addr) as c:
+            g_ids, g_text, msgs = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
+    finally:
+        svc.stop()
+    assert (g_ids, g_text) == (ids, text)
+    # The first token at once (time to first token), then 4 a message, the remainder with the last.
+    # A slow reader may get several groups merged into one message, never a group split.
+    sizes = [len(m.token_ids) for m in msgs]
+    assert sizes[0] == 1 and all(n % 4 == 0 for n in sizes[1:-1]) and sizes[-1] % 4 == 22 % 4
+    assert len(msgs) <= 7
+    assert [len(m.logprobs) for m in msgs] == [len(m.token_ids) for m in msgs]
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 23
+
+
 def test_logprobs_match_transformers(service, hf, tok) -> None:
     prompt = make_prompts(len(tok), 1, seed=12)[0]
     with Client(service.addr) as c:
