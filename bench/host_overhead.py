@@ -85,11 +85,12 @@ async def run(model: str, step_s: float) -> tuple[int, float]:
     return sum(c for c, _ in counts), elapsed
 
 
-def serve(model: str, step_s: float, port: multiprocessing.Value, profile: str | None) -> None:  # type: ignore[valid-type]
+def serve(model: str, step_s: float, interval: int, port: multiprocessing.Value, profile: str | None) -> None:  # type: ignore[valid-type]
     """Child process: the public gRPC server over an engine whose worker answers instantly."""
 
     async def run() -> None:
-        server = SchedulerServer(EngineConfig(model=model, worker_addresses=("instant",)), ServeOptions(port=0))
+        config = EngineConfig(model=model, worker_addresses=("instant",), stream_interval=interval)
+        server = SchedulerServer(config, ServeOptions(port=0))
         server.engine.workers = InstantWorker(40_000, step_s)  # type: ignore[assignment]
         port.value = await server.start()
         await server.server.wait_for_termination()
@@ -108,10 +109,10 @@ def serve(model: str, step_s: float, port: multiprocessing.Value, profile: str |
             prof.dump_stats(profile)
 
 
-def through_grpc(model: str, step_s: float, profile: str | None) -> tuple[int, float]:
+def through_grpc(model: str, step_s: float, interval: int, profile: str | None) -> tuple[int, float]:
     ctx = multiprocessing.get_context("spawn")  # no forked copy of this process's gRPC state
     port = ctx.Value("i", 0)
-    child = ctx.Process(target=serve, args=(model, step_s, port, profile))
+    child = ctx.Process(target=serve, args=(model, step_s, interval, port, profile))
     child.start()
     try:
         while not port.value:
@@ -134,11 +135,12 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="write a cProfile of the engine's process here")
     p.add_argument("--grpc", action="store_true", help="behind the gRPC server, in a process of its own")
     p.add_argument("--step-ms", type=float, default=0.0, help="play a device taking this long per step")
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message (with --grpc)")
     args = p.parse_args()
     args.load_format = "dummy"
     model = model_dir(args)
     if args.grpc:
-        n, secs = through_grpc(model, args.step_ms / 1e3, args.profile)
+        n, secs = through_grpc(model, args.step_ms / 1e3, args.stream_interval, args.profile)
         print(f"scheduler process behind gRPC: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s")
         return
     prof = cProfile.Profile() if args.profile else None

@@ -283,7 +283,10 @@ class Engine:
             if req.held is not None:
                 req.held.merge(out)
                 out = req.held
-            if final or len(out.token_ids) >= interval or seq.num_output_tokens == 1:
+            # Each seq flushes at its own phase: requests started together then do not all send in
+            # the same step, a burst that would hold this loop (and the next step) back.
+            n = seq.num_output_tokens
+            if final or n == 1 or (n + seq.seq_id) % interval == 0:
                 req.held = None
                 req.queue.put_nowait(out)
             else:

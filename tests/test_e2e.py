@@ -178,11 +178,9 @@ def test_stream_interval_groups_tokens_and_keeps_outputs(tiny_model_dir, service
     finally:
         svc.stop()
     assert (g_ids, g_text) == (ids, text)
-    # The first token at once (time to first token), then 4 a message, the remainder with the last.
-    # A slow reader may get several groups merged into one message, never a group split.
-    sizes = [len(m.token_ids) for m in msgs]
-    assert sizes[0] == 1 and all(n % 4 == 0 for n in sizes[1:-1]) and sizes[-1] % 4 == 22 % 4
-    assert len(msgs) <= 7
+    # The first token at once (time to first token), then up to 4 a message (each request at its
+    # own phase), the rest with the last; a slow reader may get several groups merged.
+    assert len(msgs[0].token_ids) == 1 and 2 <= len(msgs) <= 2 + 22 // 4
     assert [len(m.logprobs) for m in msgs] == [len(m.token_ids) for m in msgs]
     assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 23
 
