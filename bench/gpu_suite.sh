@@ -4,7 +4,8 @@
 #   bench/gpu_suite.sh [LOG_DIR]            (from the repo root, on a machine with a GPU)
 #
 # Runs the kernel and worker correctness checks, the decode-step profile at batch 256 and 1, and
-# the throughput benchmark (full stack, in-process, single-request latency). A failing step is
+# the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
+# four tokens a streamed message). A failing step is
 # reported and the rest still run; the exit status is that of the last failure.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
@@ -31,4 +32,5 @@ step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qw
 step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
+step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 exit $status
