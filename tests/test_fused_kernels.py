@@ -73,11 +73,17 @@ def test_fused_kernels_under_interpreter() -> None:
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
-def test_kernels_compile_for_h100_without_spills() -> None:
+def test_kernels_compile_for_h100_without_spills_or_fma() -> None:
     """The interpreter never lowers to PTX; this builds each kernel for sm_90 as the runtime would
-    at Qwen3-0.6B's shapes (hidden 1024, 16 q / 8 kv heads of 128, MLP 3072) in bf16, and at
-    Qwen3-32B's widest ones (hidden 5120, 64 q + 8 kv heads)."""
+    at Qwen3-0.6B's shapes (hidden 1024, 16 q / 8 kv heads of 128, MLP 3072), and at Qwen3-32B's
+    widest ones (hidden 5120, 64 q + 8 kv heads), in bf16 and fp16, with the launchers' compile
+    options. No register spills; and no contracted arithmetic: every float mul/add/sub in the PTX
+    rounds on its own (.rn) and there is no fma, which would skip a rounding the torch path makes
+    (with contraction on, RoPE's differences of products became fma.rn.bf16 and were an ulp off
+    on ~20% of elements on an H100)."""
     pytest.importorskip("triton.backends.nvidia")
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,20 +101,30 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (fused._silu_and_mul_kernel, {"SIZE": 3072, "BLOCK": 1024}, 4),
     ]
     special = {"positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
+    float_op = re.compile(r"^\s*((?:fma|mul|add|sub)(?:\.\w+)*\.(?:f32|f16|bf16)(?:x2)?)\s", re.MULTILINE)
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    for fn, consts, warps in builds:
-        names = fn.arg_names
-        default = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in names}
-        sig = {n: "constexpr" if n in consts else special.get(n, default[n]) for n in names}
-        aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = ASTSource(fn, sig, consts, attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "kernel.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True)
-        assert log.returncode == 0 and " 0 bytes spill stores" in log.stderr, f"{fn.__name__} {consts}: {log.stderr}"
+    for dtype in ("bf16", "fp16"):
+        for fn, consts, warps in builds:
+            names = fn.arg_names
+            default = {n: f"*{dtype}" if n.endswith("_ptr") else "i32" for n in names}
+            sig = {n: "constexpr" if n in consts else special.get(n, default[n]) for n in names}
+            aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
+            attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+            src = ASTSource(fn, sig, consts, attrs)
+            options = {"num_warps": warps, **fused._EXACT_ROUNDING}
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+            what = f"{fn.__name__} {dtype} {consts}"
+            ops = set(float_op.findall(kernel.asm["ptx"]))
+            assert ops, f"{what}: the float-op pattern matched nothing; has the PTX syntax changed?"
+            contracted = sorted(op for op in ops if ".rn" not in op or op.startswith("fma"))
+            assert not contracted, f"{what}: contractible or fused float ops {contracted}"
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = Path(tmp) / "kernel.ptx"
+                ptx.write_text(kernel.asm["ptx"])
+                log = subprocess.run(
+                    [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True
+                )
+            assert log.returncode == 0 and " 0 bytes spill stores" in log.stderr, f"{what}: {log.stderr}"
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -179,6 +195,30 @@ def test_qk_norm_rope(dtype: torch.dtype, rows: int, heads: tuple[int, int]) -> 
     assert_matches(out_q.reshape(ref_q.shape), ref_q)
     assert_matches(out_k.reshape(ref_k.shape), ref_k)
     assert torch.equal(out_v, ref_v)
+
+
+@needs_interpreter
+def test_launchers_compile_without_fp_contraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every launch passes _EXACT_ROUNDING, whose PTX the compile test checks (the interpreter
+    ignores the option, so only the launch arguments can be checked here)."""
+    seen: dict[str, dict] = {}
+    for kernel in (fused._add_rms_norm_kernel, fused._qk_norm_rope_kernel, fused._silu_and_mul_kernel):
+        original = kernel.run
+
+        def run(*args: object, _name: str = kernel.__name__, _original=original, **kwargs: object) -> object:
+            seen[_name] = kwargs
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    x = torch.randn(2, HIDDEN)
+    fused.add_rms_norm(x, x, torch.ones(HIDDEN), EPS)
+    rotary = RotaryEmbedding(HEAD_DIM, 16, 1e6)
+    qkv, w = torch.randn(2, 8 * HEAD_DIM), torch.ones(HEAD_DIM)
+    fused.qk_norm_rope(qkv, torch.zeros(2, dtype=torch.long), rotary.cos, rotary.sin, w, w, 4, 2, EPS)
+    fused.silu_and_mul(x)
+    assert len(seen) == 3
+    for name, kwargs in seen.items():
+        assert kwargs.get("enable_fp_fusion") is False, name
 
 
 @needs_interpreter

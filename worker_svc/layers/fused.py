@@ -7,7 +7,9 @@ rsqrt, mul, cast, mul). Here each step is one launch that reads its inputs once:
   - silu_and_mul: the SwiGLU gate.
 They round to the model dtype wherever the torch path (the CPU path and the reference: norm.py,
 rotary.py, activation.py) rounds, since that is where Hugging Face's model rounds too; the only
-remaining difference is fp32 ulps, e.g. of a sum of squares taken in another order.
+remaining difference is fp32 ulps, e.g. of a sum of squares taken in another order. For that they
+are compiled without FMA contraction (`_EXACT_ROUNDING`): with it, the compiler may fuse a product
+into the add that follows it and skip the product's rounding.
 
 The launchers read only shapes, strides and Python numbers, never tensor values, so a decode step
 stays capturable in a CUDA graph. This module imports triton: import it only for CUDA tensors.
@@ -18,6 +20,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+# Launch option of every kernel here: no contraction of a multiply and a dependent add into an FMA,
+# neither by LLVM nor by ptxas (--fmad=false). Triton contracts by default, and it broke RoPE's
+# `round(y1 * cos) - round(y2 * sin)`: LLVM narrows each round-trip through the model dtype to a
+# 16-bit op (value-preserving: fp32 has over 2p + 2 bits), then fuses one product into the
+# subtraction as fma.rn.bf16 / fma.rn.f16, which rounds once where the torch path rounds twice.
+# On an H100 that put ~20% of q/k elements an ulp away from the torch path. Without it, the PTX
+# has mul.rn / add.rn / sub.rn, each rounded like a torch op (tests/test_fused_kernels.py checks).
+_EXACT_ROUNDING = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -98,7 +109,8 @@ def _qk_norm_rope_kernel(
     pos = tl.load(positions_ptr + t)
     cos = _round(tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok), dtype)
     sin = _round(tl.load(sin_ptr + pos * stride_sin + d, mask=d_ok), dtype)
-    # Every product and the sum are rounded separately, like the torch expression's separate ops.
+    # Every product and the sum are rounded separately, like the torch expression's separate ops
+    # (which needs the launch's _EXACT_ROUNDING: no FMA).
     out1 = _round(y1 * cos, dtype) - _round(y2 * sin, dtype)
     out2 = _round(y2 * cos, dtype) + _round(y1 * sin, dtype)
     tl.store(lo, out1.to(dtype), mask=mask)
@@ -146,7 +158,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(rows.shape[0],)](
             rows, res, weight, out, new_residual,
             rows.stride(0), res.stride(0), out.stride(0), new_residual.stride(0), eps,
-            SIZE=size, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps(block),
+            SIZE=size, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps(block), **_EXACT_ROUNDING,
         )  # fmt: skip
     return out.view(x.shape), new_residual.view(x.shape)
 
@@ -178,7 +190,7 @@ def qk_norm_rope(
         qkv, q_weight, k_weight, cos, sin, positions,
         qkv.stride(0), cos.stride(0), sin.stride(0), eps,
         NUM_Q_HEADS=num_q_heads, NUM_QK_HEADS=heads, HEADS_POW2=heads_pow2, HALF=half, HALF_POW2=half_pow2,
-        num_warps=_rope_warps(heads_pow2 * half_pow2),
+        num_warps=_rope_warps(heads_pow2 * half_pow2), **_EXACT_ROUNDING,
     )  # fmt: skip
 
 
@@ -192,6 +204,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(triton.next_power_of_2(size), 1024)
         grid = (rows.shape[0], triton.cdiv(size, block))
         _silu_and_mul_kernel[grid](
-            rows, out, rows.stride(0), out.stride(0), SIZE=size, BLOCK=block, num_warps=_warps(block)
-        )
+            rows, out, rows.stride(0), out.stride(0), SIZE=size, BLOCK=block, num_warps=_warps(block),
+            **_EXACT_ROUNDING,
+        )  # fmt: skip
     return out.view(*x.shape[:-1], size)
