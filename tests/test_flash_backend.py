@@ -246,6 +246,14 @@ def test_small_block_size_is_refused_at_store(fake: FakeFlashAttn, block_size: i
     s = make_step([5], [5], block_size=block_size)
     with pytest.raises(ValueError, match=r"--kvcache-block-size 256.*--attention-backend triton"):
         fb.FlashAttnBackend().store(s.k, s.v, s.k_cache, s.v_cache, s.meta)
+    # On CUDA the q/k kernel may store instead (fuses_store), skipping `store`: refused there too.
+    with pytest.raises(ValueError, match=r"--kvcache-block-size 256.*--attention-backend triton"):
+        fb.FlashAttnBackend().fuses_store(s.k_cache)
+
+
+def test_paged_store_may_be_fused(fake: FakeFlashAttn) -> None:
+    # flash-attn reads the layout store_kvcache writes, so the model's kernel may write it instead.
+    assert fb.FlashAttnBackend().fuses_store(make_step([5], [5]).k_cache)
 
 
 def test_float32_is_refused_at_attend(fake: FakeFlashAttn) -> None:

@@ -8,7 +8,8 @@ no triton: everything skips there.
 
 The references are the torch paths in the same dtype. In bf16/fp16 the kernels round where those
 round, so nearly all elements must agree exactly (assert_matches says what the rest may be off by);
-fp32 must be allclose.
+fp32 must be allclose. qk_norm_rope's store into the paged KV cache must write exactly what the
+attention backend's separate store writes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 import pytest
 import torch
 
+from worker_svc.attention.backend import AttentionBackend
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.attention.torch_backend import TorchBackend
+from worker_svc.kv_cache import allocate
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
@@ -43,6 +46,7 @@ if IN_INTERPRETER:
     import triton.language as tl
     from triton.runtime import interpreter as _interp
 
+    from worker_svc.attention.triton_backend import store_kvcache
     from worker_svc.layers import fused
 
     def _round_bf16_to_nearest_even() -> None:
@@ -90,30 +94,35 @@ def test_kernels_compile_for_h100_without_spills_or_fma() -> None:
 
     from worker_svc.layers import fused
 
-    rope = {"NUM_Q_HEADS": 16, "NUM_QK_HEADS": 24, "HEADS_POW2": 32, "HALF": 64, "HALF_POW2": 64}
+    rope = {"NUM_Q_HEADS": 16, "NUM_QK_HEADS": 24, "HEADS_POW2": 32, "HALF": 64, "HALF_POW2": 64, "STORE_KV": False}
     big_rope = {**rope, "NUM_Q_HEADS": 64, "NUM_QK_HEADS": 72, "HEADS_POW2": 128}  # Qwen3-32B's heads
+    fp8_cache = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
     builds = [
         (fused._add_rms_norm_kernel, {"SIZE": 1024, "BLOCK": 1024, "HAS_RESIDUAL": True}, 4),
         (fused._add_rms_norm_kernel, {"SIZE": 1024, "BLOCK": 1024, "HAS_RESIDUAL": False}, 4),
         (fused._add_rms_norm_kernel, {"SIZE": 5120, "BLOCK": 8192, "HAS_RESIDUAL": True}, 8),
         (fused._qk_norm_rope_kernel, rope, fused._rope_warps(32 * 64)),
-        (fused._qk_norm_rope_kernel, big_rope, fused._rope_warps(128 * 64)),
+        (fused._qk_norm_rope_kernel, {**rope, "STORE_KV": True}, fused._rope_warps(32 * 64)),
+        (fused._qk_norm_rope_kernel, {**big_rope, "STORE_KV": True}, fused._rope_warps(128 * 64)),
+        (fused._qk_norm_rope_kernel, {**rope, "STORE_KV": True}, fused._rope_warps(32 * 64), fp8_cache),
         (fused._silu_and_mul_kernel, {"SIZE": 3072, "BLOCK": 1024}, 4),
     ]
-    special = {"positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
+    special = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    special["eps"] = "fp32"
     float_op = re.compile(r"^\s*((?:fma|mul|add|sub)(?:\.\w+)*\.(?:f32|f16|bf16)(?:x2)?)\s", re.MULTILINE)
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     for dtype in ("bf16", "fp16"):
-        for fn, consts, warps in builds:
+        for fn, consts, warps, *types in builds:
             names = fn.arg_names
             default = {n: f"*{dtype}" if n.endswith("_ptr") else "i32" for n in names}
-            sig = {n: "constexpr" if n in consts else special.get(n, default[n]) for n in names}
+            given = {**special, **(types[0] if types else {})}
+            sig = {n: "constexpr" if n in consts else given.get(n, default[n]) for n in names}
             aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
             attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
             src = ASTSource(fn, sig, consts, attrs)
             options = {"num_warps": warps, **fused._EXACT_ROUNDING}
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-            what = f"{fn.__name__} {dtype} {consts}"
+            what = f"{fn.__name__} {dtype} {consts} {types}"
             ops = set(float_op.findall(kernel.asm["ptx"]))
             assert ops, f"{what}: the float-op pattern matched nothing; has the PTX syntax changed?"
             contracted = sorted(op for op in ops if ".rn" not in op or op.startswith("fma"))
@@ -197,6 +206,82 @@ def test_qk_norm_rope(dtype: torch.dtype, rows: int, heads: tuple[int, int]) -> 
     assert torch.equal(out_v, ref_v)
 
 
+def paged_caches(
+    num_blocks: int, block_size: int, kv_heads: int, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random [2, layers, blocks, block_size, kv_heads, D] allocation and its second layer's k and v
+    caches, the views the runner binds (kv_cache.allocate); random, so an untouched slot shows."""
+    alloc = torch.randn(2, 2, num_blocks, block_size, kv_heads, HEAD_DIM, generator=gen).to(dtype)
+    return alloc, alloc[0, 1], alloc[1, 1]
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so equality is bit-equality in any dtype (fp8 and NaNs included)."""
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def check_fused_store(dtype: torch.dtype, heads: tuple[int, int], lens: list[int], cache_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(300 + sum(lens))
+    hq, hkv = heads
+    block_size, width = 4, (hq + 2 * hkv) * HEAD_DIM
+    rotary = RotaryEmbedding(HEAD_DIM, 4096, 1e6)
+    q_norm, k_norm = norm_module(HEAD_DIM, dtype, gen), norm_module(HEAD_DIM, dtype, gen)
+    prefixes = torch.randint(0, 9, (len(lens),), generator=gen).tolist()
+    need = [-(-(p + n) // block_size) for p, n in zip(prefixes, lens, strict=True)]
+    blocks = torch.randperm(sum(need) + 3, generator=gen).tolist()  # 3 blocks no sequence owns
+    slots, positions, used = [], [], 0
+    for p, n, nb in zip(prefixes, lens, need, strict=True):
+        table, used = blocks[used : used + nb], used + nb
+        positions += range(p, p + n)
+        slots += [table[i // block_size] * block_size + i % block_size for i in range(p, p + n)]
+    slots = [-1 if t % 4 == 3 else s for t, s in enumerate(slots)] + [-1, -1]
+    positions += [0, 0]
+    rows = len(slots)
+    slot_mapping, positions = torch.tensor(slots), torch.tensor(positions)
+    # qkv as a row-strided view (a wider buffer): the kernel must honour the row stride for v too.
+    qkv = (2 * torch.randn(rows, width + 64, generator=gen)).to(dtype)[:, :width]
+    alloc, k_cache, v_cache = paged_caches(sum(need) + 3, block_size, hkv, cache_dtype, gen)
+    before = alloc.clone()
+    ref_qkv, ref_alloc = qkv.clone(), alloc.clone()
+    args = (rotary.cos, rotary.sin, q_norm.weight, k_norm.weight, hq, hkv, EPS)
+
+    fused.qk_norm_rope(qkv, positions, *args, kv_cache=(k_cache, v_cache, slot_mapping))
+    fused.qk_norm_rope(ref_qkv, positions, *args)
+    _, ref_k, ref_v = ref_qkv.split([hq * HEAD_DIM, hkv * HEAD_DIM, hkv * HEAD_DIM], dim=-1)
+    ref_k, ref_v = ref_k.view(rows, hkv, HEAD_DIM), ref_v.view(rows, hkv, HEAD_DIM)
+    store_kvcache(ref_k, ref_v, ref_alloc[0, 1], ref_alloc[1, 1], slot_mapping)
+
+    assert torch.equal(bits(qkv), bits(ref_qkv))  # q and k in place as without the store, v as it was
+    assert torch.equal(bits(alloc), bits(ref_alloc))
+    keep = slot_mapping >= 0
+    flat = alloc.view(2, 2, -1, hkv, HEAD_DIM)
+    if cache_dtype == dtype:  # (the interpreter's fp8 conversion rounds unlike torch's .to)
+        assert torch.equal(bits(flat[0, 1, slot_mapping[keep]]), bits(ref_k[keep]))
+        assert torch.equal(bits(flat[1, 1, slot_mapping[keep]]), bits(ref_v[keep]))
+    written = torch.zeros(flat.shape[:3], dtype=torch.bool)
+    written[:, 1, slot_mapping[keep]] = True
+    assert torch.equal(bits(flat[~written]), bits(before.view(flat.shape)[~written]))  # -1 rows landed nowhere
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [HEADS, (2, 1)])
+@pytest.mark.parametrize("lens", [[1], [5, 1, 9], [3, 17, 2, 6]])
+def test_qk_norm_rope_fused_store(dtype: torch.dtype, heads: tuple[int, int], lens: list[int]) -> None:
+    """With the caches, the kernel writes exactly what the backend's separate store (store_kvcache)
+    writes after the kernel without them: the whole cache allocation bit-equal, qkv too. Ragged
+    sequences, each with a prefix already cached, in shuffled blocks; every fourth token and two
+    padding rows (as a CUDA graph pads a batch) at slot -1; the rest of the allocation untouched."""
+    check_fused_store(dtype, heads, lens, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope_fused_store_into_fp8_cache(dtype: torch.dtype) -> None:
+    """A cache in another dtype (float8 e4m3) gets the same conversion as store_kvcache gives it."""
+    check_fused_store(dtype, HEADS, [5, 1, 9], torch.float8_e4m3fn)
+
+
 @needs_interpreter
 def test_launchers_compile_without_fp_contraction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every launch passes _EXACT_ROUNDING, whose PTX the compile test checks (the interpreter
@@ -231,7 +316,7 @@ def test_silu_and_mul(dtype: torch.dtype, rows: int, size: int) -> None:
     assert_matches(fused.silu_and_mul(x), SiluAndMul().forward_torch(x))
 
 
-def tiny_model(dtype: torch.dtype) -> Qwen3Model:
+def tiny_model(dtype: torch.dtype, backend: AttentionBackend | None = None) -> Qwen3Model:
     arch = ModelArch(
         model_type="qwen3", vocab_size=64, hidden_size=HIDDEN, intermediate_size=384, num_layers=2,
         num_heads=HEADS[0], num_kv_heads=HEADS[1], head_dim=HEAD_DIM, max_position_embeddings=4096,
@@ -240,7 +325,7 @@ def tiny_model(dtype: torch.dtype) -> Qwen3Model:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # as the runner builds it: parameters in dtype, RoPE tables fp32
     try:
-        model = Qwen3Model(arch, TorchBackend(), max_positions=4096)
+        model = Qwen3Model(arch, backend or TorchBackend(), max_positions=4096)
     finally:
         torch.set_default_dtype(previous)
     gen = torch.Generator().manual_seed(3)
@@ -277,3 +362,65 @@ def test_model_forward_with_fused_kernels(dtype: torch.dtype, monkeypatch: pytes
     # residual stream) would be far off, while a stray 1-ulp flip spreads through the matmuls.
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+class FusedStoreBackend(TorchBackend):
+    """The torch reference, but claiming the plain scatter store, so the model's q/k kernel stores
+    K/V for it; its own store must then never run."""
+
+    def fuses_store(self, k_cache: torch.Tensor) -> bool:
+        return True
+
+    def store(self, *args: object) -> None:
+        raise AssertionError("the q/k kernel should have stored K/V; PagedAttention stored them again")
+
+
+def step_meta(slots: list[int], lens: list[int], seq_lens: list[int], tables: list[list[int]]) -> AttnMetadata:
+    loc = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    return AttnMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(loc, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+        max_query_len=max(lens), max_seq_len=max(seq_lens), query_start_loc_host=loc, seq_lens_host=seq_lens,
+        is_decode=all(n == 1 for n in lens), has_prefix=any(s > n for s, n in zip(seq_lens, lens, strict=True)),
+    )  # fmt: skip
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_steps_with_fused_store(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring of the fused store through Qwen3Attention and PagedAttention: a warm-up forward
+    before the cache exists (nothing stored), then two prompts' prefill and a decode step that
+    reads their K/V back, with the q/k kernel storing; against the torch path with its separate
+    store. Same caches (unused slots still zero) and outputs, within the whole-model tolerance."""
+    block_size, tables = 4, [[5, 2, 7], [1, 6, 3]]
+    lens = [9, 8]
+    ids = torch.randint(0, 64, (sum(lens) + 2,), generator=torch.Generator().manual_seed(5))
+
+    def slots(seq: int, positions: range) -> list[int]:
+        return [tables[seq][p // block_size] * block_size + p % block_size for p in positions]
+
+    prefill = step_meta(slots(0, range(9)) + slots(1, range(8)), lens, lens, tables)
+    decode = step_meta(slots(0, range(9, 10)) + slots(1, range(8, 9)), [1, 1], [10, 9], tables)
+    steps = [
+        (ids[:17], torch.cat([torch.arange(9), torch.arange(8)]), prefill),
+        (ids[17:], torch.tensor([9, 8]), decode),
+    ]
+    ref_model, model = tiny_model(dtype), tiny_model(dtype, FusedStoreBackend())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            model(*steps[0])  # the warm-up: empty caches, so neither store may run
+        ref_cache = allocate(ref_model, 8, block_size, dtype, torch.device("cpu"))
+        cache = allocate(model, 8, block_size, dtype, torch.device("cpu"))
+        for ids_, positions, meta in steps:
+            ref = ref_model(ids_, positions, meta)
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+                out = model(ids_, positions, meta)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache, ref_cache, rtol=tol, atol=tol)
+    used = torch.zeros(8 * block_size, dtype=torch.bool)
+    used[prefill.slot_mapping] = used[decode.slot_mapping] = True
+    flat = cache.view(2, cache.shape[1], -1, *cache.shape[-2:])
+    assert flat[:, :, used].abs().amax(-1).gt(0).all() and not flat[:, :, ~used].any()

@@ -1,5 +1,5 @@
-"""Triton kernels on a GPU (attention, the fused norm / RoPE / SiLU kernels of layers/fused.py, and
-sampling): correctness vs a torch reference, then timings.
+"""Triton kernels on a GPU (attention, the fused norm / RoPE / SiLU kernels of layers/fused.py and the
+KV-cache store fused into the RoPE one, and sampling): correctness vs a torch reference, then timings.
 
 Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
 Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
@@ -347,6 +347,98 @@ def check_fused_cuda_graph(dtype: torch.dtype) -> None:
         report_rounding(f"CUDA-graph replay silu_and_mul b={rows} {dtype}", outs[2], SiluAndMul().forward_torch(g))
 
 
+def fused_store_case(
+    dtype: torch.dtype, heads: tuple[int, int] = QWEN3["heads"]
+) -> tuple[torch.Tensor, torch.Tensor, Case, LayerParts]:
+    """qkv rows for ragged sequences with cached prefixes (shuffled blocks, random caches), their
+    positions, and the Case holding caches and metadata; every fifth token at slot -1."""
+    ctx = rand_lens(24, 1, 600)
+    c = make_case(ctx, [random.randint(1, x) for x in ctx], dtype, heads=heads)
+    c.meta.slot_mapping[::5] = -1
+    loc = c.meta.query_start_loc_host
+    positions = torch.cat(
+        [torch.arange(n - (loc[i + 1] - loc[i]), n, device=DEV) for i, n in enumerate(c.meta.seq_lens_host)]
+    )
+    qkv = (2 * torch.randn(positions.shape[0], (heads[0] + 2 * heads[1]) * QWEN3["head_dim"], device=DEV)).to(dtype)
+    return qkv, positions, c, layer_parts(dtype)
+
+
+def separate_store(qkv: torch.Tensor, positions: torch.Tensor, c: Case, p: LayerParts, heads: tuple[int, int]) -> None:
+    """What the fused store replaces: the kernel in place, then the backend's store of k and v."""
+    qk_norm_rope_fused(qkv, positions, p, heads)
+    d, t = QWEN3["head_dim"], qkv.shape[0]
+    k = qkv[:, heads[0] * d : (heads[0] + heads[1]) * d].view(t, heads[1], d)
+    v = qkv[:, (heads[0] + heads[1]) * d :].view(t, heads[1], d)
+    tb.store_kvcache(k, v, c.k_cache, c.v_cache, c.meta.slot_mapping)
+
+
+def report_fused_store(name: str, qkv: torch.Tensor, c: Case, ref_qkv: torch.Tensor, ref: Case) -> None:
+    """The same values from the same rounding: qkv and both whole caches must be bit-equal."""
+    ok = torch.equal(qkv, ref_qkv) and torch.equal(c.k_cache, ref.k_cache) and torch.equal(c.v_cache, ref.v_cache)
+    verdict(name, ok, "qkv and caches bit-equal to kernel + store_kvcache" if ok else "differs")
+
+
+def check_fused_store(dtype: torch.dtype) -> None:
+    """qk_norm_rope writing k/v into the paged cache (the model's decode and prefill path on the
+    Triton and flash-attn backends) vs the kernel plus the separate store_kvcache."""
+    for heads in (QWEN3["heads"], (8, 4)):
+        qkv, positions, c, p = fused_store_case(dtype, heads)
+        ref_qkv, ref = qkv.clone(), Case(c.q, c.k, c.v, c.k_cache.clone(), c.v_cache.clone(), c.meta)
+        kv = (c.k_cache, c.v_cache, c.meta.slot_mapping)
+        fused.qk_norm_rope(
+            qkv, positions, p.rotary.cos, p.rotary.sin, p.q_norm.weight, p.k_norm.weight, *heads, EPS, kv
+        )
+        separate_store(ref_qkv, positions, ref, p, heads)
+        report_fused_store(f"qk_norm_rope + cache store T={qkv.shape[0]} heads={heads} {dtype}", qkv, c, ref_qkv, ref)
+
+
+def check_fused_store_cuda_graph(dtype: torch.dtype) -> None:
+    """The fused store captured in a CUDA graph, replayed with new rows, positions and slots (the
+    slot is read on the device), against the separate path run eagerly on the same inputs."""
+    heads = QWEN3["heads"]
+    qkv, positions, c, p = fused_store_case(dtype, heads)
+    slots = c.meta.slot_mapping
+
+    def step() -> None:
+        cos, sin = p.rotary.cos, p.rotary.sin
+        fused.qk_norm_rope(
+            qkv, positions, cos, sin, p.q_norm.weight, p.k_norm.weight, *heads, EPS, (c.k_cache, c.v_cache, slots)
+        )
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        qkv.copy_(2 * torch.randn(qkv.shape, device=DEV))
+        positions.copy_(torch.randint(0, MAX_POS, positions.shape, device=DEV))
+        perm = torch.randperm(c.k_cache.shape[0] * c.k_cache.shape[1], device=DEV)[: slots.shape[0]]
+        slots.copy_(torch.where(torch.rand(slots.shape, device=DEV) < 0.2, -1, perm))
+        ref_qkv, ref = qkv.clone(), Case(c.q, c.k, c.v, c.k_cache.clone(), c.v_cache.clone(), c.meta)
+        separate_store(ref_qkv, positions, ref, p, heads)
+        graph.replay()
+        report_fused_store(
+            f"CUDA-graph replay qk_norm_rope + cache store T={qkv.shape[0]} {dtype}", qkv, c, ref_qkv, ref
+        )
+
+
+def bench_fused_store(rows: int) -> list[str]:
+    """qk_norm_rope with the cache store against the kernel plus store_kvcache, bf16, Qwen3-0.6B's
+    heads, `rows` decode tokens at ctx 1024: the launch the fused store saves in every layer."""
+    dtype, heads = torch.bfloat16, QWEN3["heads"]
+    c = make_case([1024] * rows, [1] * rows, dtype, fill=False)
+    p = layer_parts(dtype)
+    qkv = torch.randn(rows, (heads[0] + 2 * heads[1]) * QWEN3["head_dim"], dtype=dtype, device=DEV)
+    positions = torch.full((rows,), 1023, device=DEV)
+    kv = (c.k_cache, c.v_cache, c.meta.slot_mapping)
+    args = (p.rotary.cos, p.rotary.sin, p.q_norm.weight, p.k_norm.weight, *heads, EPS)
+    us = graph_us(lambda: fused.qk_norm_rope(qkv, positions, *args, kv))
+    separate_us = graph_us(lambda: separate_store(qkv, positions, c, p, heads))
+    label = f"qk_norm_rope + store T={rows} (separate {separate_us:.1f} µs)"
+    return [f"{label:<40} {us:>9.1f} µs"]
+
+
 def graph_us(fn: Callable[[], object]) -> float:
     """Median µs of one CUDA-graph replay of fn (L2 flushed before each by do_bench), so the torch
     paths' many launches are timed without their host launch gaps, as a captured decode step runs."""
@@ -538,6 +630,8 @@ def main() -> int:
         check_cuda_graph(dtype)
         check_fused(dtype)
         check_fused_cuda_graph(dtype)
+        check_fused_store(dtype)
+        check_fused_store_cuda_graph(dtype)
     for dtype in (torch.bfloat16, torch.float32):
         check_sampling(dtype)
     check_sampling_distribution()
@@ -557,6 +651,8 @@ def main() -> int:
         rows.append(f"{'mixed 255 dec@1024 + 512 chunk split=' + str(split):<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
     for tokens in (256, 8192):  # a decode batch; a long prefill step
         rows += bench_fused(tokens)
+    for tokens in (1, 256):
+        rows += bench_fused_store(tokens)
     rows += bench_sampling()
     rows += bench_reference_points()
     if args.sweep:

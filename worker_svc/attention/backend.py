@@ -19,6 +19,13 @@ class AttentionBackend(Protocol):
         """Writes the new tokens' k, v [T, kv_heads, head_dim] to their slots in the caches."""
         ...
 
+    def fuses_store(self, k_cache: torch.Tensor) -> bool:
+        """Whether the kernel that produces a step's k and v may write them into these caches itself,
+        in place of `store`: True where `store` is exactly a scatter of each token's k and v to slot
+        `meta.slot_mapping[t]` of caches in the layout above, slot -1 skipped. Raises where `store`
+        would refuse the caches, as that check then has no other place to run."""
+        ...
+
     def attend(
         self,
         q: torch.Tensor,

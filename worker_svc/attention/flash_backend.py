@@ -3,7 +3,8 @@ cache and paged decode.
 
 flash-attn is imported when the backend is built, not when this module is, so the module stays
 importable (and testable) where flash-attn is not installed. flash-attn has no kernel that writes
-K/V into a paged cache by slot, so `store` reuses the Triton one, or a torch scatter without Triton.
+K/V into a paged cache by slot, so `store` reuses the Triton one, or a torch scatter without Triton;
+on CUDA, the model's q/k norm + RoPE kernel may store them instead (`fuses_store`).
 
 Two limits of flash-attn 2.x are checked here, so they fail with the fix in the message instead
 of a RuntimeError from inside the extension:
@@ -78,6 +79,13 @@ class FlashAttnBackend:
             self._triton_store(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             scatter_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def fuses_store(self, k_cache: torch.Tensor) -> bool:
+        # flash-attn reads the same [num_blocks, block_size, kv_heads, head_dim] layout that `store`
+        # scatters into. `store` is where the block size gets checked; a fused store skips it, so
+        # the check runs here.
+        check_block_size(k_cache.shape[1])
+        return True
 
     def attend(
         self,

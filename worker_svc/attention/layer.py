@@ -20,8 +20,19 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        """q [T, heads, D], k and v [T, kv_heads, D] -> [T, heads, D]."""
-        if self.k_cache.numel():  # the warm-up runs before the cache exists
+    def fused_store(self, meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) for the kernel that produces this step's k and v to write
+        them there itself, which saves the store's launch; forward then gets stored=True. None when
+        the backend stores its own way, or before the cache exists (the warm-up: nothing is stored)."""
+        if self.k_cache.numel() and self.backend.fuses_store(self.k_cache):
+            return self.k_cache, self.v_cache, meta.slot_mapping
+        return None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, stored: bool = False
+    ) -> torch.Tensor:
+        """q [T, heads, D], k and v [T, kv_heads, D] -> [T, heads, D]. stored: k and v are in the cache
+        already (written by the kernel that was handed `fused_store`)."""
+        if self.k_cache.numel() and not stored:  # the warm-up runs before the cache exists
             self.backend.store(k, v, self.k_cache, self.v_cache, meta)
         return self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)

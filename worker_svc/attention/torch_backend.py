@@ -19,6 +19,9 @@ class TorchBackend:
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
+    def fuses_store(self, k_cache: torch.Tensor) -> bool:
+        return False  # the reference keeps its own store, whatever the model's kernels could do
+
     def attend(
         self,
         q: torch.Tensor,

@@ -242,6 +242,9 @@ class TritonBackend:
     ) -> None:
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
 
+    def fuses_store(self, k_cache: torch.Tensor) -> bool:
+        return True  # `store` is store_kvcache: a plain scatter by slot
+
     def attend(
         self,
         q: torch.Tensor,

@@ -3,7 +3,8 @@
 In plain torch a decoder layer launches ~60 tiny kernels (an RMSNorm alone is ~7: cast, pow, mean,
 rsqrt, mul, cast, mul). Here each step is one launch that reads its inputs once:
   - add_rms_norm: residual add + RMSNorm of a sublayer's input (and of the final hidden states);
-  - qk_norm_rope: Qwen3's per-head RMSNorm of queries and keys, then RoPE, in place on the qkv output;
+  - qk_norm_rope: Qwen3's per-head RMSNorm of queries and keys, then RoPE, in place on the qkv output,
+    and, given the paged KV caches, the store of the new keys and values into them;
   - silu_and_mul: the SwiGLU gate.
 They round to the model dtype wherever the torch path (the CPU path and the reference: norm.py,
 rotary.py, activation.py) rounds, since that is where Hugging Face's model rounds too; the only
@@ -76,15 +77,21 @@ def _qk_norm_rope_kernel(
     cos_ptr,
     sin_ptr,
     positions_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     stride_qkv,
     stride_cos,
     stride_sin,
+    stride_cache_slot,
+    stride_cache_head,
     eps,
     NUM_Q_HEADS: tl.constexpr,
     NUM_QK_HEADS: tl.constexpr,
     HEADS_POW2: tl.constexpr,
     HALF: tl.constexpr,
     HALF_POW2: tl.constexpr,
+    STORE_KV: tl.constexpr,
 ):
     # One program per token holds all its query and key heads as two [heads, head_dim/2] tiles: the
     # halves that neox RoPE pairs. Keys follow queries in a qkv row, so head h of either starts at
@@ -111,10 +118,27 @@ def _qk_norm_rope_kernel(
     sin = _round(tl.load(sin_ptr + pos * stride_sin + d, mask=d_ok), dtype)
     # Every product and the sum are rounded separately, like the torch expression's separate ops
     # (which needs the launch's _EXACT_ROUNDING: no FMA).
-    out1 = _round(y1 * cos, dtype) - _round(y2 * sin, dtype)
-    out2 = _round(y2 * cos, dtype) + _round(y1 * sin, dtype)
-    tl.store(lo, out1.to(dtype), mask=mask)
-    tl.store(lo + HALF, out2.to(dtype), mask=mask)
+    out1 = (_round(y1 * cos, dtype) - _round(y2 * sin, dtype)).to(dtype)
+    out2 = (_round(y2 * cos, dtype) + _round(y1 * sin, dtype)).to(dtype)
+    # Written back in place even when the cache gets them too: attention over this step's tokens
+    # alone (a prefill from scratch) reads q, k and v from the qkv buffer.
+    tl.store(lo, out1, mask=mask)
+    tl.store(lo + HALF, out2, mask=mask)
+    if STORE_KV:
+        # The paged store (what store_kvcache does after this kernel otherwise): kv head j is tile
+        # row NUM_Q_HEADS + j, and its value head sits num_kv_heads heads further on in the qkv row.
+        # Slot -1 (padding, a CUDA-graph row) stores nothing; the slot is read on the device.
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        kv_mask = mask & (h >= NUM_Q_HEADS) & (slot >= 0)
+        cache = slot * stride_cache_slot + (h - NUM_Q_HEADS) * stride_cache_head + d
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + cache, out1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + cache + HALF, out2.to(cache_dtype), mask=kv_mask)
+        v_lo = lo + (NUM_QK_HEADS - NUM_Q_HEADS) * (2 * HALF)
+        v1 = tl.load(v_lo, mask=kv_mask)
+        v2 = tl.load(v_lo + HALF, mask=kv_mask)
+        tl.store(v_cache_ptr + cache, v1.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + cache + HALF, v2.to(cache_dtype), mask=kv_mask)
 
 
 @triton.jit
@@ -173,24 +197,38 @@ def qk_norm_rope(
     num_q_heads: int,
     num_kv_heads: int,
     eps: float,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """In place on qkv [T, (q_heads + 2 * kv_heads) * head_dim]: RMSNorm of every query head (weight
     q_weight) and key head (k_weight), then neox RoPE at `positions` [T] with the angles' cos/sin
-    tables [max_positions, head_dim / 2] (fp32). Values are left as they are."""
+    tables [max_positions, head_dim / 2] (fp32). Values are left as they are.
+
+    kv_cache (k_cache, v_cache, slot_mapping): also writes each token's rotated keys and its values
+    to slot slot_mapping[t] of the caches [num_blocks, block_size, kv_heads, head_dim], skipping
+    slot -1: what the attention backend's separate store would write, from the same kernel."""
     head_dim = q_weight.shape[0]
     num_tokens = qkv.shape[0]
     assert qkv.dim() == 2 and qkv.stride(-1) == 1 and qkv.shape[1] == (num_q_heads + 2 * num_kv_heads) * head_dim
     assert k_weight.shape == q_weight.shape and head_dim % 2 == 0 and cos.shape[1] * 2 == head_dim
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and positions.shape == (num_tokens,)
+    if kv_cache is not None:
+        k_cache, v_cache, slot_mapping = kv_cache
+        assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+        assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.stride(-1) == 1
+        assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), "slots must be evenly strided"
+        assert v_cache.dtype == k_cache.dtype and slot_mapping.shape == (num_tokens,)
+        cache_strides = (k_cache.stride(1), k_cache.stride(2))
+    else:  # the kernel is specialised without the store: any tensors fill its unused arguments
+        k_cache, v_cache, slot_mapping, cache_strides = qkv, qkv, positions, (0, 0)
     if not num_tokens:
         return
     heads, half = num_q_heads + num_kv_heads, head_dim // 2
     heads_pow2, half_pow2 = triton.next_power_of_2(heads), triton.next_power_of_2(half)
     _qk_norm_rope_kernel[(num_tokens,)](
-        qkv, q_weight, k_weight, cos, sin, positions,
-        qkv.stride(0), cos.stride(0), sin.stride(0), eps,
+        qkv, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), cos.stride(0), sin.stride(0), *cache_strides, eps,
         NUM_Q_HEADS=num_q_heads, NUM_QK_HEADS=heads, HEADS_POW2=heads_pow2, HALF=half, HALF_POW2=half_pow2,
-        num_warps=_rope_warps(heads_pow2 * half_pow2), **_EXACT_ROUNDING,
+        STORE_KV=kv_cache is not None, num_warps=_rope_warps(heads_pow2 * half_pow2), **_EXACT_ROUNDING,
     )  # fmt: skip
 
 

@@ -4,7 +4,9 @@ A decoder layer is pre-norm attention then pre-norm SwiGLU MLP, each added to th
 pass (hidden, residual) on and each norm does the pending add first (residual += hidden; hidden =
 norm(residual)), so on CUDA the add and the norm are one fused kernel; the final norm takes the
 last layer's add. Qwen3's attention normalises every query and key head (RMSNorm over head_dim)
-before RoPE, and uses grouped-query attention: several query heads share one key/value head.
+before RoPE, and uses grouped-query attention: several query heads share one key/value head. On
+CUDA one kernel does both norms and RoPE in place, and stores K/V in the paged cache where the
+attention backend allows (PagedAttention.fused_store), saving the store's launch in every layer.
 Module and parameter names follow the Hugging Face checkpoint, except the merged projections
 named in `packed_modules`.
 """
@@ -43,14 +45,21 @@ class Qwen3Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim, backend)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        q, k, v = self.qk_norm_rope(self.qkv_proj(x), positions)
-        out = self.attn(q, k, v, meta)
+        qkv = self.qkv_proj(x)
+        # On CUDA the q/k norm + RoPE kernel also writes k and v to the cache when the backend lets it.
+        kv_cache = self.attn.fused_store(meta) if qkv.is_cuda else None
+        q, k, v = self.qk_norm_rope(qkv, positions, kv_cache)
+        out = self.attn(q, k, v, meta, stored=kv_cache is not None)
         return self.o_proj(out.flatten(1))
 
     def qk_norm_rope(
-        self, qkv: torch.Tensor, positions: torch.Tensor
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, heads, D], k and v [T, kv_heads, D] from the qkv projection, q and k normed and rotated."""
+        """q [T, heads, D], k and v [T, kv_heads, D] from the qkv projection, q and k normed and rotated.
+        kv_cache (CUDA only): PagedAttention.fused_store's caches and slots, to store k and v into."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -62,9 +71,10 @@ class Qwen3Attention(nn.Module):
             # q_norm and k_norm share the model's eps.
             qk_norm_rope(
                 qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight, self.k_norm.weight,
-                self.num_heads, self.num_kv_heads, self.q_norm.eps,
+                self.num_heads, self.num_kv_heads, self.q_norm.eps, kv_cache,
             )  # fmt: skip
             return q, k, v
+        assert kv_cache is None, "the torch path leaves the store to PagedAttention"
         cos, sin = self.rotary(positions, qkv.dtype)
         return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin), v
 
