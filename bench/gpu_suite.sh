@@ -5,7 +5,7 @@
 #
 # Runs the kernel and worker correctness checks, the decode-step profile at batch 256 and 1, and
 # the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
-# four tokens a streamed message). A failing step is
+# four tokens a streamed message, and with an fp8 KV cache). A failing step is
 # reported and the rest still run; the exit status is that of the last failure.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
@@ -33,4 +33,5 @@ step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
+step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
 exit $status

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from bench.make_model import write as write_model
 from bench.workload import Job, standard
 from client import AsyncClient
+from worker_svc.config import KV_CACHE_DTYPES
 
 TEMPERATURE = 0.6
 
@@ -47,7 +48,7 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     flags += ["--attention-backend", args.attention_backend]
     flags += ["--tensor-parallel-size", str(args.tp), "--max-inflight-steps", str(args.max_inflight_steps)]
-    flags += ["--stream-interval", str(args.stream_interval)]
+    flags += ["--stream-interval", str(args.stream_interval), "--kv-cache-dtype", args.kv_cache_dtype]
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
     if args.num_kvcache_blocks:
@@ -170,6 +171,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
             attention_backend=args.attention_backend,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     )
     engine = Engine(
@@ -213,6 +215,7 @@ def main() -> None:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--max-inflight-steps", type=int, default=3)
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     args = p.parse_args()

@@ -36,7 +36,7 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
         cmd = [sys.executable, "-m", "worker_svc", "--model", args.model, "--port", str(port), "--rank", str(rank)]
         cmd += ["--dist-port", str(dist_port), "--tensor-parallel-size", str(tp)]
         cmd += ["--load-format", args.load_format, "--dtype", args.dtype, "--seed", str(args.seed)]
-        cmd += ["--kvcache-block-size", str(args.kvcache_block_size)]
+        cmd += ["--kvcache-block-size", str(args.kvcache_block_size), "--kv-cache-dtype", args.kv_cache_dtype]
         cmd += ["--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         cmd += ["--attention-backend", args.attention_backend]

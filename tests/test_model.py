@@ -168,6 +168,22 @@ def test_kv_budget_sizes_the_cache(tiny_model_dir: Path) -> None:
     assert runner.kv_cache.shape == (2, 2, 512, BLOCK_SIZE, 2, 16)
 
 
+def test_fp8_kv_cache_holds_four_times_the_blocks_and_stays_close(tiny_model_dir: Path) -> None:
+    # The model is fp32: an fp8 cache takes a quarter of the bytes, so the same budget holds 4x.
+    full = make_runner(tiny_model_dir, num_kv_blocks=None, kv_cache_memory_gb=1 / 1024)
+    fp8 = make_runner(tiny_model_dir, num_kv_blocks=None, kv_cache_memory_gb=1 / 1024, kv_cache_dtype="fp8")
+    assert fp8.kv_cache.dtype == torch.float8_e4m3fn and fp8.num_kv_blocks == 4 * full.num_kv_blocks
+    logits = []
+    for runner in (full, fp8):
+        seq = new_seq(0, PROMPTS[2], Blocks(), len(PROMPTS[2]) + 1)
+        runner.run([seq], [len(PROMPTS[2])])  # the prompt's K/V go to the cache (rounded to fp8)
+        batch = prepare([seq], [1], BLOCK_SIZE, runner.max_model_len, runner.device)
+        with torch.inference_mode():  # a decode step: attention reads the whole context from the cache
+            logits.append(runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.meta)))
+    error = ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item()
+    assert 1e-5 < error < 0.1  # rounded (not a copy of the fp32 run), yet close
+
+
 def test_rejects_steps_past_the_seq_or_its_blocks(tiny_model_dir: Path) -> None:
     runner = make_runner(tiny_model_dir)
     seq = SeqState(0, [1, 2, 3, 4, 5], 5, 0, [0], SamplingOptions(0.0))

@@ -30,6 +30,8 @@ def test_defaults_are_valid(tiny_model_dir: Path) -> None:
         ({"gpu_memory_utilization": 1.5}, r"in \(0, 1\]"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be positive"),
         ({"max_model_len": -1}, "max_model_len must be positive"),
+        ({"kv_cache_dtype": "int4"}, "kv_cache_dtype must be one of"),
+        ({"kv_cache_dtype": "fp8", "device": "cuda", "attention_backend": "flash-attn"}, "not flash-attn"),
     ],
 )
 def test_bad_settings_are_rejected(tiny_model_dir: Path, overrides: dict, message: str) -> None:

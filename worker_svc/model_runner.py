@@ -47,7 +47,8 @@ class ModelRunner:
         self.block_size, self.vocab_size = config.block_size, arch.vocab_size
         self.device = _device(config, rank)
         self.dtype = _dtype(config, arch)
-        half = self.dtype in (torch.float16, torch.bfloat16)
+        self.cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        half = self.cache_dtype in (torch.float16, torch.bfloat16)  # flash-attn reads no fp8 cache
         backend = get_backend(config.attention_backend, config.device, config.block_size, half)
         self.model_backend = backend.name
         with _default_dtype(self.dtype), self.device:
@@ -66,7 +67,7 @@ class ModelRunner:
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
-        self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.cache_dtype, self.device)
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
             self._compile_prefill()
@@ -155,7 +156,7 @@ class ModelRunner:
             seq.slot = -1
 
     def _budget_blocks(self) -> int:
-        per_block = block_bytes(self.model, self.block_size, self.dtype)
+        per_block = block_bytes(self.model, self.block_size, self.cache_dtype)
         if self.device.type == "cpu":
             return int(self.config.kv_cache_memory_gb * 2**30) // per_block
         torch.cuda.reset_peak_memory_stats(self.device)

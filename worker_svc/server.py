@@ -44,6 +44,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.kvcache_block_size,
+        kv_cache_dtype=args.kv_cache_dtype,
         num_kv_blocks=args.num_kvcache_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -183,6 +183,38 @@ def check_decode(dtype: torch.dtype) -> None:
             m = c.meta
             tb.decode_attention(c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out)
             report(f"decode b={batch} ctx<={max_ctx} splits={splits} {dtype}", out, ref, dtype)
+
+
+def check_fp8_cache(dtype: torch.dtype) -> None:
+    """An fp8 (e4m3) cache: the store rounds (and saturates) like torch's cast, and decode and paged
+    prefill read it widened, matching the fp32 reference over the same rounded cache."""
+    fp8 = torch.float8_e4m3fn
+    ctx = rand_lens(64, 1, 2048)
+    for name, q in (
+        ("decode b=64", [1] * len(ctx)),
+        ("prefill chunks b=64", [random.randint(1, min(x, 200)) for x in ctx]),
+    ):
+        c = make_case(ctx, q, dtype)
+        c.k_cache, c.v_cache = c.k_cache.to(fp8), c.v_cache.to(fp8)
+        c.k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 3e-3])  # saturates, stays, rounds
+        # Byte views: indexing into float8 tensors is not implemented everywhere.
+        exp_k, keep = c.k_cache.clone().view(torch.uint8), c.meta.slot_mapping >= 0
+        exp_k.view(-1, *c.k.shape[1:])[c.meta.slot_mapping[keep]] = c.k[keep].to(fp8).view(torch.uint8)
+        tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)
+        ok = torch.equal(c.k_cache.view(torch.uint8), exp_k)
+        print(f"{'ok  ' if ok else 'FAIL'} store_kvcache into fp8 {name} {dtype} (rounds and saturates like torch)")
+        if not ok:
+            FAILURES.append(f"fp8 store {name} {dtype}")
+        scale = c.q.shape[-1] ** -0.5
+        ref = reference(replace(c, k_cache=c.k_cache.float(), v_cache=c.v_cache.float()), scale)
+        out = poisoned(c.q)
+        m = c.meta
+        if m.is_decode:
+            splits = tb.choose_num_splits(len(ctx), 8, max(ctx), tb.device_num_sms(torch.device(DEV)))
+            tb.decode_attention(c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, scale, splits, out=out)
+        else:
+            out = tb.TritonBackend().attend(c.q, c.k, c.v, c.k_cache, c.v_cache, m, scale)
+        report(f"fp8 cache {name} {dtype}", out, ref, dtype)
 
 
 def check_cuda_graph(dtype: torch.dtype) -> None:
@@ -632,6 +664,7 @@ def main() -> int:
         check_fused_cuda_graph(dtype)
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
+        check_fp8_cache(dtype)
     for dtype in (torch.bfloat16, torch.float32):
         check_sampling(dtype)
     check_sampling_distribution()

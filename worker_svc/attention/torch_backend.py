@@ -16,8 +16,9 @@ class TorchBackend:
     ) -> None:
         keep = meta.slot_mapping >= 0
         slots = meta.slot_mapping[keep]
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+        # An fp8 cache: the cast rounds and saturates at its largest finite value (+-448).
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
     def fuses_store(self, k_cache: torch.Tensor) -> bool:
         return False  # the reference keeps its own store, whatever the model's kernels could do
@@ -39,8 +40,8 @@ class TorchBackend:
         for i, seq_len in enumerate(lens):
             start, end = loc[i], loc[i + 1]
             if meta.has_prefix:
-                keys = _context(k_cache, meta.block_tables[i], seq_len)
-                values = _context(v_cache, meta.block_tables[i], seq_len)
+                keys = _context(k_cache, meta.block_tables[i], seq_len).to(q.dtype)  # widens an fp8 cache
+                values = _context(v_cache, meta.block_tables[i], seq_len).to(q.dtype)
             else:
                 keys, values = k[start:end], v[start:end]
             out[start:end] = _causal(q[start:end], keys, values, scale)
@@ -50,8 +51,8 @@ class TorchBackend:
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
     ) -> torch.Tensor:
         # One query per seq: gather every seq's blocks into a padded batch and mask past its length.
-        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [S, kv_heads, ctx, D]
-        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [S, kv_heads, ctx, D]
+        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
         ctx = torch.arange(keys.size(2), device=q.device)
         mask = (ctx[None, :] < meta.seq_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -114,8 +114,9 @@ def decode_split_kernel(
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
         off = slot[:, None] * stride_cache_slot + kv_base
-        k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0)
+        # .to(q.dtype): an fp8 cache is widened here, for the dots and the accumulation
+        k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N] fp32
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         # Every iteration has >= 1 valid key, so m_new is finite and exp2 never sees -inf - -inf.
@@ -251,13 +252,13 @@ def prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         rows = _key_rows(bt_row, q_start, n, None, PAGED, BLOCK_SIZE)
-        kt = tl.load(kt_base + rows[None, :] * stride_k_row)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row).to(q.dtype)  # widens an fp8 cache
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] * stride_v_row)
+        v = tl.load(v_base + rows[:, None] * stride_v_row).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -269,14 +270,14 @@ def prefill_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
         rows = _key_rows(bt_row, q_start, n, nmask, PAGED, BLOCK_SIZE)
-        kt = tl.load(kt_base + rows[None, :] * stride_k_row, mask=nmask[None, :], other=0.0)
+        kt = tl.load(kt_base + rows[None, :] * stride_k_row, mask=nmask[None, :], other=0.0).to(q.dtype)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] * stride_v_row, mask=nmask[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_v_row, mask=nmask[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
