@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tests.runner_utils import (
     outputs,
 )
 from worker_svc.attention.layer import PagedAttention
+from worker_svc.attention.torch_backend import TorchBackend
 from worker_svc.batch import prepare
 from worker_svc.seq_state import SamplingOptions, SeqState
 
@@ -182,6 +184,12 @@ def test_fp8_kv_cache_holds_four_times_the_blocks_and_stays_close(tiny_model_dir
             logits.append(runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.meta)))
     error = ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item()
     assert 1e-5 < error < 0.1  # rounded (not a copy of the fp32 run), yet close
+    # Values past fp8's range saturate rather than become NaN, which would poison attention.
+    backend, cache = TorchBackend(), torch.zeros(1, 1, 1, 4, dtype=torch.float8_e4m3fn)
+    kv = torch.tensor([[[1000.0, -1000.0, 448.0, 0.5]]])
+    meta = prepare([new_seq(0, [1], Blocks(), 1)], [1], BLOCK_SIZE, 16, torch.device("cpu")).meta
+    backend.store(kv, kv, cache, cache.clone(), replace(meta, slot_mapping=torch.tensor([0])))
+    assert cache.float().flatten().tolist() == [448.0, -448.0, 448.0, 0.5]
 
 
 def test_rejects_steps_past_the_seq_or_its_blocks(tiny_model_dir: Path) -> None:

@@ -199,7 +199,8 @@ def check_fp8_cache(dtype: torch.dtype) -> None:
         c.k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 3e-3])  # saturates, stays, rounds
         # Byte views: indexing into float8 tensors is not implemented everywhere.
         exp_k, keep = c.k_cache.clone().view(torch.uint8), c.meta.slot_mapping >= 0
-        exp_k.view(-1, *c.k.shape[1:])[c.meta.slot_mapping[keep]] = c.k[keep].to(fp8).view(torch.uint8)
+        narrowed = c.k[keep].clamp(-448, 448).to(fp8)  # what the store promises: saturate, then round
+        exp_k.view(-1, *c.k.shape[1:])[c.meta.slot_mapping[keep]] = narrowed.view(torch.uint8)
         tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)
         # Triton may narrow through fp16 (two roundings) where torch rounds once: allow a value one
         # fp8 step from torch's, never more, and the saturated and exact values must be equal.

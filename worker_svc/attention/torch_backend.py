@@ -16,9 +16,8 @@ class TorchBackend:
     ) -> None:
         keep = meta.slot_mapping >= 0
         slots = meta.slot_mapping[keep]
-        # An fp8 cache: the cast rounds and saturates at its largest finite value (+-448).
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = _narrow(k[keep], k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = _narrow(v[keep], v_cache.dtype)
 
     def fuses_store(self, k_cache: torch.Tensor) -> bool:
         return False  # the reference keeps its own store, whatever the model's kernels could do
@@ -57,6 +56,13 @@ class TorchBackend:
         mask = (ctx[None, :] < meta.seq_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.squeeze(2)
+
+
+def _narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; into an fp8 cache saturated at +-448, as the Triton store does."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-448.0, 448.0)
+    return x.to(dtype)
 
 
 def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

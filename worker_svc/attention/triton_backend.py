@@ -82,6 +82,7 @@ def store_kvcache(
         NUM_KV_HEADS=num_kv_heads,
         HEADS_POW2=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
+        SATURATE=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )  # fmt: skip
 

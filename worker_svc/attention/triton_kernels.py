@@ -15,6 +15,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8 e4m3fn
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr, SATURATE: tl.constexpr):
+    """x in the cache's dtype. An fp8 cache saturates first: the GPU's narrowing can turn a value
+    past +-448 into NaN, which would poison every later attention over it."""
+    if SATURATE:
+        return tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
 
 @triton.jit
 def store_kvcache_kernel(
@@ -32,6 +43,7 @@ def store_kvcache_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEADS_POW2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     # One program per new token: it moves num_kv_heads * head_dim elements of K and of V.
     t = tl.program_id(0)
@@ -45,8 +57,8 @@ def store_kvcache_kernel(
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=mask)
     dst = slot * stride_cache_slot + h * stride_cache_head + d  # slot is int64: no overflow
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, narrow(k, k_cache_ptr.dtype.element_ty, SATURATE), mask=mask)
+    tl.store(v_cache_ptr + dst, narrow(v, v_cache_ptr.dtype.element_ty, SATURATE), mask=mask)
 
 
 @triton.jit

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_svc.attention.triton_kernels import narrow
+
 # Launch option of every kernel here: no contraction of a multiply and a dependent add into an FMA,
 # neither by LLVM nor by ptxas (--fmad=false). Triton contracts by default, and it broke RoPE's
 # `round(y1 * cos) - round(y2 * sin)`: LLVM narrows each round-trip through the model dtype to a
@@ -92,6 +94,7 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr,
     HALF_POW2: tl.constexpr,
     STORE_KV: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     # One program per token holds all its query and key heads as two [heads, head_dim/2] tiles: the
     # halves that neox RoPE pairs. Keys follow queries in a qkv row, so head h of either starts at
@@ -132,13 +135,13 @@ def _qk_norm_rope_kernel(
         kv_mask = mask & (h >= NUM_Q_HEADS) & (slot >= 0)
         cache = slot * stride_cache_slot + (h - NUM_Q_HEADS) * stride_cache_head + d
         cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + cache, out1.to(cache_dtype), mask=kv_mask)
-        tl.store(k_cache_ptr + cache + HALF, out2.to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + cache, narrow(out1, cache_dtype, SATURATE), mask=kv_mask)
+        tl.store(k_cache_ptr + cache + HALF, narrow(out2, cache_dtype, SATURATE), mask=kv_mask)
         v_lo = lo + (NUM_QK_HEADS - NUM_Q_HEADS) * (2 * HALF)
         v1 = tl.load(v_lo, mask=kv_mask)
         v2 = tl.load(v_lo + HALF, mask=kv_mask)
-        tl.store(v_cache_ptr + cache, v1.to(cache_dtype), mask=kv_mask)
-        tl.store(v_cache_ptr + cache + HALF, v2.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + cache, narrow(v1, cache_dtype, SATURATE), mask=kv_mask)
+        tl.store(v_cache_ptr + cache + HALF, narrow(v2, cache_dtype, SATURATE), mask=kv_mask)
 
 
 @triton.jit
@@ -228,7 +231,8 @@ def qk_norm_rope(
         qkv, q_weight, k_weight, cos, sin, positions, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), sin.stride(0), *cache_strides, eps,
         NUM_Q_HEADS=num_q_heads, NUM_QK_HEADS=heads, HEADS_POW2=heads_pow2, HALF=half, HALF_POW2=half_pow2,
-        STORE_KV=kv_cache is not None, num_warps=_rope_warps(heads_pow2 * half_pow2), **_EXACT_ROUNDING,
+        STORE_KV=kv_cache is not None, SATURATE=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=_rope_warps(heads_pow2 * half_pow2), **_EXACT_ROUNDING,
     )  # fmt: skip
 
 
