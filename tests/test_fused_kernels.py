@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.triton_interpreter import IN_INTERPRETER, run_under_interpreter
 from worker_svc.attention.backend import AttentionBackend
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.attention.torch_backend import TorchBackend
@@ -36,7 +36,6 @@ from worker_svc.models.qwen3 import Qwen3Model
 
 pytest.importorskip("triton")
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 3, 17]
@@ -69,11 +68,7 @@ if IN_INTERPRETER:
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_fused_kernels_under_interpreter() -> None:
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_interpreter(__file__)
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")

@@ -10,51 +10,28 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.triton_interpreter import IN_INTERPRETER, fix_scalar_index, run_under_interpreter
 from worker_svc.attention.metadata import AttnMetadata
 
 pytest.importorskip("triton")
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 
 if IN_INTERPRETER:
-    from triton.runtime import interpreter as _interp
+    fix_scalar_index()
 
     from worker_svc.attention import triton_backend as tk
-
-    def _fix_interpreter_scalar_index() -> None:
-        """triton 3.6's interpreter calls int() on 1-element arrays, a TypeError since numpy 2.4.
-
-        That breaks `range(start, end)` over loaded scalars (triton-lang/triton#9171, fixed
-        upstream by #9172). Re-patch `__index__` to take the element explicitly.
-        """
-        original = getattr(_interp, "_patch_lang_tensor", None)
-        if original is None:
-            return
-
-        def patched(tensor: type, scope: _interp._LangPatchScope) -> None:
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = patched
-
-    _fix_interpreter_scalar_index()
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_triton_kernels_under_interpreter() -> None:
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_interpreter(__file__)
 
 
 def _arg_type(name: str) -> str:
