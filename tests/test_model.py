@@ -152,19 +152,6 @@ def test_seeded_sampling_survives_batching_and_recompute(tiny_model_dir: Path) -
     assert len(set(outputs(alone))) > 3  # really sampled, not a constant
 
 
-def test_serving_warm_up_leaves_the_runner_as_it_found_it(model_dir: Path, reference: list[list[int]]) -> None:
-    # On CUDA it runs at start to JIT-compile kernels; it must give back every slot, and the blocks
-    # it scribbled on must serve the next seqs as if fresh.
-    runner = make_runner(model_dir, num_kv_blocks=4096, max_num_batched_tokens=512)
-    free = sorted(runner._free_slots)
-    runner._compile_serving()
-    assert sorted(runner._free_slots) == free
-    blocks = Blocks()
-    seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW) for i, p in enumerate(PROMPTS)]
-    generate(runner, seqs, MAX_NEW)
-    assert [outputs(s) for s in seqs] == reference
-
-
 def test_dummy_weights_build_and_run(tiny_model_dir: Path) -> None:
     tokens = []
     for _ in range(2):

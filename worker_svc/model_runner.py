@@ -3,8 +3,6 @@ and keeps every rank's copy of the sequences in step with rank 0's choices."""
 
 from __future__ import annotations
 
-import itertools
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,7 +71,6 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
             self._compile_prefill()
-            self._compile_serving()
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
             self.graphs.capture()
 
@@ -195,33 +192,6 @@ class ModelRunner:
         for seqs, counts in (([a], [200]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16])):
             self.run(seqs, counts)
         for seq in (a, b):
-            self.release(seq)
-
-    def _compile_serving(self) -> None:
-        """Steps shaped like serving many requests (ragged prompts chunked to the token budget, then
-        decodes, greedy and sampled seqs mixed), so that Triton compiles the kernel variants such
-        batches need now: left to the first requests, that JIT work stalled them for ~2 s on an H100."""
-        rng = random.Random(0)
-        lengths = [rng.randint(17, max(17, min(600, self.max_model_len - 4))) for _ in range(48)]
-        tables = [-(-(n + 4) // self.block_size) for n in lengths]
-        if sum(tables) > self.num_kv_blocks or self.max_model_len < 32:
-            return  # a cache (or model) this small is a test setup
-        starts = list(itertools.accumulate(tables, initial=0))
-        seqs = [
-            SeqState(i, [rng.randrange(self.vocab_size) for _ in range(n)], n, 0,
-                     list(range(starts[i], starts[i + 1])), SamplingOptions(temperature=0.6 * (i % 2)))
-            for i, n in enumerate(lengths)
-        ]  # fmt: skip
-        while any(s.num_tokens - s.num_prompt_tokens < 3 for s in seqs):
-            budget, batch, counts = self.config.max_num_batched_tokens, [], []
-            for seq in seqs:
-                n = min(seq.num_tokens - seq.num_computed, budget)
-                if n > 0 and seq.num_tokens - seq.num_prompt_tokens < 3:
-                    batch.append(seq)
-                    counts.append(n)
-                    budget -= n
-            self.run(batch, counts)
-        for seq in seqs:
             self.release(seq)
 
 
