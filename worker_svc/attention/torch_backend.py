@@ -59,9 +59,11 @@ class TorchBackend:
 
 
 def _narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in the cache's dtype; into an fp8 cache saturated at +-448, as the Triton store does."""
+    """x in the cache's dtype; into an fp8 cache saturated at its largest finite value (+-448), as
+    the Triton store does."""
     if dtype == torch.float8_e4m3fn:
-        x = x.clamp(-448.0, 448.0)
+        top = torch.finfo(dtype).max
+        x = x.clamp(-top, top)
     return x.to(dtype)
 
 
