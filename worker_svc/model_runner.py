@@ -3,6 +3,7 @@ and keeps every rank's copy of the sequences in step with rank 0's choices."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
+from worker_svc.jit_watch import CompileWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
@@ -73,6 +75,9 @@ class ModelRunner:
             self._compile_prefill()
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
             self.graphs.capture()
+        self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
+        if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            self.compiles.install()
 
     def run(self, seqs: list[SeqState], num_tokens: list[int]) -> list[Sampled]:
         """Computes num_tokens[i] more tokens of seqs[i] from seq.num_computed on, storing their K/V
@@ -179,19 +184,21 @@ class ModelRunner:
             self.release(seq)
 
     def _compile_prefill(self) -> None:
-        """Runs one of each prefill shape the kernels specialise on (from scratch, after a cached
-        prefix, 16-, 64- and 128-row query tiles, decode rows mixed with a chunk), so their JIT
-        compilation happens now and not in some request's time to first token. Uses the first
-        blocks of the still unused cache."""
+        """Runs one of each prefill shape the kernels specialise on (from scratch or after a cached
+        prefix, each with 16-, 64- and 128-row query tiles; decode rows mixed with a chunk), so
+        their JIT compilation happens now and not in some request's time to first token. Uses the
+        first blocks of the still unused cache. (The from-scratch 64-row tile ran in _warm_up.)"""
         blocks = list(range(min(self.num_kv_blocks, -(-700 // self.block_size))))
         need = -(-330 // self.block_size)
-        if len(blocks) < 2 * need:
+        if len(blocks) <= 2 * need:
             return  # a cache this small is a test setup, not a server worth warming
         a = SeqState(0, [0] * 330, 300, 0, blocks[:need], SamplingOptions())
         b = SeqState(1, [0] * 330, 300, 0, blocks[need : 2 * need], SamplingOptions())
-        for seqs, counts in (([a], [200]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16])):
+        c = SeqState(2, [0] * 10, 10, 0, blocks[2 * need : 2 * need + 1], SamplingOptions())
+        plan = ([a], [200]), ([c], [10]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16])
+        for seqs, counts in plan:
             self.run(seqs, counts)
-        for seq in (a, b):
+        for seq in (a, b, c):
             self.release(seq)
 
 

@@ -132,7 +132,7 @@ def sample_kernel(
         tl.store(out_ptr + row, token.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_kernel(part_score_ptr, part_idx_ptr, out_ptr, num_splits, vocab, MAX_SPLITS: tl.constexpr):
     """One program per row picks the best partial; splits cover rising vocab ranges, so the lowest
     index among equal scores is still the row's first."""

@@ -61,7 +61,10 @@ def store_kvcache_kernel(
     tl.store(v_cache_ptr + dst, narrow(v, v_cache_ptr.dtype.element_ty, SATURATE), mask=mask)
 
 
-@triton.jit
+# Integers that change from step to step are not specialised: Triton would otherwise compile a
+# variant per value class (== 1, multiple of 16, other), e.g. each time the block-table width of an
+# eager step crosses a multiple of 16, a stall of about a second in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -194,7 +197,7 @@ def _key_rows(bt_row, q_start, n, mask, PAGED: tl.constexpr, BLOCK_SIZE: tl.cons
         return (q_start + n).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["min_q_len", "max_q_len", "stride_bt"])
 def prefill_kernel(
     q_ptr,
     k_ptr,

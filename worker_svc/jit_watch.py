@@ -1,0 +1,39 @@
+"""Reports Triton compilations that happen while serving.
+
+Start-up compiles every kernel variant it can foresee (prefill shapes, CUDA-graph capture). A
+variant first met later compiles inside some step, stalling every running request for up to a
+second or more on a cold cache, so each one is logged with its specialisation: the signature
+tells which argument made it new.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CompileWatch:
+    """Callbacks for triton.knobs.runtime's jit hooks: `before` stamps a compilation's start,
+    `after` logs it with its duration."""
+
+    def __init__(self) -> None:
+        self.started: dict[Any, float] = {}
+        self.count = 0
+
+    def before(self, *, key: Any, **_: Any) -> bool:
+        self.started[key] = time.perf_counter()
+        return False  # False: compile as usual
+
+    def after(self, *, key: Any, repr: str, **_: Any) -> None:
+        took = time.perf_counter() - self.started.pop(key, time.perf_counter())
+        self.count += 1
+        log.warning("Triton compiled a kernel variant while serving (%.2f s): %s", took, repr)
+
+    def install(self) -> None:
+        from triton import knobs
+
+        knobs.runtime.jit_cache_hook = self.before
+        knobs.runtime.jit_post_compile_hook = self.after
