@@ -72,7 +72,7 @@ class InstantWorker:
 
 
 async def run(model: str, step_s: float) -> tuple[int, float]:
-    config = EngineConfig(model=model, worker_addresses=("instant",))
+    config = EngineConfig(model=model, worker_addresses=("instant",), core_process=False)
     engine = Engine(config, workers=InstantWorker(40_000, step_s))  # type: ignore[arg-type]
     await engine.start()
     jobs = standard()
@@ -89,9 +89,9 @@ def serve(model: str, step_s: float, interval: int, port: multiprocessing.Value,
     """Child process: the public gRPC server over an engine whose worker answers instantly."""
 
     async def run() -> None:
-        config = EngineConfig(model=model, worker_addresses=("instant",), stream_interval=interval)
+        config = EngineConfig(model=model, worker_addresses=("instant",), stream_interval=interval, core_process=False)
         server = SchedulerServer(config, ServeOptions(port=0))
-        server.engine.workers = InstantWorker(40_000, step_s)  # type: ignore[assignment]
+        server.engine.core.workers = InstantWorker(40_000, step_s)  # type: ignore[assignment]
         port.value = await server.start()
         await server.server.wait_for_termination()
 

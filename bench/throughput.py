@@ -182,6 +182,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_inflight_steps=args.max_inflight_steps,
             stream_interval=args.stream_interval,
+            core_process=False,  # the in-process worker is an object of this process
         ),
         workers=worker,  # type: ignore[arg-type]
     )

@@ -46,11 +46,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free)
 
-    @property
-    def hit_rate(self) -> float:
-        """Share of full prompt blocks served from the prefix cache since start."""
-        return self.num_hits / self.num_queries if self.num_queries else 0.0
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -16,6 +16,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     p.add_argument(
+        "--no-core-process",
+        action="store_true",
+        help="run the engine core (scheduling, worker streams) in the scheduler's event loop, not a process of its own",
+    )
+    p.add_argument(
         "--max-inflight-steps",
         type=int,
         default=3,

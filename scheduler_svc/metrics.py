@@ -1,14 +1,14 @@
 """Prometheus metrics of one engine, in a registry of its own (tests run several engines per process).
 
-The step loop pays one histogram observation per step. Per-request numbers are observed by the
-request's own coroutine, on its first and last message. Queue lengths, KV blocks, prefix-cache and
-token counts are plain attributes read only when Prometheus scrapes, so they cost nothing per step.
+Each step costs one histogram observation (its worker time, measured by the core). Per-request
+numbers are observed by the request's own coroutine, on its first and last message. Queue lengths,
+KV blocks and prefix-cache counts are the core's stats as of its last step, and they and the token
+counts are read only when Prometheus scrapes, so they cost nothing per step.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from scheduler_svc.core import CoreStats
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -46,25 +48,14 @@ class Metrics:
             "time_per_output_token", "Mean time between output tokens of a request (2+ tokens).", TPOT_BUCKETS
         )
         self.e2e = histogram("e2e_request_latency", "From arrival to the last message of a request.", E2E_BUCKETS)
-        self.step = histogram(
+        self.step_time = histogram(
             "step_duration", "Worker time of one step, send or previous result to result.", STEP_BUCKETS
         )
         self.registry.register(_StateCollector(self))
-        self._sent: deque[float] = deque()
-        self._last_done = 0.0
         self._http: WSGIServer | None = None
 
-    # ---- the step loop's hooks: O(1) ----
-
-    def step_sent(self) -> None:
-        self._sent.append(time.perf_counter())
-
-    def step_done(self) -> None:
-        """Steps run in order, so a step starts when it was sent or when the one before it ended,
-        whichever is later; counting from there keeps pipelined steps from counting their wait."""
-        now = time.perf_counter()
-        self.step.observe(now - max(self._sent.popleft(), self._last_done))
-        self._last_done = now
+    def step(self, seconds: float) -> None:
+        self.step_time.observe(seconds)
 
     # ---- a request's hooks, called from its own coroutine ----
 
@@ -112,17 +103,18 @@ class _StateCollector(Collector):
         yield requests
         yield CounterMetricFamily("nanovllm_prompt_tokens", "Prompt tokens of requests that started.", m.prompt_tokens)
         yield CounterMetricFamily("nanovllm_generation_tokens", "Output tokens streamed.", m.generation_tokens)
-        sched = m.engine.scheduler
-        if sched is None:
+        info = m.engine.info
+        if info is None:
             return
-        blocks = sched.blocks
-        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", len(sched.waiting))
-        yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", len(sched.running))
-        yield GaugeMetricFamily(
-            "nanovllm_kv_blocks_used", "KV blocks referenced by a sequence.", blocks.num_blocks - blocks.num_free
-        )
-        yield GaugeMetricFamily("nanovllm_kv_blocks_free", "KV blocks free (cached ones included).", blocks.num_free)
-        yield CounterMetricFamily("nanovllm_prefix_cache_queries", "Full prompt blocks looked up.", blocks.num_queries)
-        yield CounterMetricFamily("nanovllm_prefix_cache_hits", "Prompt blocks found cached.", blocks.num_hits)
-        yield GaugeMetricFamily("nanovllm_prefix_cache_hit_rate", "Hits / queries since start.", blocks.hit_rate)
-        yield CounterMetricFamily("nanovllm_preemptions", "Sequences preempted for KV blocks.", sched.num_preemptions)
+        stats = m.engine.stats or CoreStats(0, 0, 0, info.num_blocks, 0, 0, 0)  # no step yet
+        waiting = m.engine.num_waiting()
+        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", waiting)
+        yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", stats.running)
+        used = info.num_blocks - stats.blocks_free
+        yield GaugeMetricFamily("nanovllm_kv_blocks_used", "KV blocks referenced by a sequence.", used)
+        yield GaugeMetricFamily("nanovllm_kv_blocks_free", "KV blocks free (cached ones included).", stats.blocks_free)
+        queries, hits = stats.prefix_queries, stats.prefix_hits
+        yield CounterMetricFamily("nanovllm_prefix_cache_queries", "Full prompt blocks looked up.", queries)
+        yield CounterMetricFamily("nanovllm_prefix_cache_hits", "Prompt blocks found cached.", hits)
+        yield GaugeMetricFamily("nanovllm_prefix_cache_hit_rate", "Hits / queries since start.", stats.hit_rate)
+        yield CounterMetricFamily("nanovllm_preemptions", "Sequences preempted for KV blocks.", stats.preemptions)

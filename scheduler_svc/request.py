@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.sequence import FinishReason, Sequence
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import Sample
 
 
@@ -36,9 +37,15 @@ class Output:
 
 @dataclass(eq=False)
 class Request:
+    """The frontend's side of a request: its stream, its text so far; the core holds its tokens."""
+
     request_id: str
-    seq: Sequence
+    seq_id: int
+    num_prompt_tokens: int
+    params: SamplingParams
     detok: Detokenizer
+    num_output_tokens: int = 0
+    finished: bool = False  # the core has finished it, or will at the Finish sent for it
     queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)
     held: Output | None = None  # tokens waiting for the stream interval to fill
     arrival: float = field(default_factory=time.monotonic)

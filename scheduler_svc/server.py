@@ -43,6 +43,7 @@ def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
         max_inflight_steps=args.max_inflight_steps,
         max_queued_requests=args.max_queued_requests,
         stream_interval=args.stream_interval,
+        core_process=not args.no_core_process,
     )
 
 

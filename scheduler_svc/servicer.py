@@ -96,15 +96,15 @@ class GenerationServicer(pbg.GenerationServicer):
         return pb.TokenizeResponse(token_ids=self.engine.tokenize(request.text, request.add_special_tokens))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        e = self.engine
-        if e.scheduler is None or e.workers.info is None:
+        info = self.engine.info
+        if info is None:
             raise WorkerUnavailable("the workers are still loading the model")
         return pb.ModelInfo(
             model_name=self.model_name,
-            max_model_len=e.max_model_len,
-            vocab_size=e.vocab_size,
-            eos_token_ids=sorted(e.eos_token_ids),
-            block_size=e.scheduler.config.block_size,
-            num_kv_blocks=e.scheduler.config.num_blocks,
-            tensor_parallel_size=e.workers.info.world_size,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=sorted(self.engine.eos_token_ids),
+            block_size=info.block_size,
+            num_kv_blocks=info.num_blocks,
+            tensor_parallel_size=info.world_size,
         )

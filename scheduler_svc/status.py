@@ -24,18 +24,18 @@ class StatusLog:
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
-            sched = self.engine.scheduler
+            info, stats = self.engine.info, self.engine.stats
+            moved = (m.prompt_tokens, m.generation_tokens) != (prompt, gen)
             # Silent when idle; the interval that saw the last tokens still gets its line.
-            if sched is not None and (sched.has_work() or (m.prompt_tokens, m.generation_tokens) != (prompt, gen)):
-                blocks = sched.blocks
+            if info is not None and stats is not None and (stats.running or stats.waiting or moved):
                 log.info(
                     "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
                     "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
                     (m.prompt_tokens - prompt) / (now - last),
                     (m.generation_tokens - gen) / (now - last),
-                    len(sched.running),
-                    len(sched.waiting),
-                    100.0 * (blocks.num_blocks - blocks.num_free) / blocks.num_blocks,
-                    100.0 * blocks.hit_rate,
+                    stats.running,
+                    self.engine.num_waiting(),
+                    100.0 * (info.num_blocks - stats.blocks_free) / info.num_blocks,
+                    100.0 * stats.hit_rate,
                 )
             last, prompt, gen = now, m.prompt_tokens, m.generation_tokens

@@ -56,12 +56,16 @@ async def make_server(config: EngineConfig, options: ServeOptions) -> SchedulerS
 
 
 class Service:
-    """`engine`: EngineConfig fields; `serve`: ServeOptions fields; the rest: WorkerConfig fields."""
+    """`engine`: EngineConfig fields; `serve`: ServeOptions fields; the rest: WorkerConfig fields.
+    The engine core runs in this process unless `engine` sets core_process, so tests can look at
+    its scheduler."""
 
     def __init__(self, model_dir: str, engine: dict | None = None, serve: dict | None = None, **worker: object) -> None:
         self.worker = start_worker(model_dir, **worker)
         config = EngineConfig(
-            model=str(model_dir), worker_addresses=(f"127.0.0.1:{self.worker.port}",), **(engine or {})
+            model=str(model_dir),
+            worker_addresses=(f"127.0.0.1:{self.worker.port}",),
+            **{"core_process": False, **(engine or {})},
         )
         self.loop = Loop()
         self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0, **(serve or {}))))

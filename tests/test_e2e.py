@@ -59,9 +59,9 @@ def make_prompts(vocab: int, n: int, seed: int = 0, lo: int = 3, hi: int = 60) -
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    svc = Service(tiny_model_dir, num_kv_blocks=256, block_size=16)
+@pytest.fixture(scope="module", params=[False, True], ids=["core-in-loop", "core-process"])
+def service(tiny_model_dir, request):
+    svc = Service(tiny_model_dir, engine={"core_process": request.param}, num_kv_blocks=256, block_size=16)
     yield svc
     svc.stop()
 
@@ -117,8 +117,8 @@ def test_preemption_keeps_outputs(tiny_model_dir, hf, tok) -> None:
     try:
         prompts = make_prompts(len(tok), 6, seed=2, lo=10, hi=30)
         got = run_concurrently(svc.addr, prompts, max_tokens=30, temperature=0.0, ignore_eos=True)
-        assert svc.engine.scheduler.num_preemptions > 0
-        assert svc.engine.scheduler.blocks.num_free == 24
+        assert svc.engine.core.scheduler.num_preemptions > 0
+        assert svc.engine.core.scheduler.blocks.num_free == 24
     finally:
         svc.stop()
     hf.generation_config.eos_token_id = None
@@ -204,17 +204,18 @@ def test_logprobs_match_transformers(service, hf, tok) -> None:
 
 def test_cancel_aborts_and_frees_blocks(service, tok) -> None:
     prompt = make_prompts(len(tok), 1, seed=13)[0]
-    sched = service.engine.scheduler
+    engine = service.engine  # the core's stats as of its last step, in either mode
     with Client(service.addr) as c:
         call = c.generate(prompt, max_tokens=400, temperature=0.0, ignore_eos=True)
         next(call)
         next(call)
-        assert sched.running
+        assert engine.stats.running == 1
         call.cancel()
-    deadline = time.time() + 10
-    while (sched.running or sched.blocks.num_free != sched.config.num_blocks) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not sched.running and sched.blocks.num_free == sched.config.num_blocks
+        deadline = time.time() + 10
+        while engine.requests and time.time() < deadline:
+            time.sleep(0.05)
+        collect(c, [5, 6, 7], max_tokens=2, temperature=0.0, ignore_eos=True)  # steps report the state after
+    assert engine.stats.running == 0 and engine.stats.blocks_free == engine.info.num_blocks
 
 
 @pytest.mark.parametrize(
@@ -231,6 +232,7 @@ def test_cancel_aborts_and_frees_blocks(service, tok) -> None:
     ],
 )
 def test_bad_input_gets_invalid_argument_and_service_keeps_serving(service, kwargs, needle) -> None:
+    kwargs = dict(kwargs)  # the parameter's dict is shared by both core modes
     prompt = kwargs.pop("prompt")
     with Client(service.addr) as c:
         with pytest.raises(grpc.RpcError) as err:

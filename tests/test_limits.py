@@ -23,7 +23,7 @@ def wait_for(cond, what: str, timeout: float = 10.0) -> None:
 
 
 def all_free(svc: Service) -> bool:
-    sched = svc.engine.scheduler
+    sched = svc.engine.core.scheduler
     return not sched.running and not sched.waiting and sched.blocks.num_free == sched.config.num_blocks
 
 
@@ -36,7 +36,7 @@ def service(tiny_model_dir):
 
 
 def test_resource_exhausted_past_the_queue_limit(service) -> None:
-    sched = service.engine.scheduler
+    sched = service.engine.core.scheduler
     with Client(service.addr) as c:
         running = c.generate([5, 6, 7], **LONG)
         next(running)
@@ -64,7 +64,7 @@ def test_deadline_of_a_running_request_aborts_it_and_frees_its_blocks(service) -
 
 
 def test_deadline_of_a_queued_request_takes_it_off_the_queue(service) -> None:
-    sched = service.engine.scheduler
+    sched = service.engine.core.scheduler
     with Client(service.addr) as c:
         running = c.generate([5, 6, 7], **LONG)
         next(running)
@@ -95,7 +95,7 @@ def test_drain_finishes_running_and_queued_requests_and_refuses_new_ones(tiny_mo
     try:
         outs: list[list] = [[], []]
         threads = [stream_in_thread(svc.addr, [5 + i, 6, 7], outs[i]) for i in range(2)]
-        wait_for(lambda: len(svc.engine.scheduler.waiting) == 1, "the requests did not start")
+        wait_for(lambda: len(svc.engine.core.scheduler.waiting) == 1, "the requests did not start")
         draining = svc.loop.submit(svc.server.drain(60.0))
         wait_for(lambda: svc.engine.draining, "the drain did not start")
         with Client(svc.addr) as c, pytest.raises(grpc.RpcError) as err:
@@ -117,7 +117,7 @@ def test_drain_timeout_gives_unfinished_requests_unavailable(tiny_model_dir) -> 
     try:
         out: list = []
         thread = stream_in_thread(svc.addr, [5, 6, 7], out)
-        wait_for(lambda: svc.engine.scheduler.running, "the request did not start")
+        wait_for(lambda: svc.engine.core.scheduler.running, "the request did not start")
         svc.call(svc.server.drain(0.0))
         thread.join(timeout=30)
         assert isinstance(out[-1], grpc.RpcError) and out[-1].code() == grpc.StatusCode.UNAVAILABLE

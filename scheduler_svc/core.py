@@ -1,0 +1,268 @@
+"""The engine core: the scheduler and the step loop, knowing token ids only.
+
+It owns the waiting and running queues, the KV block tables and the step streams to the workers.
+The frontend (engine.py) owns tokenizing, detokenizing and the clients' streams. They talk with the
+messages below: Add and Finish go in; Started, StepOutputs and Dead come out, through the `emit`
+callback. The core runs in the frontend's event loop or in a process of its own
+(core_process.py), where the per-token work of streaming no longer competes with scheduling for
+one Python thread.
+
+The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1 (and
+N+2) before step N's tokens return, so the worker never waits on a round trip. A sequence that
+finished at step N may already be in the steps after it; those extra tokens are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
+from scheduler_svc.sequence import FinishReason, Sequence
+from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
+
+log = logging.getLogger(__name__)
+MAX_INFLIGHT_STEPS = 4
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    worker_addresses: tuple[str, ...]
+    eos_token_ids: frozenset[int]
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the worker's
+    enable_prefix_caching: bool = True
+    max_inflight_steps: int = 3
+    connect_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.worker_addresses:
+            raise ValueError("worker_addresses is empty")
+        if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
+            raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the frontend validates requests against, and reports in GetModelInfo."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class CoreStats:
+    """The scheduler's state after a step, for metrics, status lines and admission control."""
+
+    num_added: int  # Add messages applied so far: the frontend counts the ones not yet seen here
+    waiting: int
+    running: int
+    blocks_free: int
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of full prompt blocks served from the prefix cache since start."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+# ---- messages: frontend -> core ----
+
+
+@dataclass(frozen=True)
+class Add:
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Ends a sequence the frontend is done with: aborted by its client, or a stop string found."""
+
+    seq_id: int
+    reason: FinishReason
+
+
+# ---- messages: core -> frontend ----
+
+
+@dataclass(frozen=True)
+class Started:
+    info: CoreInfo
+
+
+# One sampled token: (seq_id, token_id, finish_reason or None, cached prompt tokens, logprobs or None).
+Update = tuple[int, int, FinishReason | None, int, Sample | None]
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    updates: list[Update]
+    step_seconds: float  # the step's worker time: from its send, or the previous result if later (0: no step)
+    stats: CoreStats
+
+
+@dataclass(frozen=True)
+class Dead:
+    why: str
+
+
+Event = Started | StepOutputs | Dead
+
+
+class EngineCore:
+    def __init__(self, config: CoreConfig, emit: Callable[[Event], None], workers: WorkerGroup | None = None) -> None:
+        """`workers` replaces the gRPC worker group (the in-process benchmark passes its own)."""
+        self.config = config
+        self.emit = emit
+        self.workers = workers or WorkerGroup(list(config.worker_addresses))
+        self.scheduler: Scheduler | None = None
+        self.seqs: dict[int, Sequence] = {}
+        self.num_added = 0
+        self.dead: str | None = None
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sent: deque[float] = deque()
+        self._last_done = 0.0
+
+    async def start(self) -> CoreInfo:
+        winfo = await self.workers.connect(self.config.connect_timeout)
+        cfg = self.config
+        max_model_len = min(cfg.max_model_len or winfo.max_model_len, winfo.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=winfo.num_kv_blocks,
+                block_size=winfo.block_size,
+                max_num_seqs=min(cfg.max_num_seqs, winfo.max_num_seqs),
+                max_num_batched_tokens=min(cfg.max_num_batched_tokens, winfo.max_num_batched_tokens),
+                max_model_len=max_model_len,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+            ),
+            set(cfg.eos_token_ids),
+        )
+        self._loop_task = asyncio.create_task(self._loop())
+        return CoreInfo(max_model_len, winfo.vocab_size, winfo.block_size, winfo.num_kv_blocks, winfo.world_size)
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self.workers.close()
+
+    async def wait_dead(self) -> str:
+        """Returns why, once the step loop has ended for good (a worker died, or a bug)."""
+        assert self._loop_task is not None, "start() first"
+        await asyncio.shield(self._loop_task)
+        return self.dead or "the engine loop ended"
+
+    def add(self, msg: Add) -> None:
+        assert self.scheduler is not None, "start() first"
+        seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
+        self.seqs[seq.seq_id] = seq
+        self.num_added += 1
+        self.scheduler.add(seq)
+        self._wake.set()
+
+    def finish(self, msg: Finish) -> None:
+        seq = self.seqs.pop(msg.seq_id, None)
+        if seq is not None and self.scheduler is not None and not seq.is_finished:
+            self.scheduler.finish(seq, msg.reason)
+            self._wake.set()  # its removal goes to the workers with the next step
+
+    def stats(self) -> CoreStats:
+        sched = self.scheduler
+        assert sched is not None, "start() first"
+        blocks = sched.blocks
+        return CoreStats(
+            self.num_added,
+            len(sched.waiting),
+            len(sched.running),
+            blocks.num_free,
+            blocks.num_queries,
+            blocks.num_hits,
+            sched.num_preemptions,
+        )
+
+    # ---- the step loop ----
+
+    async def _loop(self) -> None:
+        assert self.scheduler is not None
+        sched = self.scheduler
+        inflight: deque[Batch] = deque()
+        ready: tuple[list[Update], float] | None = None
+        reported: CoreStats | None = None
+        try:
+            while True:
+                while len(inflight) < self.config.max_inflight_steps:
+                    batch = sched.schedule()
+                    if batch is None:
+                        break
+                    await self.workers.send(to_step_request(batch, sched.eos_token_ids))
+                    self._sent.append(time.perf_counter())
+                    inflight.append(batch)
+                if ready is not None:
+                    # Outputs go after the next step is on its way: streaming them is the largest
+                    # per-token cost and need not delay the worker. A stop string the frontend
+                    # finds ends its sequence a step or two later; those tokens are dropped.
+                    reported = self.stats()
+                    self.emit(StepOutputs(*ready, reported))
+                    ready = None
+                    if not inflight:
+                        continue  # what it finished may free blocks or leave removals to send
+                if not inflight:
+                    if (now := self.stats()) != reported:  # e.g. an abort since: idle gauges stay true
+                        reported = now
+                        self.emit(StepOutputs([], 0.0, now))
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                res = await self.workers.receive()
+                now = time.perf_counter()
+                # Steps run in order: one starts when sent or when the previous ended, if later.
+                took = now - max(self._sent.popleft(), self._last_done)
+                self._last_done = now
+                batch = inflight.popleft()
+                assert res.step_id == batch.step_id, (res.step_id, batch.step_id)
+                samples = from_step_result(res)
+                updated = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()})
+                ready = self._updates(updated, samples), took
+        except WorkerUnavailable as e:
+            self._die(str(e))
+        except Exception as e:  # a bug here must not hang clients: fail them loudly
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {e!r}")
+
+    def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
+        out: list[Update] = []
+        for seq in updated:
+            sid = seq.seq_id
+            if seq.is_finished:
+                self.seqs.pop(sid, None)
+            out.append(
+                (
+                    sid,
+                    seq.token_ids[-1],
+                    seq.finish_reason,
+                    seq.num_cached_tokens,
+                    samples[sid] if seq.params.logprobs else None,
+                )
+            )
+        return out
+
+    def _die(self, why: str) -> None:
+        self.dead = why
+        log.error("engine stopped: %s", why)
+        self.emit(Dead(why))
