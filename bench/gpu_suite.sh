@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of one card, in one go, each step's log kept.
 #
-#   bench/gpu_suite.sh [LOG_DIR]            (from the repo root, on a machine with a GPU)
+#   bench/gpu_suite.sh [LOG_DIR [STEP...]]   (from the repo root, on a machine with a GPU)
 #
 # Runs the kernel and worker correctness checks, the decode-step profile at batch 256 and 1, and
 # the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
-# four tokens a streamed message, and with an fp8 KV cache). A failing step is
-# reported and the rest still run; the exit status is that of the last failure.
+# four tokens a streamed message, with the engine core in the scheduler process, and with an fp8
+# KV cache). STEPs pick some of them by name (default: all). A failing step is reported and the
+# rest still run; the exit status is that of the last failure.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
+shift || true
+ONLY=" $* "
 mkdir -p "$LOG_DIR"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 status=0
@@ -16,12 +19,14 @@ status=0
 step() {  # step NAME TIMEOUT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
     echo "=== $name: $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
     local rc=$?
     # Progress bars rewrite one line with carriage returns: keep the log's last lines readable.
     tr '\r' '\n' <"$LOG_DIR/$name.log" | grep -v 'it/s\]\|req/s\]' | tail -n 30
+    grep "compiled a kernel variant while serving" "$LOG_DIR/$name.log" | head -n 5  # a stall, and its cause
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     if [ "$rc" -ne 0 ]; then status=$rc; fi
 }
@@ -33,5 +38,6 @@ step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
+step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
 exit $status

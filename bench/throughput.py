@@ -55,6 +55,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
     if args.enforce_eager:
         flags.append("--enforce-eager")
+    if args.no_core_process:
+        flags.append("--no-core-process")
     return flags
 
 
@@ -126,13 +128,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 def process_tree(pid: int) -> dict[str, int]:
-    """The scheduler (`nanovllm serve` itself) and its worker processes, by role."""
+    """The scheduler (`nanovllm serve` itself), its engine core process and its workers, by role."""
     children = [
         int(d.name) for d in Path("/proc").iterdir()
         if d.name.isdigit() and (d / "stat").exists()
         and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid)
     ]  # fmt: skip
-    return {"scheduler": pid, **{f"worker {i}": c for i, c in enumerate(sorted(children))}}
+    roles = {"scheduler": pid}
+    workers = 0
+    for child in sorted(children):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"resource_tracker" in cmdline:
+            continue  # multiprocessing's helper, idle
+        if b"multiprocessing" in cmdline:
+            roles["core"] = child  # the engine core, started with multiprocessing's spawn
+        else:
+            roles[f"worker {workers}"] = child
+            workers += 1
+    return roles
 
 
 def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
@@ -219,6 +232,7 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")
     args = p.parse_args()
     modes = args.modes.split(",")
     model = model_dir(args)
