@@ -9,6 +9,7 @@ step N+1 while the device still runs step N.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch
 
 from worker_svc.attention import AttnMetadata
 from worker_svc.seq_state import SeqState
+
+SMALL_DECODE = 32  # up to this many seqs, a pure decode step is laid out without numpy
 
 
 @dataclass
@@ -43,15 +46,18 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """int64 arrays -> device tensors, through one pinned buffer and one non-blocking copy."""
     sizes = [a.size for a in arrays]
-    pinned = device.type == "cuda"
-    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=pinned)
+    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
     flat = host.numpy()
     start = 0
     for a, n in zip(arrays, sizes, strict=True):
         flat[start : start + n] = a.reshape(-1)
         start += n
-    dev = host.to(device, non_blocking=True)
-    return [t.view(a.shape) for t, a in zip(dev.split(sizes), arrays, strict=True)]
+    return _split(host.to(device, non_blocking=True), [a.shape for a in arrays])
+
+
+def _split(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def prepare(
@@ -64,6 +70,10 @@ def prepare(
     n = len(seqs)
     if len(num_tokens) != n or not seqs:
         raise ValueError(f"need one token count per seq and at least one seq; got {len(num_tokens)} for {n}")
+    if n <= SMALL_DECODE and all(c == 1 for c in num_tokens):
+        batch = _prepare_small_decode(seqs, block_size, max_model_len, device)
+        if batch is not None:
+            return batch
     counts = np.asarray(num_tokens, dtype=np.int64)
     starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=n)
     known = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
@@ -108,6 +118,62 @@ def prepare(
         has_prefix=bool(starts.any()),
     )
     return Batch(ids_d, pos, meta, samplers.tolist(), rows, frows, fslots, sslots)
+
+
+def _prepare_small_decode(
+    seqs: list[SeqState], block_size: int, max_model_len: int, device: torch.device
+) -> Batch | None:
+    """`prepare` for a few seqs computing one token each, in plain Python: at this size numpy's
+    per-call cost is most of the step's host time (single-request latency is bound by it). The
+    same layout as `prepare`; None if some seq breaks a rule, for `prepare` to say which."""
+    n = len(seqs)
+    width = max(len(s.block_table) for s in seqs)
+    ids, positions, slots, ends, tables = [], [], [], [], []
+    samplers, sample_slots, fill_rows, fill_slots = [], [], [], []
+    for i, s in enumerate(seqs):
+        pos, known, table = s.num_computed, len(s.token_ids), s.block_table
+        end, total = pos + 1, known + s.num_pending
+        if end > total or end > max_model_len or end > len(table) * block_size:
+            return None
+        if end > known:  # sampled by the last step, still on the device only
+            if end != total or s.slot < 0:
+                return None
+            fill_rows.append(i)
+            fill_slots.append(s.slot)
+            ids.append(0)
+        else:
+            ids.append(s.token_ids[pos])
+        if end == total:
+            samplers.append(i)
+            sample_slots.append(s.slot)
+        positions.append(pos)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        ends.append(end)
+        tables += table
+        tables += [0] * (width - len(table))
+    loc = list(range(n + 1))
+    parts = (ids, positions, slots, loc, ends, tables, samplers, fill_rows, fill_slots, sample_slots)
+    shapes = [(len(p),) for p in parts]
+    shapes[5] = (n, width)
+    host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()  # an asynchronous copy needs pinned memory
+    ids_d, pos, slot_map, loc_d, lens, tabs, rows, frows, fslots, sslots = _split(
+        host.to(device, non_blocking=True), shapes
+    )
+    meta = AttnMetadata(
+        slot_mapping=slot_map,
+        query_start_loc=loc_d.int(),
+        seq_lens=lens.int(),
+        block_tables=tabs.int(),
+        max_query_len=1,
+        max_seq_len=max(ends),
+        query_start_loc_host=loc,
+        seq_lens_host=ends,
+        is_decode=True,
+        has_prefix=any(positions),
+    )
+    return Batch(ids_d, pos, meta, samplers, rows, frows, fslots, sslots)
 
 
 def _check(

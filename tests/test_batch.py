@@ -1,0 +1,69 @@
+"""The small-decode layout (plain Python) against the vectorised one: same batch, same errors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import fields
+
+import pytest
+import torch
+
+import worker_svc.batch as batch_mod
+from worker_svc.batch import Batch, prepare
+from worker_svc.seq_state import SamplingOptions, SeqState
+
+BS = 4
+
+
+def decode_seqs(rng: random.Random, n: int) -> list[SeqState]:
+    """Seqs at one decode token each: some with the token known, some with it still on the device."""
+    seqs = []
+    for i in range(n):
+        length = rng.randint(1, 40)
+        pending = rng.random() < 0.5
+        known = length - 1 if pending else length
+        computed = length - 1
+        blocks = rng.sample(range(1000), -(-length // BS) + rng.randint(0, 2))
+        seq = SeqState(i, [rng.randrange(500) for _ in range(known)], 1, computed, blocks, SamplingOptions())
+        seq.num_pending, seq.slot = int(pending), 2 * i + 1
+        seqs.append(seq)
+    return seqs
+
+
+def as_dict(b: Batch) -> dict:
+    out = {}
+    for f in fields(b):
+        value = getattr(b, f.name)
+        if f.name == "meta":
+            out |= {f"meta.{g.name}": _plain(getattr(value, g.name)) for g in fields(value)}
+        else:
+            out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: object) -> object:
+    return (str(value.dtype), value.tolist()) if isinstance(value, torch.Tensor) else value
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+def test_small_decode_layout_matches_the_vectorised_one(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    rng = random.Random(n)
+    for _ in range(20):
+        seqs = decode_seqs(rng, n)
+        fast = as_dict(prepare(seqs, [1] * n, BS, 4096, torch.device("cpu")))
+        monkeypatch.setattr(batch_mod, "SMALL_DECODE", 0)
+        general = as_dict(prepare(seqs, [1] * n, BS, 4096, torch.device("cpu")))
+        monkeypatch.undo()
+        assert fast == general
+
+
+def test_small_decode_reports_what_the_vectorised_check_reports() -> None:
+    seq = SeqState(7, [1, 2, 3], 3, 3, [0], SamplingOptions())  # position 3 fits block 0 (4 slots)
+    seq.num_pending, seq.slot = 1, 0
+    prepare([seq], [1], BS, 4096, torch.device("cpu"))
+    seq.num_computed = 4  # nothing left to compute
+    with pytest.raises(ValueError, match="seq 7: cannot compute 1 tokens from 4 of 4"):
+        prepare([seq], [1], BS, 4096, torch.device("cpu"))
+    seq.num_computed, seq.num_pending, seq.token_ids = 4, 1, [1, 2, 3, 4]  # position 4 needs a second block
+    with pytest.raises(ValueError, match="seq 7: 1 blocks cannot hold 5 tokens"):
+        prepare([seq], [1], BS, 4096, torch.device("cpu"))
