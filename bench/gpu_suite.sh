@@ -26,7 +26,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     local rc=$?
     # Progress bars rewrite one line with carriage returns: keep the log's last lines readable.
     tr '\r' '\n' <"$LOG_DIR/$name.log" | grep -v 'it/s\]\|req/s\]' | tail -n 30
-    grep "compiled a kernel variant while serving" "$LOG_DIR/$name.log" | head -n 5  # a stall, and its cause
+    grep "compiled a kernel variant after start-up" "$LOG_DIR/$name.log" | head -n 5  # a stall, and its cause
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     if [ "$rc" -ne 0 ]; then status=$rc; fi
 }

@@ -17,4 +17,4 @@ def test_logs_each_compile_with_its_signature(caplog: pytest.LogCaptureFixture) 
     assert watch.count == 1 and not watch.started
     (record,) = caplog.records
     assert "prefill_kernel(stride_bt: i32 (D))" in record.getMessage()
-    assert "while serving" in record.getMessage()
+    assert "after start-up" in record.getMessage()

@@ -1,9 +1,9 @@
-"""Reports Triton compilations that happen while serving.
+"""Reports Triton compilations that happen after the model runner's start-up.
 
-Start-up compiles every kernel variant it can foresee (prefill shapes, CUDA-graph capture). A
-variant first met later compiles inside some step, stalling every running request for up to a
-second or more on a cold cache, so each one is logged with its specialisation: the signature
-tells which argument made it new.
+Start-up compiles every kernel variant it can foresee (prefill shapes, CUDA-graph capture). In a
+server, a variant first met later compiles inside some step, stalling every running request for
+a second or more on a cold cache, so each one is logged with its specialisation: the signature
+tells which argument made it new. (Check scripts that run their own shapes see these too.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class CompileWatch:
     def after(self, *, key: Any, repr: str, **_: Any) -> None:
         took = time.perf_counter() - self.started.pop(key, time.perf_counter())
         self.count += 1
-        log.warning("Triton compiled a kernel variant while serving (%.2f s): %s", took, repr)
+        log.warning("Triton compiled a kernel variant after start-up (%.2f s): %s", took, repr)
 
     def install(self) -> None:
         from triton import knobs
