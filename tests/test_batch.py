@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import worker_svc.batch as batch_mod
-from worker_svc.batch import Batch, prepare
+from worker_svc.batch import Batch, TableStore, prepare
 from worker_svc.seq_state import SamplingOptions, SeqState
 
 BS = 4
@@ -67,3 +67,31 @@ def test_small_decode_reports_what_the_vectorised_check_reports() -> None:
     seq.num_computed, seq.num_pending, seq.token_ids = 4, 1, [1, 2, 3, 4]  # position 4 needs a second block
     with pytest.raises(ValueError, match="seq 7: 1 blocks cannot hold 5 tokens"):
         prepare([seq], [1], BS, 4096, torch.device("cpu"))
+
+
+def test_table_store_gives_the_same_tables_as_reading_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seqs grow their tables between steps, leave, and their slots go to new seqs: the gathered
+    tables stay equal to the ones read from the seqs themselves, zero-padded."""
+    monkeypatch.setattr(batch_mod, "SMALL_DECODE", 0)  # the vectorised layout, which uses the store
+    rng = random.Random(3)
+    store = TableStore(rows=64, max_blocks=16)
+    free = list(range(64))
+    held: list[SeqState] = []
+    for step in range(40):
+        for seq in rng.sample(held, k=len(held) // 4):  # some finish; their slots are reused
+            held.remove(seq)
+            store.clear(seq)
+            free.append(seq.slot)
+            seq.slot = -1
+        for seq in decode_seqs(rng, rng.randint(1, 6)):
+            seq.seq_id, seq.slot = 1000 * step + seq.seq_id, free.pop(rng.randrange(len(free)))
+            held.append(seq)
+        for seq in held:  # the next decode token; sometimes it needs a new block
+            if seq.num_computed + 2 > len(seq.block_table) * BS:
+                seq.block_table.append(rng.randrange(1000))
+            seq.token_ids.append(rng.randrange(500))
+            seq.num_computed += 1
+        order = rng.sample(held, k=len(held))
+        with_store = prepare(order, [1] * len(order), BS, 4096, torch.device("cpu"), store)
+        without = prepare(order, [1] * len(order), BS, 4096, torch.device("cpu"))
+        assert as_dict(with_store) == as_dict(without)

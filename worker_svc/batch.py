@@ -34,6 +34,32 @@ class Batch:
     sample_slots: torch.Tensor  # int64: the last-token buffer slot of each sampler
 
 
+class TableStore:
+    """Every held seq's block table as row `slot` of one host array. Tables only grow, so each
+    block id is converted once, when it first appears, and a step's tables are one numpy gather:
+    converting every id of every seq each step took most of prepare()'s time at large batches."""
+
+    def __init__(self, rows: int, max_blocks: int) -> None:
+        self.array = np.zeros((rows, max_blocks), dtype=np.int64)
+
+    def gather(self, seqs: list[SeqState], slot_of: np.ndarray, width: int) -> np.ndarray | None:
+        """The seqs' tables, zero-padded to width; None when some seq has no slot or too many blocks."""
+        if width > self.array.shape[1] or (slot_of < 0).any():
+            return None
+        for s in seqs:
+            n = len(s.block_table)
+            if s.synced_blocks < n:
+                self.array[s.slot, s.synced_blocks : n] = s.block_table[s.synced_blocks :]
+                s.synced_blocks = n
+        return self.array[slot_of, :width]
+
+    def clear(self, seq: SeqState) -> None:
+        """Zeroes seq's row before its slot goes to another seq, so rows stay zero-padded."""
+        if seq.slot >= 0:
+            self.array[seq.slot, : seq.synced_blocks] = 0
+        seq.synced_blocks = 0
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """Starts copying a device tensor to the host without waiting: into pinned memory, since a
     copy into pageable memory would block until the device is done."""
@@ -61,12 +87,17 @@ def _split(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tens
 
 
 def prepare(
-    seqs: list[SeqState], num_tokens: list[int], block_size: int, max_model_len: int, device: torch.device
+    seqs: list[SeqState],
+    num_tokens: list[int],
+    block_size: int,
+    max_model_len: int,
+    device: torch.device,
+    store: TableStore | None = None,
 ) -> Batch:
     """Batch for computing num_tokens[i] tokens of seqs[i] from its num_computed on.
 
     This runs every step for up to hundreds of seqs, so each per-seq quantity is gathered once into
-    an array and the rest is vectorised."""
+    an array and the rest is vectorised. `store` (the runner's) saves re-reading the block tables."""
     n = len(seqs)
     if len(num_tokens) != n or not seqs:
         raise ValueError(f"need one token count per seq and at least one seq; got {len(num_tokens)} for {n}")
@@ -87,10 +118,13 @@ def prepare(
     total = int(cu[-1])
     row = np.repeat(np.arange(n), counts)
     positions = np.arange(total) - np.repeat(cu[:-1] - starts, counts)
-    tables = np.zeros((n, int(widths.max())), dtype=np.int64)
-    tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(widths.sum())
-    )
+    width = int(widths.max())
+    tables = store.gather(seqs, slot_of, width) if store is not None else None
+    if tables is None:
+        tables = np.zeros((n, width), dtype=np.int64)
+        tables[np.arange(width) < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(widths.sum())
+        )
     slots = tables[row, positions // block_size] * block_size + positions % block_size
     # The last token of a range past the known ones was sampled on the device and is still there
     # (the range may start past `known` too, when several steps are in flight).

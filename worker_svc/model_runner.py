@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from worker_svc.attention import get_backend
-from worker_svc.batch import prepare, to_host
+from worker_svc.batch import TableStore, prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
 from worker_svc.jit_watch import CompileWatch
@@ -65,6 +65,7 @@ class ModelRunner:
         # for seqs added in the step that removes others.
         self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
+        self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: DecodeGraphs | None = None  # captured once the cache exists
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
@@ -98,7 +99,7 @@ class ModelRunner:
                 if not self._free_slots:
                     raise ValueError(f"more than {len(self.last_tokens)} sequences held at once")
                 seq.slot = self._free_slots.pop()
-        batch = prepare(seqs, num_tokens, self.block_size, self.max_model_len, self.device)
+        batch = prepare(seqs, num_tokens, self.block_size, self.max_model_len, self.device, self.tables)
         with torch.inference_mode():
             if batch.fill_rows.numel():
                 batch.input_ids[batch.fill_rows] = self.last_tokens[batch.fill_slots]
@@ -157,6 +158,7 @@ class ModelRunner:
     def release(self, seq: SeqState) -> None:
         """Gives a finished or preempted seq's slot back."""
         if seq.slot >= 0:
+            self.tables.clear(seq)
             self._free_slots.append(seq.slot)
             seq.slot = -1
 

@@ -32,6 +32,7 @@ class SeqState:
     # reads such a token there (by `slot`), so a step can launch before the last one's values land.
     num_pending: int = 0
     slot: int = -1  # this seq's row in the runner's on-device buffer of last sampled tokens
+    synced_blocks: int = 0  # leading block_table entries already in row `slot` of the TableStore
 
     @property
     def num_tokens(self) -> int:
