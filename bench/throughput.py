@@ -167,6 +167,7 @@ def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Po
 
 async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> tuple[int, float]:
     from bench.local_worker import LocalWorker
+    from scheduler_svc.core import settle_heap
     from scheduler_svc.engine import Engine, EngineConfig
     from scheduler_svc.sampling_params import SamplingParams
     from worker_svc.config import WorkerConfig
@@ -200,6 +201,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
         workers=worker,  # type: ignore[arg-type]
     )
     await engine.start()
+    settle_heap()  # as the frontend, the core and the worker each do after start-up
     ids = iter(range(10**9))
 
     def generate(job: Job):

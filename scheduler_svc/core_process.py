@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler_svc.core import Add, CoreConfig, CoreInfo, Dead, EngineCore, Event, Finish, Started
+from scheduler_svc.core import Add, CoreConfig, CoreInfo, Dead, EngineCore, Event, Finish, Started, settle_heap
 from scheduler_svc.errors import WorkerUnavailable
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ async def _serve(path: str, config: CoreConfig) -> None:
             writer.write(_frame(Dead(str(e))))
             return
         writer.write(_frame(Started(info)))
+        settle_heap()
         commands = asyncio.ensure_future(_apply(reader, core))
         dead = asyncio.ensure_future(core.wait_dead())
         await asyncio.wait({commands, dead}, return_when=asyncio.FIRST_COMPLETED)

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
+from scheduler_svc.core import settle_heap
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.errors import WorkerUnavailable
 from scheduler_svc.flags import add_args
@@ -170,6 +171,7 @@ async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown 
                 await connect
             return
         connect.result()
+        settle_heap()  # this process's own; library users of SchedulerServer keep their GC settings
         where = f"{options.host}:{server.port}"
         if server.metrics_port is not None:
             where += f" (metrics on http://{options.host}:{server.metrics_port}/metrics)"

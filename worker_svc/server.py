@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -104,6 +105,16 @@ class WorkerServer:
         self.server.stop(grace).wait()
 
 
+def settle_heap() -> None:
+    """Takes what start-up allocated out of the garbage collector's sight and makes collections
+    rarer. Each step makes thousands of short-lived objects; with the default thresholds the
+    collections they trigger kept walking the whole start-up heap: 20-30% of the host time of a
+    batch-256 step."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m worker_svc", description="nanovllm worker (one rank)")
     p.add_argument("--model", required=True)
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"nanovllm worker rank {args.rank}: {e}")
             init_distributed(config, args.rank, args.dist_addr, args.dist_port)
         server.ready(ModelRunner(config, args.rank, config.tensor_parallel_size))
+        settle_heap()
         print(f"nanovllm worker rank {args.rank} ready on {args.host}:{server.port} (pid {os.getpid()})", flush=True)
         stop.wait()
         log.info("draining: waiting up to %g s for the scheduler to disconnect", args.shutdown_timeout)
