@@ -213,7 +213,7 @@ class EngineCore:
         sched = self.scheduler
         inflight: deque[Batch] = deque()
         ready: tuple[list[Update], float] | None = None
-        reported: CoreStats | None = None
+        reported = self.stats()  # what the frontend starts from: nothing to report until it changes
         try:
             while True:
                 while len(inflight) < self.config.max_inflight_steps:

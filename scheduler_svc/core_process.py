@@ -48,12 +48,13 @@ class ProcessCore:
         self.config = config
         self.emit = emit
         self.proc: multiprocessing.process.BaseProcess | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
+        self._dir: Path | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
 
     async def start(self) -> CoreInfo:
         """Starts the process; returns once it has connected to every worker."""
+        self._dir = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
         path = str(self._dir / "core.sock")
         connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.get_running_loop().create_future()
@@ -121,14 +122,16 @@ class ProcessCore:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def main(path: str, config: CoreConfig) -> None:
     """The core process: connects back to the frontend, then to the workers, then steps."""
-    # Ctrl-C reaches the whole process group; the frontend drains and then closes the socket,
-    # which is this process's signal to stop.
+    # Ctrl-C (or a SIGTERM to the process group) reaches this process too; the frontend drains
+    # and then closes the socket, which is this process's signal to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
     asyncio.run(_serve(path, config))
 
@@ -137,8 +140,17 @@ async def _serve(path: str, config: CoreConfig) -> None:
     reader, writer = await asyncio.open_unix_connection(path)
     core = EngineCore(config, lambda event: writer.write(_frame(event)))
     try:
+        # The frontend sends nothing before Started, so a read that returns while the workers load
+        # means it is gone (EOF): stop then, rather than wait out the connect timeout as an orphan.
+        starting = asyncio.ensure_future(core.start())
+        gone = asyncio.ensure_future(reader.read(1))
+        await asyncio.wait({starting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not starting.done():
+            starting.cancel()
+            return
         try:
-            info = await core.start()
+            info = starting.result()
         except WorkerUnavailable as e:
             writer.write(_frame(Dead(str(e))))
             return

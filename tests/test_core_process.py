@@ -10,7 +10,12 @@ import grpc
 import pytest
 
 from client import Client
-from tests.service import Service
+from scheduler_svc.engine import Engine, EngineConfig
+from tests.service import Loop, Service
+
+
+async def make_engine(config: EngineConfig) -> Engine:
+    return Engine(config)  # built on the loop: its asyncio objects belong there
 
 
 def test_killed_core_ends_requests_with_unavailable_and_marks_the_engine_dead(tiny_model_dir) -> None:
@@ -41,3 +46,28 @@ def test_the_core_process_exits_when_the_engine_stops(tiny_model_dir) -> None:
         assert len([t for m in c.generate([5, 6, 7], max_tokens=5, ignore_eos=True) for t in m.token_ids]) == 5
     svc.stop()
     assert not proc.is_alive() and proc.exitcode == 0
+
+
+def test_a_core_still_connecting_exits_when_the_frontend_goes(tiny_model_dir) -> None:
+    """The workers are still loading when the engine is stopped: the core must not linger as an
+    orphan until its connect timeout."""
+    from tests.service import start_worker
+
+    worker = start_worker(tiny_model_dir, ready=False)
+    config = EngineConfig(model=str(tiny_model_dir), worker_addresses=(f"127.0.0.1:{worker.port}",))
+    loop = Loop()
+    try:
+        engine = loop.call(make_engine(config))
+        starting = loop.submit(engine.start())
+        deadline = time.monotonic() + 30
+        while (engine.core.proc is None or not engine.core.proc.is_alive()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc = engine.core.proc
+        time.sleep(1.0)  # connected to the frontend, waiting for the worker
+        starting.cancel()
+        started = time.monotonic()
+        loop.call(engine.stop())
+        assert not proc.is_alive() and time.monotonic() - started < 5
+    finally:
+        loop.close()
+        worker.stop(grace=0)
