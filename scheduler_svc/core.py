@@ -2,8 +2,8 @@
 
 It owns the waiting and running queues, the KV block tables and the step streams to the workers.
 The frontend (engine.py) owns tokenizing, detokenizing and the clients' streams. They talk with the
-messages below: Add and Finish go in; Started, StepOutputs and Dead come out, through the `emit`
-callback. The core runs in the frontend's event loop or in a process of its own
+messages of messages.py: Add and Finish go in; Started, StepOutputs and Dead come out, through the
+`emit` callback. The core runs in the frontend's event loop or in a process of its own
 (core_process.py), where the per-token work of streaming no longer competes with scheduling for
 one Python thread.
 
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
 from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
-from scheduler_svc.sequence import FinishReason, Sequence
+from scheduler_svc.sequence import Sequence
 from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
 
 log = logging.getLogger(__name__)
@@ -48,80 +48,6 @@ class CoreConfig:
             raise ValueError("worker_addresses is empty")
         if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
             raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
-
-
-@dataclass(frozen=True)
-class CoreInfo:
-    """What the frontend validates requests against, and reports in GetModelInfo."""
-
-    max_model_len: int
-    vocab_size: int
-    block_size: int
-    num_blocks: int
-    world_size: int
-
-
-@dataclass(frozen=True)
-class CoreStats:
-    """The scheduler's state after a step, for metrics, status lines and admission control."""
-
-    num_added: int  # Add messages applied so far: the frontend counts the ones not yet seen here
-    waiting: int
-    running: int
-    blocks_free: int
-    prefix_queries: int
-    prefix_hits: int
-    preemptions: int
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of full prompt blocks served from the prefix cache since start."""
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
-
-
-# ---- messages: frontend -> core ----
-
-
-@dataclass(frozen=True)
-class Add:
-    seq_id: int
-    prompt: list[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class Finish:
-    """Ends a sequence the frontend is done with: aborted by its client, or a stop string found."""
-
-    seq_id: int
-    reason: FinishReason
-
-
-# ---- messages: core -> frontend ----
-
-
-@dataclass(frozen=True)
-class Started:
-    info: CoreInfo
-
-
-# One sampled token: (seq_id, token_id, finish_reason or None, cached prompt tokens, logprobs or None).
-Update = tuple[int, int, FinishReason | None, int, Sample | None]
-
-
-@dataclass(frozen=True)
-class StepOutputs:
-    updates: list[Update]
-    step_seconds: float  # the step's worker time: from its send, or the previous result if later (0: no step)
-    stats: CoreStats
-
-
-@dataclass(frozen=True)
-class Dead:
-    why: str
-
-
-Event = Started | StepOutputs | Dead
 
 
 def settle_heap() -> None:

@@ -4,7 +4,7 @@ The scheduler process then runs two Python interpreters: the frontend (gRPC serv
 detokenizer, one coroutine per client stream) and the core (scheduling, the worker streams). Each
 gets a core of the CPU, so streaming hundreds of requests no longer delays the next step.
 
-They talk over a Unix socket with core.py's messages, pickled, each framed by its length. Both
+They talk over a Unix socket with messages.py's messages, pickled, each framed by its length. Both
 ends write without blocking (asyncio buffers), so a burst of Adds and a burst of StepOutputs can
 never deadlock each other. The frontend sees the core die as the socket closing.
 """
@@ -23,8 +23,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler_svc.core import Add, CoreConfig, CoreInfo, Dead, EngineCore, Event, Finish, Started, settle_heap
+from scheduler_svc.core import CoreConfig, EngineCore, settle_heap
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Started
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")

@@ -19,21 +19,11 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
-from scheduler_svc.core import (
-    Add,
-    CoreConfig,
-    CoreInfo,
-    CoreStats,
-    Dead,
-    EngineCore,
-    Event,
-    Finish,
-    StepOutputs,
-    Update,
-)
+from scheduler_svc.core import CoreConfig, EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
 from scheduler_svc.metrics import Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams

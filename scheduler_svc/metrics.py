@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler_svc.core import CoreStats
+from scheduler_svc.messages import CoreStats
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

@@ -1,0 +1,89 @@
+"""The messages between the scheduler's frontend and its engine core, one type per event.
+
+Frontend -> core: Add (a tokenized, validated request), Finish (aborted by its client, or ended by
+a stop string the frontend found). Core -> frontend: Started (the model's limits, once the workers
+are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), Dead (why the core
+stopped). In one process they are plain calls; core_process.py pickles them over a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.sequence import FinishReason
+from scheduler_svc.worker_client import Sample
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the frontend validates requests against, and reports in GetModelInfo."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class CoreStats:
+    """The scheduler's state after a step, for metrics, status lines and admission control."""
+
+    num_added: int  # Add messages applied so far: the frontend counts the ones not yet seen here
+    waiting: int
+    running: int
+    blocks_free: int
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of full prompt blocks served from the prefix cache since start."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+# ---- messages: frontend -> core ----
+
+
+@dataclass(frozen=True)
+class Add:
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Ends a sequence the frontend is done with: aborted by its client, or a stop string found."""
+
+    seq_id: int
+    reason: FinishReason
+
+
+# ---- messages: core -> frontend ----
+
+
+@dataclass(frozen=True)
+class Started:
+    info: CoreInfo
+
+
+# One sampled token: (seq_id, token_id, finish_reason or None, cached prompt tokens, logprobs or None).
+Update = tuple[int, int, FinishReason | None, int, Sample | None]
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    updates: list[Update]
+    step_seconds: float  # the step's worker time: from its send, or the previous result if later (0: no step)
+    stats: CoreStats
+
+
+@dataclass(frozen=True)
+class Dead:
+    why: str
+
+
+Event = Started | StepOutputs | Dead
