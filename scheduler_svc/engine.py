@@ -100,14 +100,6 @@ class Engine:
     async def stop(self) -> None:
         await self.core.stop()
 
-    @property
-    def max_model_len(self) -> int:
-        return self.info.max_model_len if self.info is not None else 0
-
-    @property
-    def vocab_size(self) -> int:
-        return self.info.vocab_size if self.info is not None else 0
-
     def num_waiting(self) -> int:
         """Requests queued in the core, counting the Adds it has not seen yet."""
         if self.stats is None:
