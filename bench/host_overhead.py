@@ -5,7 +5,9 @@
 No model runs: each step is answered at once with arbitrary tokens, so the output tokens/s is what
 the engine (scheduling, protobufs, detokenization, streaming) could sustain if the GPU took no time.
 With --grpc the engine sits behind the public gRPC server in a child process and the benchmark's
-client streams from it, as in the full-stack benchmark: the ceiling of the scheduler process.
+client streams from it, as in the full-stack benchmark: the ceiling of one scheduler process. In
+both modes the engine core runs in the engine's own event loop (as with `--no-core-process`):
+the instant worker is an object of that process, which a separate core process could not reach.
 It runs on any machine; compare it with the GPU's step time to see whether the host keeps up.
 """
 
