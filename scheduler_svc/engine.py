@@ -158,7 +158,7 @@ class Engine:
             raise Overloaded(f"{queued} requests are already queued (limit {limit}); retry later")
         if request_id in self.by_request_id:
             raise InvalidRequest(f"request_id {request_id!r} is already in use")
-        req = Request(request_id, next(self._ids), len(prompt), params, Detokenizer(self.tokenizer, params.stop))
+        req = Request(request_id, next(self._ids), len(prompt), Detokenizer(self.tokenizer, params.stop))
         self.requests[req.seq_id] = req
         self.by_request_id[request_id] = req
         self.num_added += 1

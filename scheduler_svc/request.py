@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import Sample
 
@@ -42,7 +41,6 @@ class Request:
     request_id: str
     seq_id: int
     num_prompt_tokens: int
-    params: SamplingParams
     detok: Detokenizer
     num_output_tokens: int = 0
     finished: bool = False  # the core has finished it, or will at the Finish sent for it
