@@ -187,7 +187,8 @@ class ModelRunner:
 
     def _compile_prefill(self) -> None:
         """Runs one of each prefill shape the kernels specialise on (from scratch or after a cached
-        prefix, each with 16-, 64- and 128-row query tiles; decode rows mixed with a chunk), so
+        prefix, each with 16-, 64- and 128-row query tiles; decode rows mixed with a chunk; a single
+        row, which layers/gemv.py's kernels take), so
         their JIT compilation happens now and not in some request's time to first token. Uses the
         first blocks of the still unused cache. (The from-scratch 64-row tile ran in _warm_up.)"""
         blocks = list(range(min(self.num_kv_blocks, -(-700 // self.block_size))))
@@ -197,7 +198,7 @@ class ModelRunner:
         a = SeqState(0, [0] * 330, 300, 0, blocks[:need], SamplingOptions())
         b = SeqState(1, [0] * 330, 300, 0, blocks[need : 2 * need], SamplingOptions())
         c = SeqState(2, [0] * 10, 10, 0, blocks[2 * need : 2 * need + 1], SamplingOptions())
-        plan = ([a], [200]), ([c], [10]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16])
+        plan = ([a], [200]), ([c], [10]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16]), ([a], [1])
         for seqs, counts in plan:
             self.run(seqs, counts)
         for seq in (a, b, c):

@@ -1,5 +1,6 @@
 """Triton kernels on a GPU (attention, the fused norm / RoPE / SiLU kernels of layers/fused.py and the
-KV-cache store fused into the RoPE one, and sampling): correctness vs a torch reference, then timings.
+KV-cache store fused into the RoPE one, the one-row matmuls of layers/gemv.py, and sampling):
+correctness vs a torch reference, then timings.
 
 Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
 Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
@@ -22,7 +23,7 @@ import triton.testing
 from worker_svc import sampling_kernel as sk
 from worker_svc.attention import triton_backend as tb
 from worker_svc.attention.metadata import AttnMetadata
-from worker_svc.layers import fused
+from worker_svc.layers import fused, gemv
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
@@ -358,6 +359,39 @@ def check_fused(dtype: torch.dtype) -> None:
         report_rounding(f"silu_and_mul b={rows} {dtype}", fused.silu_and_mul(g), SiluAndMul().forward_torch(g))
 
 
+def check_gemv(dtype: torch.dtype) -> None:
+    """Each prologue at Qwen3-0.6B's projection shapes (TP=1 and a TP=2 rank's share): through an
+    identity weight the output is the prologue's own, which must round like the torch ops; through
+    a random weight the product must match fp32 math on the same (torch-path) input."""
+    p = layer_parts(dtype)
+    shapes = [(gemv.NORM, 4096, HIDDEN), (gemv.PLAIN, HIDDEN, 2048), (gemv.NORM, 2 * MLP, HIDDEN)]
+    shapes += [(gemv.SILU, HIDDEN, MLP), (gemv.PLAIN, VOCAB, HIDDEN)]
+    shapes += [(gemv.NORM, 2048, HIDDEN), (gemv.PLAIN, HIDDEN, 1024), (gemv.SILU, HIDDEN, 1536)]  # TP=2
+    for prologue, n, k in shapes:
+        x = (3 * torch.randn(1, 2 * k if prologue == gemv.SILU else k, device=DEV)).to(dtype)
+        for residual in (None, (5 * torch.randn(1, k, device=DEV)).to(dtype)) if prologue == gemv.NORM else (None,):
+            norm_w = p.norm.weight
+            if prologue == gemv.SILU:
+                ref_in, ref_res = SiluAndMul().forward_torch(x), None
+            elif prologue == gemv.NORM:
+                norm = RMSNorm(k, EPS).to(DEV)
+                norm.weight.data = norm_w
+                ref_in, ref_res = norm.add_norm_torch(x, residual)
+            else:
+                ref_in, ref_res = x, None
+            name = f"gemv {['plain', 'norm', 'silu'][prologue]}{' + residual' if residual is not None else ''}"
+            name += f" {n}x{k} {dtype}"
+            if n == k or prologue != gemv.PLAIN:
+                eye = torch.eye(k, dtype=dtype, device=DEV)
+                report_rounding(f"{name} (identity)", gemv.gemv(x, eye, prologue, residual, norm_w, EPS)[0], ref_in)
+            w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+            out, new_res = gemv.gemv(x, w, prologue, residual, norm_w, EPS)
+            report(name, out, ref_in.float() @ w.float().T, dtype)
+            if ref_res is not None and not torch.equal(new_res, ref_res):
+                print(f"FAIL {name}: new residual differs")
+                FAILURES.append(f"{name} residual")
+
+
 def check_fused_cuda_graph(dtype: torch.dtype) -> None:
     """The three fused launches captured in one graph, replayed on new inputs and positions."""
     p, rows, heads, d = layer_parts(dtype), 64, QWEN3["heads"], QWEN3["head_dim"]
@@ -672,6 +706,7 @@ def main() -> int:
         check_cuda_graph(dtype)
         check_fused(dtype)
         check_fused_cuda_graph(dtype)
+        check_gemv(dtype)
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
         check_fp8_cache(dtype)

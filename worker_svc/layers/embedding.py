@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker_svc.layers.linear import matmul
 from worker_svc.layers.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -38,5 +39,5 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [S, vocab] on rank 0, None elsewhere."""
-        logits = gather_last_dim(F.linear(hidden, self.weight))
+        logits = gather_last_dim(matmul(hidden, self.weight))
         return logits[:, : self.vocab_size] if logits is not None else None

@@ -5,6 +5,10 @@ and no communication is needed; row-parallel layers split their input features a
 partial products with an all-reduce. Attention and MLP pair one of each, so a decoder layer
 costs two all-reduces. Every parameter carries a `weight_loader` that copies this rank's slice
 of a full checkpoint tensor.
+
+A single row (one sequence's decode step) on CUDA goes through layers/gemv.py's kernel instead of
+cuBLAS, and the layers fed by a norm or by the SwiGLU gate take that op into the same kernel
+(`norm_forward`, `act_forward`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.parallel import all_reduce, divide, tp_rank, tp_size
+
+
+def one_row(x: torch.Tensor) -> bool:
+    """Whether x @ W.T runs as layers/gemv.py's one-row kernel: faster than cuBLAS there, not from
+    two rows on (bench/bench_gemv.py)."""
+    return x.is_cuda and x.shape[0] == 1
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T."""
+    if one_row(x):
+        from worker_svc.layers.gemv import gemv  # imports triton: CUDA hosts only
+
+        return gemv(x, weight)[0]
+    return F.linear(x, weight)
 
 
 class _ShardedLinear(nn.Module):
@@ -41,7 +62,21 @@ class ColumnParallelLinear(_ShardedLinear):
         super().__init__(in_features, divide(out_features, tp_size(), "output features"), bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+    def norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(normed), residual) for (normed, residual) = norm.add_norm(x, residual)."""
+        if not one_row(x):
+            x, residual = norm.add_norm(x, residual)
+            return self(x), residual
+        from worker_svc.layers.gemv import NORM, gemv
+
+        y, new_residual = gemv(x, self.weight, NORM, residual, norm.weight, norm.eps)
+        assert new_residual is not None
+        return (y + self.bias if self.bias is not None else y), new_residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -80,6 +115,17 @@ class RowParallelLinear(_ShardedLinear):
         super().__init__(divide(in_features, tp_size(), "input features"), out_features, bias, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        return self._reduce(matmul(x, self.weight))
+
+    def act_forward(self, x: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
+        """self(act(x)): the MLP's down projection of the gate and up projections' output."""
+        if not one_row(x):
+            return self(act(x))
+        from worker_svc.layers.gemv import SILU, gemv
+
+        return self._reduce(gemv(x, self.weight, SILU)[0])
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(y)
         # The bias goes in after the sum; adding it on every rank would count it tp_size times.
         return y + self.bias if self.bias is not None else y

@@ -7,6 +7,8 @@ last layer's add. Qwen3's attention normalises every query and key head (RMSNorm
 before RoPE, and uses grouped-query attention: several query heads share one key/value head. On
 CUDA one kernel does both norms and RoPE in place, and stores K/V in the paged cache where the
 attention backend allows (PagedAttention.fused_store), saving the store's launch in every layer.
+For a single row on CUDA (one sequence's decode) each norm and the SwiGLU gate run inside the
+matmul that follows them (layers/linear.py's norm_forward and act_forward).
 Module and parameter names follow the Hugging Face checkpoint, except the merged projections
 named in `packed_modules`.
 """
@@ -44,13 +46,16 @@ class Qwen3Attention(nn.Module):
         self.rotary = rotary  # one module shared by every layer: one copy of the tables
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim, backend)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, positions: torch.Tensor, meta: AttnMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual stream) of the layer input x + residual, normed by `norm`."""
+        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm)
         # On CUDA the q/k norm + RoPE kernel also writes k and v to the cache when the backend lets it.
         kv_cache = self.attn.fused_store(meta) if qkv.is_cuda else None
         q, k, v = self.qk_norm_rope(qkv, positions, kv_cache)
         out = self.attn(q, k, v, meta, stored=kv_cache is not None)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1)), residual
 
     def qk_norm_rope(
         self,
@@ -87,8 +92,10 @@ class Qwen3MLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(size, arch.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream) of x + residual, normed by `norm`."""
+        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm)
+        return self.down_proj.act_forward(gate_up, self.act), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -103,10 +110,8 @@ class Qwen3DecoderLayer(nn.Module):
         self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, meta: AttnMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream before it): the MLP's add is left to the next norm."""
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, meta)
-        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.self_attn(hidden, residual, self.input_layernorm, positions, meta)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):

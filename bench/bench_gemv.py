@@ -1,0 +1,115 @@
+"""The matmuls of a one-row decode step: cuBLAS (and the separate norm / SiLU kernel before it)
+against the fused Triton kernel of worker_svc/layers/gemv.py, over its tile configurations.
+
+    PYTHONPATH=. python3 bench/bench_gemv.py [--tp 1] [--no-sweep]
+
+Every figure is the time per call inside a CUDA graph (as decode runs), with the call cycling over
+enough copies of the weight that none is still in L2 from its last use, as in a forward pass where
+each layer has its own weights. For each of Qwen3-0.6B's projections it prints
+cuBLAS alone, cuBLAS plus the kernel it would fuse, the best tile configuration found, its rate,
+and the time of the configuration `gemv.config` picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
+
+from worker_svc.layers import fused, gemv
+
+MIN_BYTES = 256 << 20  # weight copies cycled through: several times the 50 MB L2
+
+
+def per_call_us(calls: list) -> float:
+    """Mean µs per call of `calls` replayed in one CUDA graph."""
+    for fn in calls[:2]:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(3, min(200, int(20 / start.elapsed_time(end))))  # ~20 ms of replays
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
+def candidates() -> list[dict[str, int]]:
+    return [
+        {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4, 8))
+        if bn * bk <= 16384 and bn * bk >= 32 * warps
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--no-sweep", action="store_true", help="time only the configuration gemv.config picks")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    dt, dev, tp = torch.bfloat16, torch.device("cuda"), args.tp
+    hidden, inter, q, kv = 1024, 3072, 2048, 1024  # Qwen3-0.6B: 16 q and 8 kv heads of 128
+    shapes = [  # name, N, K, prologue
+        ("qkv", (q + 2 * kv) // tp, hidden, gemv.NORM),
+        ("o", hidden, q // tp, gemv.PLAIN),
+        ("gate_up", 2 * inter // tp, hidden, gemv.NORM),
+        ("down", hidden, inter // tp, gemv.SILU),
+        ("lm_head", 151936 // tp, hidden, gemv.PLAIN),
+    ]
+    norm_w = torch.ones(hidden, dtype=dt, device=dev)
+    print(f"{torch.cuda.get_device_name()}, tp={tp}; µs per call in a CUDA graph, weights cycled past L2")
+    print("shape    cuBLAS  +unfused  fused(best)  GB/s   best BLOCK_N BLOCK_K warps  fused(picked)")
+    for name, n, k, prologue in shapes:
+        copies = max(2, -(-MIN_BYTES // (n * k * 2)))
+        weights = [torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for _ in range(copies)]
+        print(row(name, prologue, weights, norm_w, not args.no_sweep))
+
+
+def row(name: str, prologue: int, weights: list[torch.Tensor], norm_w: torch.Tensor, sweep: bool) -> str:
+    (n, k), dt, dev = weights[0].shape, weights[0].dtype, weights[0].device
+    x = torch.randn(1, 2 * k if prologue == gemv.SILU else k, dtype=dt, device=dev)
+    res = torch.randn(1, k, dtype=dt, device=dev)
+    cublas = per_call_us([lambda w=w: F.linear(x[:, :k], w) for w in weights])
+    if prologue == gemv.NORM:
+        unfused = per_call_us([lambda w=w: F.linear(fused.add_rms_norm(x, res, norm_w, 1e-6)[0], w) for w in weights])
+    elif prologue == gemv.SILU:
+        unfused = per_call_us([lambda w=w: F.linear(fused.silu_and_mul(x), w) for w in weights])
+    else:
+        unfused = cublas
+    r = res if prologue == gemv.NORM else None
+
+    def timed(cfg: dict[str, int] | None, first: int) -> float:
+        xs = x if first == prologue else x[:, :k]
+        try:
+            return per_call_us([lambda w=w: gemv.gemv(xs, w, first, r, norm_w, 1e-6, cfg) for w in weights])
+        except OutOfResources:  # tiles too large for shared memory
+            return float("inf")
+
+    picked = timed(None, prologue)
+    if not sweep:
+        return f"{name:8} {cublas:6.1f}  {unfused:8.1f}  {'':>11}  {'':>5}   {'':26} {picked:6.1f}"
+    # The sweep runs unfused (PLAIN: one compile per tile configuration serves every shape); the
+    # fused prologue is then timed with the winner.
+    best_cfg = min(candidates(), key=lambda cfg: timed(cfg, gemv.PLAIN))
+    best = timed(best_cfg, prologue)
+    cfg_s = " ".join(f"{v:7}" for v in best_cfg.values())
+    gbs = n * k * 2 / best / 1e3
+    return f"{name:8} {cublas:6.1f}  {unfused:8.1f}  {best:11.1f}  {gbs:5.0f}   {cfg_s:26} {picked:6.1f}"
+
+
+if __name__ == "__main__":
+    main()

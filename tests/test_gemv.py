@@ -1,0 +1,117 @@
+"""The one-row matmul kernel (worker_svc/layers/gemv.py) against the torch ops it replaces, run by
+Triton's CPU interpreter (see tests/triton_interpreter.py), plus an sm_90 build of each variant the
+launcher picks, checked for register spills. CI has no triton: everything skips there.
+
+References: F.linear of the torch path's input (RMSNorm.add_norm_torch, SiluAndMul.forward_torch).
+The prologue rounds where those round, so the new residual must be bit-equal and the product may
+differ only by the fp32 summation order (and, in 16-bit dtypes, the final rounding).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.triton_interpreter import IN_INTERPRETER, fix_scalar_index, run_under_interpreter
+from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.norm import RMSNorm
+
+pytest.importorskip("triton")
+
+needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
+EPS = 1e-6
+
+if IN_INTERPRETER:
+    from tests import test_fused_kernels  # noqa: F401  (rounds bf16 casts to nearest even, as the GPU)
+    from worker_svc.layers import gemv
+
+    fix_scalar_index()
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
+def test_gemv_under_interpreter() -> None:
+    run_under_interpreter(__file__)
+
+
+def assert_product(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to the sum's order: a few fp32 ulps of the row's scale, or one ulp of a 16-bit dtype."""
+    scale = ref.float().abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    tol = 1e-5 if out.dtype == torch.float32 else 2 * torch.finfo(out.dtype).eps
+    err = ((out.float() - ref.float()).abs() / scale).max().item()
+    assert err <= tol, f"max error {err:.2e} of the row's scale"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prologue", ["plain", "norm", "add_norm", "silu"])
+def test_gemv(dtype: torch.dtype, prologue: str) -> None:
+    gen = torch.Generator().manual_seed(len(prologue))
+    k, n = 192, 72  # neither a multiple of the tiles below: masks on both edges
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    width = 2 * k if prologue == "silu" else k
+    x = (3 * torch.randn(1, width, generator=gen)).to(dtype)
+    residual = (2 * torch.randn(1, k, generator=gen)).to(dtype) if prologue == "add_norm" else None
+    x_before, residual_before = x.clone(), None if residual is None else residual.clone()
+    norm = RMSNorm(k, EPS)
+    norm.weight.data = (1 + 0.3 * torch.randn(k, generator=gen)).to(dtype)
+    if prologue == "silu":
+        ref_in, ref_res = SiluAndMul().forward_torch(x), None
+    elif prologue == "plain":
+        ref_in, ref_res = x, None
+    else:
+        ref_in, ref_res = norm.add_norm_torch(x, residual)
+    code = {"plain": gemv.PLAIN, "silu": gemv.SILU}.get(prologue, gemv.NORM)
+    # The launcher's pick, and tiles that leave partial chunks and several programs with rows past N.
+    for cfg in (None, {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}):
+        out, new_res = gemv.gemv(x, weight, code, residual, norm.weight, EPS, cfg)
+        assert_product(out, F.linear(ref_in, weight))
+        if prologue in ("norm", "add_norm"):
+            assert new_res is not None and torch.equal(new_res, ref_res)
+        else:
+            assert new_res is None
+    # Through an identity weight the product is the prologue's output itself, which must round
+    # exactly as the torch ops do (in fp32 only ulps of another exp and sum order remain).
+    out, _ = gemv.gemv(x, torch.eye(k, dtype=dtype), code, residual, norm.weight, EPS)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref_in, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, ref_in)
+    assert torch.equal(x, x_before) and (residual is None or torch.equal(residual, residual_before))
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
+def test_gemv_builds_for_h100_without_spills() -> None:
+    """Each prologue at the shapes of Qwen3-0.6B's projections (TP=1 and 2), with the tiles config()
+    picks: no register spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker_svc.layers import fused, gemv
+
+    fn = gemv._gemv_kernel
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    shapes = [(gemv.NORM, 4096, 1024), (gemv.PLAIN, 1024, 2048), (gemv.NORM, 6144, 1024), (gemv.SILU, 1024, 3072)]
+    shapes += [(gemv.PLAIN, 151936, 1024), (gemv.PLAIN, 1024, 1024), (gemv.SILU, 1024, 1536)]
+    for prologue, n, k in shapes:
+        cfg = gemv.config(n, k, prologue)
+        consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM}
+        consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")}
+        sig = {a: "constexpr" if a in consts else ("*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
+        sig["eps"] = "fp32"
+        aligned = [i for i, a in enumerate(fn.arg_names) if sig[a][0] == "*" or "stride" in a]
+        src = ASTSource(fn, sig, consts, {(i,): [["tt.divisibility", 16]] for i in aligned})
+        options = {"num_warps": cfg["num_warps"], "num_stages": 1, **fused._EXACT_ROUNDING}
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "kernel.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True)
+        assert log.returncode == 0 and " 0 bytes spill stores" in log.stderr, f"{prologue} {n}x{k}: {log.stderr}"

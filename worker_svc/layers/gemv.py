@@ -1,0 +1,123 @@
+"""The matmuls of a one-row step (a single sequence's decode) as one Triton kernel each, with the
+op before them fused in.
+
+y = x @ W.T for one row x reads all of W and does two flops a weight: its cost is bandwidth and a
+launch. In a CUDA graph cuBLAS took 5.3-7.0 µs for Qwen3-0.6B's layer projections (1.4-1.9 TB/s,
+bench/bench_gemv.py), plus ~1.5 µs for the separate norm or SiLU kernel before each. Here the
+programs split W's rows finely (one to two rows each), so all SMs stream it, and the kernel also
+computes its own input:
+  - NORM: RMSNorm of x (times the norm weight), after adding the residual if one is given; the
+    first program also writes the new residual stream (x + residual);
+  - SILU: x is [gate | up] and the input is silu(gate) * up (the MLP's down projection).
+The prologue rounds to the model dtype where layers/fused.py's kernels (and the torch paths, and
+Hugging Face's model) round, so the product sees the input the unfused ops would give it.
+
+From two rows on, cuBLAS was as fast or faster (the same benchmark), so callers use this for a
+single row only. The launcher reads shapes and Python numbers only: CUDA-graph capturable. This
+module imports triton: import it only for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker_svc.layers.fused import _EXACT_ROUNDING, _round
+
+PLAIN, NORM, SILU = 0, 1, 2
+
+
+@triton.jit
+def _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # The input's elements ks as the unfused op would have written them (model dtype, as fp32).
+    dtype = x_ptr.dtype.element_ty
+    if PROLOGUE == 2:  # SILU: gate in [0, K), up in [K, 2K)
+        gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+        return _round(_round(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:  # NORM
+        if HAS_RESIDUAL:
+            x = _round(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), dtype)
+        w = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        x = _round(w * _round(x * rstd, dtype), dtype)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, N, K, stride_w, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rstd = 0.0
+    if PROLOGUE == 1:
+        # A first pass over the (small, cached) input row for its RMS; program 0 also stores the
+        # new residual stream.
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = _round(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+                if pid == 0:
+                    tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
+            sum_sq += x * x
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def config(n: int, k: int, prologue: int) -> dict[str, int]:
+    """Rows of W a program, K chunk and warps: the fastest of bench/bench_gemv.py's sweep on an H100
+    for each of Qwen3-0.6B's projections (docs/benchmarks.md)."""
+    if prologue == SILU:
+        return {"BLOCK_N": 1, "BLOCK_K": 1024, "num_warps": 1}
+    if prologue == NORM:
+        return {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 1}
+    if n >= 8 * k:  # the LM head: many short rows
+        return {"BLOCK_N": 1, "BLOCK_K": 1024, "num_warps": 1}
+    return {"BLOCK_N": 2, "BLOCK_K": min(2048, triton.next_power_of_2(k)), "num_warps": 4}
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    prologue: int = PLAIN,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    cfg: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prologue(x) @ weight.T, new residual or None) for one row x [1, K'] and weight [N, K].
+
+    PLAIN: x as it is (K' = K). NORM: RMSNorm(x + residual) * norm_weight (K' = K), returning
+    x + residual as the new residual (x itself when residual is None). SILU: silu(gate) * up of
+    x = [gate | up] (K' = 2K). New tensors: x and residual are left as they are.
+    """
+    n, k = weight.shape
+    assert x.shape == (1, 2 * k if prologue == SILU else k) and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert x.dtype == weight.dtype
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_residual = None
+    if prologue == NORM:
+        assert norm_weight is not None and norm_weight.shape == (k,)
+        assert residual is None or (residual.shape == x.shape and residual.stride(-1) == 1)
+        new_residual = torch.empty_like(x) if residual is not None else x
+    cfg = cfg or config(n, k, prologue)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
+        new_residual if new_residual is not None else x, weight, out, n, k, weight.stride(0), eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, num_stages=1, **cfg, **_EXACT_ROUNDING,
+    )  # fmt: skip
+    return out, new_residual
