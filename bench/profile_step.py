@@ -1,13 +1,14 @@
 """Where a decode step's time goes: one batch of the standard workload's shape, profiled.
 
-    PYTHONPATH=. python3 bench/profile_step.py [--batch 256] [--context 1024]
+    PYTHONPATH=. python3 bench/profile_step.py [--batch 256] [--context 1024] [--tp 2]
 
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights, puts `batch` sequences of `context`
 tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: back to back with
 the next step launched before the last is read (the host's share hidden), and one at a time (host +
 device), with a cProfile of the host's share. A torch profile of a few steps splits device time
 into attention, matmuls, sampling and the rest. The floor is the KV cache and weights read once
-per step at the measured copy bandwidth.
+per step at the measured copy bandwidth. With --tp N it runs one process per GPU, joined by NCCL
+as the workers are, and rank 0 reports (its shares of the weights and the KV cache).
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.multiprocessing as mp
 
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState
+from worker_svc.server import init_distributed
 
 
 def category(name: str) -> str:
     n = name.lower()
     if "decode" in n or "prefill" in n or "store_kvcache" in n:
         return "attention (triton)"
-    if "gemm" in n or "matmul" in n or "nvjet" in n or "cutlass" in n or "sm90" in n:
-        return "matmuls (cuBLAS)"
-    if any(k in n for k in ("exponential", "softmax", "argmax", "div", "clamp", "reduce")):
+    if "nccl" in n:
+        return "all-reduce and broadcast (NCCL)"
+    if "gemm" in n or "matmul" in n or "nvjet" in n or "cutlass" in n or "sm90" in n or "gemv" in n:
+        return "matmuls (cuBLAS; one row: Triton GEMV + its norm/SiLU)"
+    if any(k in n for k in ("sample", "merge_kernel", "softmax", "argmax", "div", "clamp", "reduce")):
         return "sampling and reductions"
     if "memcpy" in n or "copy" in n:
         return "copies"
@@ -44,13 +49,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
     args = p.parse_args()
+    if args.tp == 1:
+        profile(0, args)
+    else:
+        mp.spawn(profile, args=(args,), nprocs=args.tp)
+
+
+def profile(rank: int, args: argparse.Namespace) -> None:
     bs, ctx = args.batch, args.context
     blocks_per = -(-(ctx + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
     config = WorkerConfig(
-        args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=bs * blocks_per
-    )
-    runner = ModelRunner(config)
+        args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=bs * blocks_per,
+        tensor_parallel_size=args.tp,
+    )  # fmt: skip
+    if args.tp > 1:
+        init_distributed(config, rank, "127.0.0.1", 29517)
+    runner = ModelRunner(config, rank, args.tp)
     opts = SamplingOptions(temperature=0.6)
     seqs = [SeqState(i, [1] * ctx, ctx, 0, list(range(i * blocks_per, (i + 1) * blocks_per)), opts) for i in range(bs)]
     for i in range(0, bs, 8):  # prefill in groups to bound activation memory
@@ -99,7 +115,11 @@ def main() -> None:
     kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     floor = (kv + weights) / bandwidth
-
+    if args.tp > 1:
+        torch.distributed.destroy_process_group()
+    if rank:
+        return
+    print(f"rank 0 of {args.tp}")
     print(f"batch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
     print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
