@@ -67,6 +67,8 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     if args.tp > 1:
         init_distributed(config, rank, "127.0.0.1", 29517)
     runner = ModelRunner(config, rank, args.tp)
+    if rank == 0:
+        print(f"rank 0 of {args.tp}: model runner built", flush=True)
     opts = SamplingOptions(temperature=0.6)
     seqs = [SeqState(i, [1] * ctx, ctx, 0, list(range(i * blocks_per, (i + 1) * blocks_per)), opts) for i in range(bs)]
     for i in range(0, bs, 8):  # prefill in groups to bound activation memory
@@ -115,11 +117,8 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     floor = (kv + weights) / bandwidth
-    if args.tp > 1:
-        torch.distributed.destroy_process_group()
     if rank:
         return
-    print(f"rank 0 of {args.tp}")
     print(f"batch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
     print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
