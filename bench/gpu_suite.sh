@@ -3,7 +3,8 @@
 #
 #   bench/gpu_suite.sh [LOG_DIR [STEP...]]   (from the repo root, on a machine with a GPU)
 #
-# Runs the kernel and worker correctness checks, the decode-step profile at batch 256 and 1, and
+# Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
+# sweep is left out, being slow), the decode-step profile at batch 256 and 1, and
 # the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, and with an fp8
 # KV cache). STEPs pick some of them by name (default: all). A failing step is reported and the
@@ -34,6 +35,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step kernels 300 python3 tests/gpu/check_kernels.py
 step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qwen3-0.6b/config.json
+step gemv 120 python3 bench/bench_gemv.py --no-sweep
 step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
