@@ -28,13 +28,14 @@ def one_row(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[0] == 1
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ weight [N, K].T."""
-    if one_row(x):
-        from worker_svc.layers.gemv import gemv  # imports triton: CUDA hosts only
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T (+ bias)."""
+    if not one_row(x):
+        return F.linear(x, weight, bias)
+    from worker_svc.layers.gemv import gemv  # imports triton: CUDA hosts only
 
-        return gemv(x, weight)[0]
-    return F.linear(x, weight)
+    y = gemv(x, weight)[0]
+    return y + bias if bias is not None else y
 
 
 class _ShardedLinear(nn.Module):
@@ -62,8 +63,7 @@ class ColumnParallelLinear(_ShardedLinear):
         super().__init__(in_features, divide(out_features, tp_size(), "output features"), bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+        return matmul(x, self.weight, self.bias)
 
     def norm_forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
