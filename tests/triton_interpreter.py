@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -42,3 +43,24 @@ def fix_scalar_index() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched
+
+
+def build_for_h100(fn: object, sig: dict[str, str], consts: dict, options: dict) -> tuple[str, str]:
+    """(PTX, `ptxas -v` report) of a @triton.jit kernel built for sm_90a as the runtime would build
+    it, with every pointer and stride argument 16-byte aligned. Needs triton's NVIDIA backend (its
+    bundled ptxas), not a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names  # type: ignore[attr-defined]
+    aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
+    src = ASTSource(fn, sig, consts, {(i,): [["tt.divisibility", 16]] for i in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr
+    return ptx, log.stderr
