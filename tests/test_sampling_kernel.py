@@ -26,7 +26,7 @@ needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the i
 
 if IN_INTERPRETER:
     fix_scalar_index()
-    from worker_svc.sampling_kernel import sample_tokens
+    from worker_svc.sampling_kernel import merge_shards, sample_tokens, shard_partials
 
 CPU = torch.device("cpu")
 VOCAB = 5000  # three 2048-entry chunks, the last one partial
@@ -56,7 +56,7 @@ def test_kernels_compile_for_h100_without_spills_or_shuffles() -> None:
     types = {"logits_ptr": "*bf16", "seed_ptr": "*i64", "out_ptr": "*i64", "part_idx_ptr": "*i32"}
     builds = [
         (sk.sample_kernel, {"FAST": True, "BLOCK": sk.BLOCK}, sk.NUM_WARPS),
-        (sk.merge_kernel, {"MAX_SPLITS": 64}, 1),
+        (sk.merge_kernel, {"MAX_SPLITS": 64}, 1),  # its score pointer: *fp32 by the default below
     ]
     for fn, consts, warps in builds:
         names = fn.arg_names
@@ -118,6 +118,36 @@ def test_a_rows_token_depends_only_on_its_logits_temperature_and_seed() -> None:
     flipped = sample_tokens(x.flip(0), temps.flip(0), s.flip(0), num_splits=2).flip(0).tolist()
     assert batch == alone == flipped
     assert batch[3] == x[3].argmax().item()
+
+
+def sharded(x: torch.Tensor, temps: torch.Tensor, s: torch.Tensor, ranks: int) -> list[int]:
+    """Tokens drawn from x split over `ranks` vocabulary shards of equal width (multiples of 4, the
+    last padded with junk that must not win), as the tensor-parallel ranks draw them."""
+    width = -(-x.size(1) // ranks // 4) * 4
+    padded = torch.full((x.size(0), width * ranks), 1e4, dtype=x.dtype)  # junk beats every real logit
+    padded[:, : x.size(1)] = x
+    parts = []
+    for r in range(ranks):
+        start = r * width
+        vocab = min(width, x.size(1) - start)
+        parts.append(shard_partials(padded[:, start : start + width], temps, s, start, vocab, ranks))
+    assert len({p.numel() for p in parts}) == 1  # one layout on every rank
+    return merge_shards(torch.stack(parts), x.size(0)).tolist()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_vocabulary_shards_draw_the_whole_rows_tokens(ranks: int) -> None:
+    """Each shard scans its slice with the whole vocabulary's noise and indices, so merging the
+    shards' winners gives exactly the token of the unsplit row: greedy (masks, ties across shards,
+    all -inf), and tempered."""
+    x = greedy_case(torch.bfloat16)
+    assert sharded(x, torch.zeros(6), seeds(6), ranks) == x.argmax(-1).tolist()
+    y = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(10))
+    temps, s = torch.tensor([0.6, 1.0, 2.0, 0.0, 0.3, 5.0, 1.2, 0.9]), seeds(8, seed=11)
+    whole = sample_tokens(y, temps, s).tolist()
+    assert sharded(y, temps, s, ranks) == whole
+    assert len(set(whole)) > 4  # the noise matters: not a disguised argmax
 
 
 @needs_interpreter
@@ -233,9 +263,18 @@ def test_sampler_settings_on_the_kernel_path() -> None:
 
 @needs_interpreter
 def test_sampler_unseeded_rows_draw_fresh_noise_from_the_worker_seed() -> None:
+    """An unseeded row's noise follows from the worker seed, the seq's id and its output index: a
+    fresh draw each step and for each seq, and the same on every tensor-parallel rank (their
+    Samplers share nothing but the seed)."""
     logits = torch.zeros(1, 1000)
-    runs = [[draw(sampler, logits, [seq(SamplingOptions())])[0] for _ in range(8)] for sampler in (
-        Sampler(CPU, 7, kernel=True), Sampler(CPU, 7, kernel=True), Sampler(CPU, 8, kernel=True)
-    )]  # fmt: skip
-    assert len(set(runs[0])) >= 6  # fresh noise each step
-    assert runs[0] == runs[1] != runs[2]  # reproducible for a worker seed
+
+    def unseeded(seq_id: int, outputs: int) -> SeqState:
+        return SeqState(seq_id, [0] * (1 + outputs), 1, 1 + outputs, [], SamplingOptions())
+
+    def runs(worker_seed: int) -> list[int]:
+        sampler = Sampler(CPU, worker_seed, kernel=True)
+        return [draw(sampler, logits, [unseeded(i // 4, i % 4)])[0] for i in range(8)]
+
+    first = runs(7)
+    assert len(set(first)) >= 6  # two seqs, four steps each: fresh noise every time
+    assert runs(7) == first != runs(8)  # reproducible for a worker seed

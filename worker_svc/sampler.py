@@ -12,7 +12,6 @@ the draw is an exponential race in torch.
 from __future__ import annotations
 
 import importlib.util
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1  # row seeds travel as int64
 _UNFILTERED = SamplingOptions()  # no top-k, top-p or min-p
+_UNSEEDED = 0x5EED  # keeps an unseeded seq's stream apart from one seeded with the same number
 
 
 def _tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -57,14 +57,15 @@ class Sampler:
         # Shared by the unseeded seqs: their draws may depend on the rest of the batch, which is
         # fine since only seeded seqs promise reproducible tokens.
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.row_seeds = random.Random(seed)  # the kernel path's equivalent: a fresh seed per row
+        self.seed = seed  # the kernel path's unseeded rows derive their noise from it
         if kernel is None:
             kernel = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.kernel: Callable[..., torch.Tensor] | None = None
+        self.shard_kernel: Callable[..., torch.Tensor] | None = None
         if kernel:
-            from worker_svc.sampling_kernel import sample_tokens  # imports triton
+            from worker_svc.sampling_kernel import sample_shard, sample_tokens  # imports triton
 
-            self.kernel = sample_tokens
+            self.kernel, self.shard_kernel = sample_tokens, sample_shard
 
     def sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> tuple[torch.Tensor, Logprobs | None]:
         """Samples one token per row of logits [S, vocab] (any float dtype); row i belongs to seqs[i].
@@ -73,15 +74,38 @@ class Sampler:
         tokens = self._sample_torch(logits.float(), seqs) if self.kernel is None else self._sample_kernel(logits, seqs)
         return tokens, _logprobs(logits, tokens, seqs)
 
+    def shardable(self, seqs: list[SeqState], vocab: int) -> bool:
+        """Whether sample_shard can draw these seqs' tokens: the one-pass kernel, with no stage that
+        needs a whole row of logits (penalties, min_tokens, top-k/top-p/min-p, logprobs)."""
+        return self.shard_kernel is not None and all(_plain(s, vocab) and not s.sampling.logprobs for s in seqs)
+
+    def sample_shard(
+        self,
+        logits: torch.Tensor,
+        seqs: list[SeqState],
+        offset: int,
+        vocab: int,
+        ranks: int,
+        all_gather: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The tokens `sample` would draw from the whole rows, from this rank's vocab shard: logits
+        [S, W] hold entries [offset, offset + vocab). Every rank calls it with the same seqs and gets
+        the same tokens (see sampling_kernel.sample_shard). Only for seqs that are `shardable`."""
+        assert self.shard_kernel is not None
+        seeds_dev, (temps,) = _upload(
+            [self._row_seed(s) for s in seqs], [[s.sampling.temperature for s in seqs]], self.device
+        )
+        return self.shard_kernel(logits, temps, seeds_dev, offset, vocab, ranks, all_gather)
+
     def _sample_kernel(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         assert self.kernel is not None
         opts = [s.sampling for s in seqs]
         seeds = [self._row_seed(s) for s in seqs]
         vocab = logits.size(1)
-        filtered = [o.temperature > 0 and _filters(o, vocab) for o in opts]
-        if not (any(filtered) or any(penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs)):
+        if all(_plain(s, vocab) for s in seqs):
             seeds_dev, (temps,) = _upload(seeds, [[o.temperature for o in opts]], self.device)
             return self.kernel(logits, temps, seeds_dev)
+        filtered = [o.temperature > 0 and _filters(o, vocab) for o in opts]
         work = logits.to(torch.float32, copy=True)  # keep the raw logits intact for the logprobs
         apply_penalties(work, seqs)
         apply_min_tokens(work, seqs)
@@ -98,14 +122,15 @@ class Sampler:
         return self.kernel(work, temps_dev, seeds_dev)
 
     def _row_seed(self, seq: SeqState) -> int:
-        """A seeded seq's row seed depends only on its seed and output index: the same token whatever
-        else is in the batch, and again after preemption recomputes it."""
+        """A row's seed depends only on the seq's seed (unseeded: the worker's, and the seq's id) and
+        its output index: the same token whatever else is in the batch, again after preemption
+        recomputes it, and on every tensor-parallel rank without any state to keep in step."""
         o = seq.sampling
         if o.temperature == 0:
             return 0  # unused: greedy rows draw no noise
         if o.seed is not None:
             return _mix(o.seed, seq.num_output) & _MASK63
-        return self.row_seeds.getrandbits(63)
+        return _mix(_mix(self.seed, seq.seq_id) ^ _UNSEEDED, seq.num_output) & _MASK63
 
     def _sample_torch(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
@@ -141,6 +166,12 @@ class Sampler:
                 noise[i].exponential_(generator=gen)
         # E can round to 0; a floor keeps zero-probability tokens at 0 instead of 0/0.
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def _plain(seq: SeqState, vocab: int) -> bool:
+    """Whether the seq's row goes to the one-pass kernel as the model's logits, with no torch stage."""
+    o = seq.sampling
+    return not ((o.temperature > 0 and _filters(o, vocab)) or penalised(o) or _min_tokens_active(seq))
 
 
 def _filters(o: SamplingOptions, vocab: int) -> bool:

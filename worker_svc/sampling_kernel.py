@@ -13,6 +13,7 @@ Imports triton: load it only where a GPU (or the interpreter) will run it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -24,6 +25,7 @@ from triton.language.extra import libdevice
 BLOCK = 2048
 NUM_WARPS = 4
 MAX_SPLITS = 64  # partials per row that merge_kernel reads as one block
+NO_INDEX = tl.constexpr(2**31 - 1)  # above every vocabulary index: min() over ties never picks it
 LOG2E = tl.constexpr(1.4426950408889634)
 MIN_TEMPERATURE = tl.constexpr(1e-30)  # keeps log2(e) / T finite: a 0 logit never makes 0 * inf = NaN
 
@@ -65,9 +67,13 @@ def _gumbel_log2(bits, FAST: tl.constexpr):
 
 
 @triton.jit
-def _scan(row_ptr, vocab, first, last, scale, seed, NOISE: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-lane (best score, its index) over chunks [first, last) of BLOCK entries; each lane sees
-    rising indices, so `>` keeps the first of equal scores."""
+def _scan(
+    row_ptr, vocab, offset, first, last, scale, seed, NOISE: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per-lane (best score, its vocab index) over chunks [first, last) of BLOCK entries; each lane
+    sees rising indices, so `>` keeps the first of equal scores. The row holds vocab entries
+    [offset, offset + vocab) of the whole vocabulary (offset a multiple of 4), and the noise and
+    the indices are those of the whole vocabulary: a shard draws what the whole row would."""
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
@@ -78,12 +84,13 @@ def _scan(row_ptr, vocab, first, last, scale, seed, NOISE: tl.constexpr, FAST: t
             # One Philox call per 4 entries (it yields four words; its 10 rounds would otherwise
             # dominate the kernel). Interleaving the words keeps every value in the load's register
             # layout: no shared-memory shuffles.
-            b0, b1, b2, b3 = tl.randint4x(seed, chunk * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+            counters = offset // 4 + chunk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            b0, b1, b2, b3 = tl.randint4x(seed, counters)
             bits = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [BLOCK])  # entry 4c + j: word j
             x = x * scale + _gumbel_log2(bits, FAST)
         better = x > best
         best = tl.where(better, x, best)
-        best_idx = tl.where(better, idx, best_idx)
+        best_idx = tl.where(better, offset + idx, best_idx)
     return best, best_idx
 
 
@@ -94,11 +101,12 @@ def _first_max(values, indices, fill):
     return top, tl.min(tl.where(values == top, indices, fill), 0)
 
 
-@triton.jit(do_not_specialize=["chunks_per_split", "num_splits"])
+@triton.jit(do_not_specialize=["offset", "chunks_per_split", "num_splits", "partial"])
 def sample_kernel(
     logits_ptr,
     stride_row,
     vocab,
+    offset,
     temperature_ptr,
     seed_ptr,
     out_ptr,
@@ -106,11 +114,12 @@ def sample_kernel(
     part_idx_ptr,
     chunks_per_split,
     num_splits,
+    partial,
     FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Grid (rows, splits): program (r, p) scans chunks [p * chunks_per_split, ...) of row r and
-    writes its token, or with several splits its partial (score, index) for merge_kernel."""
+    writes its token, or (`partial`) its partial (score, index) for merge_kernel."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -121,27 +130,29 @@ def sample_kernel(
         # Scores in log2 units, logit * log2(e) / T - log2(E): the argmax of logit / T - ln(E).
         scale = LOG2E / tl.maximum(temperature, MIN_TEMPERATURE)
         seed = tl.load(seed_ptr + row)
-        best, best_idx = _scan(row_ptr, vocab, first, last, scale, seed, True, FAST, BLOCK)
+        best, best_idx = _scan(row_ptr, vocab, offset, first, last, scale, seed, True, FAST, BLOCK)
     else:
-        best, best_idx = _scan(row_ptr, vocab, first, last, 1.0, 0, False, FAST, BLOCK)
-    top, token = _first_max(best, best_idx, vocab)
-    if num_splits > 1:  # a runtime branch: one compiled kernel for every batch size
+        best, best_idx = _scan(row_ptr, vocab, offset, first, last, 1.0, 0, False, FAST, BLOCK)
+    top, token = _first_max(best, best_idx, offset + vocab)
+    if partial:  # a runtime branch: one compiled kernel for every batch size
         tl.store(part_score_ptr + row * num_splits + split, top)
         tl.store(part_idx_ptr + row * num_splits + split, token)
     else:
         tl.store(out_ptr + row, token.to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def merge_kernel(part_score_ptr, part_idx_ptr, out_ptr, num_splits, vocab, MAX_SPLITS: tl.constexpr):
-    """One program per row picks the best partial; splits cover rising vocab ranges, so the lowest
-    index among equal scores is still the row's first."""
+@triton.jit(do_not_specialize=["num_splits", "num_parts", "part_stride"])
+def merge_kernel(part_score_ptr, part_idx_ptr, out_ptr, num_splits, num_parts, part_stride, MAX_SPLITS: tl.constexpr):
+    """One program per row picks the best of num_parts blocks of [rows, num_splits] partials,
+    part_stride apart (one block per rank of a split vocabulary). The partials cover rising vocab
+    ranges in that order, so the lowest index among equal scores is still the row's first."""
     row = tl.program_id(0)
     offs = tl.arange(0, MAX_SPLITS)
-    mask = offs < num_splits
-    scores = tl.load(part_score_ptr + row * num_splits + offs, mask=mask, other=float("-inf"))
-    indices = tl.load(part_idx_ptr + row * num_splits + offs, mask=mask, other=0)
-    _, token = _first_max(scores, indices, vocab)
+    mask = offs < num_parts * num_splits
+    at = (offs // num_splits) * part_stride + row * num_splits + offs % num_splits
+    scores = tl.load(part_score_ptr + at, mask=mask, other=float("-inf"))
+    indices = tl.load(part_idx_ptr + at, mask=mask, other=0)
+    _, token = _first_max(scores, indices, NO_INDEX)
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
@@ -153,27 +164,95 @@ def sample_tokens(
 
     num_splits (programs per row) defaults to choose_num_splits; it never changes the tokens."""
     rows, vocab = logits.shape
-    assert logits.stride(-1) == 1, "the vocab dim must be contiguous"
-    assert temperature.shape == (rows,) and seeds.shape == (rows,) and seeds.dtype == torch.int64
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    chunks = triton.cdiv(vocab, BLOCK)
-    splits = min(num_splits or choose_num_splits(rows, vocab, _num_sms(logits.device)), chunks, MAX_SPLITS)
-    per_split = triton.cdiv(chunks, splits)
-    splits = triton.cdiv(chunks, per_split)  # no program without a chunk
-    if splits > 1:
-        part_score = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
-        part_idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
-    else:
-        part_score = part_idx = out  # not touched with a single split
-    sample_kernel[(rows, splits)](
-        logits, logits.stride(0), vocab, temperature, seeds, out, part_score, part_idx, per_split, splits,
-        FAST=_COMPILED, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    if splits > 1:
-        merge_kernel[(rows,)](part_score, part_idx, out, splits, vocab, MAX_SPLITS=MAX_SPLITS, num_warps=1)
+    splits = _splits(logits, temperature, seeds, num_splits, MAX_SPLITS)
+    if splits == 1:
+        _launch(logits, temperature, seeds, out, out, out, vocab, 0, 1, partial=False)  # no partials touched
+        return out
+    part_score = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    _launch(logits, temperature, seeds, out, part_score, part_idx, vocab, 0, splits, partial=True)
+    merge_kernel[(rows,)](part_score, part_idx, out, splits, 1, 0, MAX_SPLITS=MAX_SPLITS, num_warps=1)
     return out
+
+
+def sample_shard(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    offset: int,
+    vocab: int,
+    ranks: int,
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sample_tokens for a vocabulary split over `ranks` ranks, called on every rank with the same
+    temperatures and seeds: this rank's logits [S, W] (W the same on every rank) hold vocabulary
+    entries [offset, offset + vocab), vocab <= W. `all_gather` takes a 1-D tensor [n] to [ranks, n]
+    in rank order. The ranks swap a few partial winners instead of the logits, and every rank
+    returns the tokens sample_tokens would draw from the whole rows."""
+    parts = shard_partials(logits, temperature, seeds, offset, vocab, ranks)
+    return merge_shards(all_gather(parts), logits.size(0))
+
+
+def shard_partials(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, offset: int, vocab: int, ranks: int
+) -> torch.Tensor:
+    """This shard's partial winners as one int32 tensor [2 * S * splits]: the scores' float32 bits,
+    then their vocabulary indices. The split count depends on the rows and W only, so every rank's
+    tensor has the same layout."""
+    assert offset % 4 == 0, "a shard starts on a Philox group of 4 entries"
+    rows = logits.size(0)
+    splits = _splits(logits, temperature, seeds, None, MAX_SPLITS // ranks)
+    n = rows * splits
+    parts = torch.empty(2 * n, dtype=torch.int32, device=logits.device)
+    if rows:  # `out` is not written with partials
+        scores, indices = parts[:n].view(torch.float32), parts[n:]
+        _launch(logits, temperature, seeds, parts, scores, indices, vocab, offset, splits, partial=True)
+    return parts
+
+
+def merge_shards(gathered: torch.Tensor, rows: int) -> torch.Tensor:
+    """Tokens [rows] from every rank's shard_partials, stacked in rank order [ranks, 2 * rows * splits]."""
+    ranks, n = gathered.size(0), gathered.size(1) // 2
+    out = torch.empty(rows, dtype=torch.int64, device=gathered.device)
+    if rows:
+        merge_kernel[(rows,)](
+            gathered.view(torch.float32), gathered.view(-1)[n:], out, n // rows, ranks, 2 * n,
+            MAX_SPLITS=MAX_SPLITS, num_warps=1,
+        )  # fmt: skip
+    return out
+
+
+def _splits(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, wanted: int | None, most: int) -> int:
+    """Programs per row, from the rows and the row width alone."""
+    rows, width = logits.shape
+    assert logits.stride(-1) == 1, "the vocab dim must be contiguous"
+    assert temperature.shape == (rows,) and seeds.shape == (rows,) and seeds.dtype == torch.int64
+    chunks = triton.cdiv(width, BLOCK)
+    splits = min(wanted or choose_num_splits(rows, width, _num_sms(logits.device)), chunks, most)
+    return triton.cdiv(chunks, triton.cdiv(chunks, splits))  # no program without a chunk of the width
+
+
+def _launch(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    out: torch.Tensor,
+    part_score: torch.Tensor,
+    part_idx: torch.Tensor,
+    vocab: int,
+    offset: int,
+    splits: int,
+    partial: bool,
+) -> None:
+    """Program p scans chunks [p * per_split, ...) of the row's width; entries past vocab read -inf."""
+    per_split = triton.cdiv(triton.cdiv(logits.size(1), BLOCK), splits)
+    sample_kernel[(logits.size(0), splits)](
+        logits, logits.stride(0), vocab, offset, temperature, seeds, out, part_score, part_idx, per_split, splits,
+        int(partial), FAST=_COMPILED, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
 
 
 _COMPILED = isinstance(sample_kernel, triton.runtime.JITFunction)  # False under TRITON_INTERPRET=1
