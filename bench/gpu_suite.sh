@@ -7,7 +7,8 @@
 # sweep is left out, being slow), the decode-step profile at batch 256 and 1, and
 # the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, and with an fp8
-# KV cache). STEPs pick some of them by name (default: all). A failing step is reported and the
+# KV cache), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
+# some of them by name (default: all). A failing step is reported and the
 # rest still run; the exit status is that of the last failure.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
@@ -42,4 +43,16 @@ step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
+# Tensor parallelism, on a machine with two GPUs or more (steps tp_*), with the NCCL-only all-reduce
+# beside the default one-shot one.
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    step tp_profile_256 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30
+    step tp_profile_256_nccl 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30 --disable-custom-all-reduce
+    step tp_profile_1 150 python3 bench/profile_step.py --tp 2 --batch 1 --context 512 --steps 30
+    step tp_profile_1_nccl 150 python3 bench/profile_step.py --tp 2 --batch 1 --context 512 --steps 30 --disable-custom-all-reduce
+    step tp_throughput_2 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2
+    step tp_throughput_2_nccl 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2 --disable-custom-all-reduce
+    step tp_throughput_1 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 1
+    step tp_check 400 python3 tests/gpu/check_tp.py --tp 2
+fi
 exit $status

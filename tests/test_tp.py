@@ -6,12 +6,14 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.runner_utils import PROMPTS, Blocks, generate, make_runner, new_seq, outputs
 from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker_svc.seq_state import SamplingOptions
 
 MAX_NEW = 12
 
@@ -41,10 +43,58 @@ def _uneven_vocab_error() -> float:
         layer.weight.weight_loader(layer.weight, table)
     ids = torch.tensor([6, 0, 3, 4, 2])
     error = (embed(ids) - table[ids]).abs().max().item()
-    logits = head(table[ids])
+    logits = head.gather(head(table[ids]))
     if logits is not None:
         error = max(error, (logits - table[ids] @ table.T).abs().max().item())
     return error
+
+
+SAMPLING = [
+    SamplingOptions(temperature=0.8),
+    SamplingOptions(temperature=1.0, seed=3),
+    SamplingOptions(temperature=0),
+]
+
+
+def _sampled(model_dir: Path, rank: int, world_size: int) -> list[list[int]]:
+    """Outputs of PROMPTS drawn by the Triton sampling kernel under the interpreter: at TP > 1 each
+    rank draws from its vocabulary shard (ModelRunner._sample's sharded path)."""
+    from tests.triton_interpreter import fix_scalar_index
+    from worker_svc.sampler import Sampler
+
+    fix_scalar_index()
+    runner = make_runner(model_dir, rank, world_size)
+    runner.sampler = Sampler(runner.device, 0, kernel=True)
+    blocks = Blocks()
+    seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW, o) for i, (p, o) in enumerate(zip(PROMPTS, SAMPLING, strict=True))]
+    generate(runner, seqs, MAX_NEW)
+    return [outputs(s) for s in seqs]
+
+
+def _sampling_main(rank: int, port: int, world_size: int, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        tokens = _sampled(Path(model_dir), rank, world_size)
+        Path(out, f"tp{world_size}-rank{rank}.json").write_text(json.dumps(tokens))
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def test_two_ranks_sample_as_one(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temperature sampling at TP=2, where the ranks swap their shards' best candidates instead of
+    gathering the logits, draws the tokens one process draws, on both ranks."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks import triton fresh
+    for world_size in (1, 2):
+        args = (_free_port(), world_size, str(tiny_model_dir), str(tmp_path))
+        mp.spawn(_sampling_main, args=args, nprocs=world_size, join=True)
+    single = json.loads((tmp_path / "tp1-rank0.json").read_text())
+    assert len(set(map(tuple, single))) == 3 and all(len(t) == MAX_NEW for t in single)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"tp2-rank{rank}.json").read_text()) == single
 
 
 def _rank_main(rank: int, port: int, model_dirs: list[str], out: str) -> None:

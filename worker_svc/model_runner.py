@@ -4,6 +4,7 @@ and keeps every rank's copy of the sequences in step with rank 0's choices."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
 from worker_svc.jit_watch import CompileWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
+from worker_svc.layers.parallel import all_gather, use_one_shot
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,9 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
+        one_shot = world_size > 1 and self.device.type == "cuda" and config.custom_all_reduce
+        if one_shot and (why := use_one_shot(self.device, self.dtype)) is not None:
+            log.warning("rank %d: all-reduces stay with NCCL; the one-shot all-reduce failed: %s", rank, why)
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.
@@ -112,13 +119,7 @@ class ModelRunner:
             if not batch.samplers:
                 return Pending([], None, None, None)
             sampling = [seqs[i] for i in batch.samplers]
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
-            if logits is not None:
-                tokens, logprobs = self.sampler.sample(logits, sampling)
-            else:
-                tokens, logprobs = torch.empty(len(sampling), dtype=torch.long, device=self.device), None
-            if self.world_size > 1:
-                dist.broadcast(tokens, src=0)  # every rank feeds rank 0's choice to its next step
+            tokens, logprobs = self._sample(hidden[batch.sample_rows], sampling)
             self.last_tokens[batch.sample_slots] = tokens
             host_tokens = to_host(tokens)
             host_logprobs = logprobs.to_host() if logprobs is not None else None
@@ -129,6 +130,26 @@ class ModelRunner:
         for seq in sampling:
             seq.num_pending += 1
         return Pending(sampling, host_tokens, host_logprobs, done)
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[SeqState]) -> tuple[torch.Tensor, Logprobs | None]:
+        """Tokens for the rows `hidden` of seqs, the same on every rank; logprobs on rank 0."""
+        logits = self.model.compute_logits(hidden)
+        if self.world_size == 1:
+            return self.sampler.sample(logits, seqs)
+        head = self.model.lm_head
+        if self.sampler.shardable(seqs, self.vocab_size):
+            # Each rank draws over its own slice of the vocabulary and the ranks swap their best
+            # candidates: no rank gathers the logits (77 MB from each rank at batch 256), and
+            # every rank has the tokens without a broadcast.
+            tokens = self.sampler.sample_shard(logits, seqs, head.start, head.valid, self.world_size, all_gather)
+            return tokens, None
+        full = head.gather(logits)
+        if full is not None:
+            tokens, logprobs = self.sampler.sample(full, seqs)
+        else:
+            tokens, logprobs = torch.empty(len(seqs), dtype=torch.long, device=self.device), None
+        dist.broadcast(tokens, src=0)  # every rank feeds rank 0's choice to its next step
+        return tokens, logprobs
 
     def collect(self, pending: Pending) -> list[Sampled]:
         """Waits for a launched step and appends its sampled tokens to their seqs (every rank)."""

@@ -1,13 +1,15 @@
-"""Tensor parallelism on GPUs: TP=N greedy tokens against TP=1, through `nanovllm serve` and gRPC.
+"""Tensor parallelism on GPUs: TP=N tokens against TP=1, through `nanovllm serve` and gRPC.
 
 Run on a machine with N GPUs from the repo root:
     PYTHONPATH=. python3 tests/gpu/check_tp.py [--tp 2] [--prompts 32]
 Writes random Qwen3-0.6B-shaped bf16 weights with transformers (the same at every TP size, unlike
 `--load-format dummy`, which draws each rank's shard on its own), serves them at TP=1 and TP=N in
-turn, and checks that the first 32 greedy tokens agree for at least 95% of prompts. It runs in
-float32: on random weights bf16 rounding alone decides greedy choices (transformers' own bf16 and
-fp32 runs agree on no prompt, docs/benchmarks.md), and each TP size sums partial products in
-another order. Exits 1 on failure.
+turn, and checks that the first 32 tokens agree for at least 95% of prompts, three ways: greedy
+and seeded T=0.8 (each rank draws from its vocabulary shard, and the ranks swap their best
+candidates), and seeded T=0.8 with top-k 50 (rank 0 gathers the logits and broadcasts its choice).
+It runs in float32: on random weights bf16 rounding alone decides greedy choices (transformers'
+own bf16 and fp32 runs agree on no prompt, docs/benchmarks.md), and each TP size sums partial
+products in another order. Exits 1 on failure.
 Throughput at each size: `python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp N`.
 """
 
@@ -24,13 +26,19 @@ from bench.throughput import start_server
 from client import Client
 from tests.gpu.check_worker import NEW_TOKENS, write_checkpoint
 
+MODES: dict[str, dict[str, float]] = {
+    "greedy": {"temperature": 0.0},
+    "seeded T=0.8 (sharded draw)": {"temperature": 0.8},
+    "seeded T=0.8 top-k 50 (gathered logits)": {"temperature": 0.8, "top_k": 50},
+}
 
-def greedy(port: int, prompts: list[list[int]]) -> list[list[int]]:
+
+def generate(port: int, prompts: list[list[int]], sampling: dict[str, float]) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in prompts]
 
     def one(i: int) -> None:
         with Client(f"127.0.0.1:{port}") as c:
-            for msg in c.generate(prompts[i], max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True):
+            for msg in c.generate(prompts[i], max_tokens=NEW_TOKENS, ignore_eos=True, seed=i, **sampling):
                 out[i].extend(msg.token_ids)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
@@ -57,15 +65,18 @@ def main() -> int:
         flags = ["--tensor-parallel-size", str(tp), "--dtype", "float32", "--max-model-len", "1024"]
         proc, _ = start_server(str(ckpt), port, [*flags, "--max-num-seqs", "64"])
         try:
-            results[tp] = greedy(port, prompts)
+            results[tp] = {mode: generate(port, prompts, sampling) for mode, sampling in MODES.items()}
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    agree = sum(a == b for a, b in zip(results[1], results[args.tp], strict=True))
-    share = agree / len(prompts)
-    print(f"TP={args.tp} vs TP=1: {agree}/{len(prompts)} prompts agree on all {NEW_TOKENS} greedy tokens ({share:.1%})")
-    print("PASS" if share >= 0.95 else "FAIL")
-    return 0 if share >= 0.95 else 1
+    ok = True
+    for mode in MODES:
+        agree = sum(a == b for a, b in zip(results[1][mode], results[args.tp][mode], strict=True))
+        share = agree / len(prompts)
+        ok &= share >= 0.95
+        print(f"TP={args.tp} vs TP=1, {mode}: {agree}/{len(prompts)} agree on {NEW_TOKENS} tokens ({share:.1%})")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Token embedding and LM head split by vocabulary: each rank holds a contiguous slice of rows.
 
-When the vocabulary does not divide evenly every rank still holds the same number of rows (the
-last one padded with zeros), so the gathered logits line up and only need the padding cut off.
+Every rank holds the same number of rows, a multiple of 4 when the vocabulary is split (the last
+rank padded with zeros): gathered logits line up and only need the padding cut off, and each shard
+starts on a group of 4 entries of the sampling kernel's noise (sampling_kernel.sample_shard).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.vocab_size, self.tp_size = vocab_size, tp_size()
         self.rows = -(-vocab_size // self.tp_size)
+        if self.tp_size > 1:
+            self.rows = -(-self.rows // 4) * 4
         self.start = tp_rank() * self.rows
+        self.valid = max(0, min(self.rows, vocab_size - self.start))  # rows that are not padding
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -37,7 +41,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [S, vocab] on rank 0, None elsewhere."""
-        logits = gather_last_dim(matmul(hidden, self.weight))
-        return logits[:, : self.vocab_size] if logits is not None else None
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [S, rows]: vocabulary entries [start, start + valid), then padding."""
+        return matmul(hidden, self.weight)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's `forward` logits joined into [S, vocab] on rank 0; None on the other ranks."""
+        full = gather_last_dim(logits)
+        return full[:, : self.vocab_size] if full is not None else None

@@ -151,6 +151,6 @@ class Qwen3ForCausalLM(nn.Module):
         """Hidden states [T, hidden] of a flat batch of tokens input_ids [T] at positions [T]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [S, vocab] of the rows to sample, on rank 0 (None on the other ranks)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the logits of the rows to sample (see ParallelLMHead)."""
         return self.lm_head(hidden)
