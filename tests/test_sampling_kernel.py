@@ -26,7 +26,7 @@ needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the i
 
 if IN_INTERPRETER:
     fix_scalar_index()
-    from worker_svc.sampling_kernel import merge_shards, sample_tokens, shard_partials
+    from worker_svc.sampling_kernel import merge_shards, sample_tokens, shard_partials, shard_splits
 
 CPU = torch.device("cpu")
 VOCAB = 5000  # three 2048-entry chunks, the last one partial
@@ -126,13 +126,14 @@ def sharded(x: torch.Tensor, temps: torch.Tensor, s: torch.Tensor, ranks: int) -
     width = -(-x.size(1) // ranks // 4) * 4
     padded = torch.full((x.size(0), width * ranks), 1e4, dtype=x.dtype)  # junk beats every real logit
     padded[:, : x.size(1)] = x
+    splits = shard_splits(padded[:, :width], ranks)
     parts = []
     for r in range(ranks):
         start = r * width
         vocab = min(width, x.size(1) - start)
-        parts.append(shard_partials(padded[:, start : start + width], temps, s, start, vocab, ranks))
-    assert len({p.numel() for p in parts}) == 1  # one layout on every rank
-    return merge_shards(torch.stack(parts), x.size(0)).tolist()
+        parts.append(shard_partials(padded[:, start : start + width], temps, s, start, vocab, splits))
+        assert parts[-1].numel() % 8 == 0  # the indices start 16-byte aligned, whatever the rows
+    return merge_shards(torch.stack(parts), x.size(0), splits).tolist()
 
 
 @needs_interpreter

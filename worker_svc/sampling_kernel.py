@@ -167,7 +167,8 @@ def sample_tokens(
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    splits = _splits(logits, temperature, seeds, num_splits, MAX_SPLITS)
+    _check(logits, temperature, seeds)
+    splits = _splits(logits, num_splits, MAX_SPLITS)
     if splits == 1:
         _launch(logits, temperature, seeds, out, out, out, vocab, 0, 1, partial=False)  # no partials touched
         return out
@@ -192,44 +193,56 @@ def sample_shard(
     entries [offset, offset + vocab), vocab <= W. `all_gather` takes a 1-D tensor [n] to [ranks, n]
     in rank order. The ranks swap a few partial winners instead of the logits, and every rank
     returns the tokens sample_tokens would draw from the whole rows."""
-    parts = shard_partials(logits, temperature, seeds, offset, vocab, ranks)
-    return merge_shards(all_gather(parts), logits.size(0))
+    splits = shard_splits(logits, ranks)
+    parts = shard_partials(logits, temperature, seeds, offset, vocab, splits)
+    return merge_shards(all_gather(parts), logits.size(0), splits)
+
+
+def shard_splits(logits: torch.Tensor, ranks: int) -> int:
+    """Programs per row of a shard: from the rows and W alone, so the same on every rank."""
+    return _splits(logits, None, MAX_SPLITS // ranks)
 
 
 def shard_partials(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, offset: int, vocab: int, ranks: int
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, offset: int, vocab: int, splits: int
 ) -> torch.Tensor:
-    """This shard's partial winners as one int32 tensor [2 * S * splits]: the scores' float32 bits,
-    then their vocabulary indices. The split count depends on the rows and W only, so every rank's
-    tensor has the same layout."""
+    """This shard's partial winners as one int32 tensor [2 * m]: the scores' float32 bits from 0,
+    their vocabulary indices from m, where m is S * splits rounded up to 4, which starts the
+    indices 16-byte aligned: Triton specialises kernels on pointer alignment, and a batch size must
+    not pick a new compilation."""
     assert offset % 4 == 0, "a shard starts on a Philox group of 4 entries"
+    _check(logits, temperature, seeds)
     rows = logits.size(0)
-    splits = _splits(logits, temperature, seeds, None, MAX_SPLITS // ranks)
     n = rows * splits
-    parts = torch.empty(2 * n, dtype=torch.int32, device=logits.device)
+    m = -(-n // 4) * 4
+    parts = torch.empty(2 * m, dtype=torch.int32, device=logits.device)
     if rows:  # `out` is not written with partials
-        scores, indices = parts[:n].view(torch.float32), parts[n:]
+        scores, indices = parts[:n].view(torch.float32), parts[m : m + n]
         _launch(logits, temperature, seeds, parts, scores, indices, vocab, offset, splits, partial=True)
     return parts
 
 
-def merge_shards(gathered: torch.Tensor, rows: int) -> torch.Tensor:
-    """Tokens [rows] from every rank's shard_partials, stacked in rank order [ranks, 2 * rows * splits]."""
-    ranks, n = gathered.size(0), gathered.size(1) // 2
+def merge_shards(gathered: torch.Tensor, rows: int, splits: int) -> torch.Tensor:
+    """Tokens [rows] from every rank's shard_partials, stacked in rank order [ranks, 2 * m]."""
+    ranks, m = gathered.size(0), gathered.size(1) // 2
     out = torch.empty(rows, dtype=torch.int64, device=gathered.device)
     if rows:
         merge_kernel[(rows,)](
-            gathered.view(torch.float32), gathered.view(-1)[n:], out, n // rows, ranks, 2 * n,
+            gathered.view(torch.float32), gathered.view(-1)[m:], out, splits, ranks, 2 * m,
             MAX_SPLITS=MAX_SPLITS, num_warps=1,
         )  # fmt: skip
     return out
 
 
-def _splits(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, wanted: int | None, most: int) -> int:
-    """Programs per row, from the rows and the row width alone."""
-    rows, width = logits.shape
+def _check(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> None:
+    rows = logits.size(0)
     assert logits.stride(-1) == 1, "the vocab dim must be contiguous"
     assert temperature.shape == (rows,) and seeds.shape == (rows,) and seeds.dtype == torch.int64
+
+
+def _splits(logits: torch.Tensor, wanted: int | None, most: int) -> int:
+    """Programs per row, from the rows and the row width alone."""
+    rows, width = logits.shape
     chunks = triton.cdiv(width, BLOCK)
     splits = min(wanted or choose_num_splits(rows, width, _num_sms(logits.device)), chunks, most)
     return triton.cdiv(chunks, triton.cdiv(chunks, splits))  # no program without a chunk of the width

@@ -21,13 +21,17 @@ def divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-class OneShotAllReduce:
-    """A sum over the ranks of one host's GPUs through symmetric memory: one kernel copies this
-    rank's input into a buffer every rank maps, waits for the others, and adds all the buffers over
-    NVLink (torch's symm_mem one-shot op, which uses peer-to-peer loads and no NVLink multicast).
-    A decode step makes two all-reduces a layer of a few KB to 1 MB; NCCL's ring takes ~9 µs for
-    each inside a CUDA graph (2 x H100, benchmarks run K), mostly its fixed cost. Larger inputs
-    (prefill) stay with NCCL, which moves each byte fewer times."""
+class SymmAllReduce:
+    """A sum over the ranks of one host's GPUs through symmetric memory: a buffer every rank maps,
+    read over NVLink by torch's symm_mem kernels (peer-to-peer loads, no NVLink multicast).
+
+    A decode step makes two all-reduces a layer of 2 KB (one row) to 512 KB (256 rows). Inside a
+    CUDA graph on 2 x H100 (bench/bench_all_reduce.py, docs/benchmarks.md) NCCL took 14-22 µs
+    for each; the one-shot op, which copies this rank's part in and adds every rank's, 8-13 µs,
+    and the two-shot op (reduce-scatter then all-gather, each rank adding a part) was faster from
+    256 KB on. Larger inputs (prefill) stay with NCCL."""
+
+    TWO_SHOT_FROM = 256 << 10  # bytes
 
     def __init__(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
         from torch.distributed import _symmetric_memory as symm_mem
@@ -35,9 +39,10 @@ class OneShotAllReduce:
         self.group = dist.group.WORLD.group_name
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group)  # collective: every rank allocates alike
-        ones = self(torch.ones(64, dtype=dtype, device=device))
-        if not bool((ones == dist.get_world_size()).all()):
-            raise RuntimeError("the one-shot all-reduce summed wrongly")
+        for n in (64, self.TWO_SHOT_FROM // dtype.itemsize):  # one of each kind, checked
+            total = self(torch.ones(n, dtype=dtype, device=device))
+            if not bool((total == dist.get_world_size()).all()):
+                raise RuntimeError(f"the symmetric-memory all-reduce of {n} elements summed wrongly")
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.buffer.dtype and x.is_contiguous() and x.numel() <= self.buffer.numel()
@@ -45,19 +50,22 @@ class OneShotAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
         shared = self.buffer[: x.numel()].view_as(x)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, x, "sum", self.group, out)
+        if x.numel() * x.element_size() < self.TWO_SHOT_FROM:
+            return torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, x, "sum", self.group, out)
+        shared.copy_(x)
+        return torch.ops.symm_mem.two_shot_all_reduce_out(shared, "sum", self.group, out)
 
 
-_one_shot: OneShotAllReduce | None = None
+_symm: SymmAllReduce | None = None
 
 
-def use_one_shot(device: torch.device, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str | None:
-    """From now on, all_reduce sums `dtype` tensors of up to max_bytes with OneShotAllReduce; every
+def use_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str | None:
+    """From now on, all_reduce sums `dtype` tensors of up to max_bytes with SymmAllReduce; every
     rank must call it (it is a collective). Returns why not where it cannot be set up (GPUs that
-    cannot map each other's memory, a torch without the op): all_reduce then stays with NCCL."""
-    global _one_shot
+    cannot map each other's memory, a torch without the ops): all_reduce then stays with NCCL."""
+    global _symm
     try:
-        _one_shot = OneShotAllReduce(device, dtype, max_bytes)
+        _symm = SymmAllReduce(device, dtype, max_bytes)
     except (RuntimeError, AttributeError) as e:
         return str(e)
     return None
@@ -67,8 +75,8 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The sum of every rank's x: x itself, summed in place, or a new tensor."""
     if tp_size() == 1:
         return x
-    if _one_shot is not None and _one_shot.fits(x):
-        return _one_shot(x)
+    if _symm is not None and _symm.fits(x):
+        return _symm(x)
     dist.all_reduce(x)
     return x
 
