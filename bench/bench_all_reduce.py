@@ -3,11 +3,10 @@
     PYTHONPATH=. python3 bench/bench_all_reduce.py [--tp 2]
 
 For [rows, hidden] bf16 tensors (rows = the decode batch), times NCCL's all-reduce, torch's
-symmetric-memory one-shot op (the copy into the shared buffer fused in), its two-shot op (a copy,
-then reduce-scatter + all-gather in one kernel) and what layers/parallel.SymmAllReduce serves
-(one of the two by size), each as a graph of 56 calls (two a layer of Qwen3-0.6B) replayed, and
-checks each against NCCL's sum. Rank 0 prints µs per call: the crossover sets
-SymmAllReduce.TWO_SHOT_FROM.
+symmetric-memory one-shot op (layers/parallel.SymmAllReduce: the copy into the shared buffer
+fused in) and its two-shot op (a copy, then reduce-scatter + all-gather in one kernel), each as a
+graph of 56 calls (two a layer of Qwen3-0.6B) replayed, and checks each against NCCL's sum. Rank 0
+prints µs per call: where the one-shot op wins sets use_symm_all_reduce's size limit.
 """
 
 from __future__ import annotations
@@ -52,12 +51,6 @@ def nccl(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def one_shot(op: SymmAllReduce, x: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(x)
-    shared = op.buffer[: x.numel()].view_as(x)
-    return torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, x, "sum", op.group, out)
-
-
 def two_shot(op: SymmAllReduce, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     shared = op.buffer[: x.numel()].view_as(x)
@@ -75,21 +68,21 @@ def run(rank: int, args: argparse.Namespace) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=args.tp)
     device = torch.device("cuda", rank)
-    op = SymmAllReduce(device, torch.bfloat16, 2 << 20)
+    op = SymmAllReduce(device, torch.bfloat16, 2 << 20)  # every size below fits
     if rank == 0:
         print(f"{args.tp} ranks, hidden {args.hidden}, bf16, µs per all-reduce in a graph of {CALLS}")
-        print(f"{'rows':>5} {'KB':>6} {'NCCL':>7} {'one-shot':>9} {'two-shot':>9} {'served':>7}")
+        print(f"{'rows':>5} {'KB':>6} {'NCCL':>7} {'one-shot':>9} {'two-shot':>9}")
     for rows in (1, 4, 16, 32, 64, 128, 256, 512):
         gen = torch.Generator(device=device).manual_seed(rank * 1000 + rows)
         x = torch.randn(rows, args.hidden, device=device, dtype=torch.bfloat16, generator=gen)
-        methods = [partial(nccl, x), partial(one_shot, op, x), partial(two_shot, op, x), partial(op, x)]
+        methods = [partial(nccl, x), partial(op, x), partial(two_shot, op, x)]  # op: the one-shot op
         want = nccl(x).float()
         for fn in methods[1:]:
             err = (fn().float() - want).abs().max().item()
             assert err <= 0.02 * want.abs().max().item(), (fn, rows, err)
         times = [timed(partial(repeat, fn)) for fn in methods]
         if rank == 0:
-            cols = " ".join(f"{t:>{w}.1f}" for t, w in zip(times, (7, 9, 9, 7), strict=True))
+            cols = " ".join(f"{t:>{w}.1f}" for t, w in zip(times, (7, 9, 9), strict=True))
             print(f"{rows:>5} {x.numel() * 2 / 1024:>6.0f} {cols}", flush=True)
 
 

@@ -22,16 +22,14 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 class SymmAllReduce:
-    """A sum over the ranks of one host's GPUs through symmetric memory: a buffer every rank maps,
-    read over NVLink by torch's symm_mem kernels (peer-to-peer loads, no NVLink multicast).
+    """A sum over the ranks of one host's GPUs through symmetric memory: torch's symm_mem one-shot
+    op copies this rank's input into a buffer every rank maps, then adds every rank's buffer,
+    read over NVLink (peer-to-peer loads; no NVLink multicast, which these machines forbid).
 
-    A decode step makes two all-reduces a layer of 2 KB (one row) to 512 KB (256 rows). Inside a
-    CUDA graph on 2 x H100 (bench/bench_all_reduce.py, docs/benchmarks.md) NCCL took 14-22 µs
-    for each; the one-shot op, which copies this rank's part in and adds every rank's, 8-13 µs,
-    and the two-shot op (reduce-scatter then all-gather, each rank adding a part) was faster from
-    256 KB on. Larger inputs (prefill) stay with NCCL."""
-
-    TWO_SHOT_FROM = 256 << 10  # bytes
+    Used for small inputs only. Inside a CUDA graph on 2 x H100 (bench/bench_all_reduce.py), it
+    took 8-9 µs up to 64 KB on two machines, where NCCL took 14-18 µs on one and 7-9 µs on the
+    other; above that NCCL was as fast or faster, and served throughput at TP=2 was 4% lower
+    with every decode-size all-reduce on symmetric memory (docs/benchmarks.md, run L)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
         from torch.distributed import _symmetric_memory as symm_mem
@@ -39,10 +37,9 @@ class SymmAllReduce:
         self.group = dist.group.WORLD.group_name
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group)  # collective: every rank allocates alike
-        for n in (64, self.TWO_SHOT_FROM // dtype.itemsize):  # one of each kind, checked
-            total = self(torch.ones(n, dtype=dtype, device=device))
-            if not bool((total == dist.get_world_size()).all()):
-                raise RuntimeError(f"the symmetric-memory all-reduce of {n} elements summed wrongly")
+        total = self(torch.ones(self.buffer.numel(), dtype=dtype, device=device))
+        if not bool((total == dist.get_world_size()).all()):
+            raise RuntimeError("the symmetric-memory all-reduce summed wrongly")
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.buffer.dtype and x.is_contiguous() and x.numel() <= self.buffer.numel()
@@ -50,19 +47,16 @@ class SymmAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
         shared = self.buffer[: x.numel()].view_as(x)
-        if x.numel() * x.element_size() < self.TWO_SHOT_FROM:
-            return torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, x, "sum", self.group, out)
-        shared.copy_(x)
-        return torch.ops.symm_mem.two_shot_all_reduce_out(shared, "sum", self.group, out)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, x, "sum", self.group, out)
 
 
 _symm: SymmAllReduce | None = None
 
 
-def use_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str | None:
+def use_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_bytes: int = 64 << 10) -> str | None:
     """From now on, all_reduce sums `dtype` tensors of up to max_bytes with SymmAllReduce; every
     rank must call it (it is a collective). Returns why not where it cannot be set up (GPUs that
-    cannot map each other's memory, a torch without the ops): all_reduce then stays with NCCL."""
+    cannot map each other's memory, a torch without the op): all_reduce then stays with NCCL."""
     global _symm
     try:
         _symm = SymmAllReduce(device, dtype, max_bytes)
