@@ -2,11 +2,13 @@
 
     PYTHONPATH=. python3 bench/bench_all_reduce.py [--tp 2]
 
-For [rows, hidden] bf16 tensors (rows = the decode batch), times NCCL's all-reduce, torch's
-symmetric-memory one-shot op (layers/parallel.SymmAllReduce: the copy into the shared buffer
-fused in) and its two-shot op (a copy, then reduce-scatter + all-gather in one kernel), each as a
-graph of 56 calls (two a layer of Qwen3-0.6B) replayed, and checks each against NCCL's sum. Rank 0
-prints µs per call: where the one-shot op wins sets use_symm_all_reduce's size limit.
+For [rows, hidden] bf16 tensors (rows = the decode batch), times NCCL's all-reduce (what the
+workers use) against torch's symmetric-memory ops, which read the other GPUs' buffers over NVLink
+with peer-to-peer loads (no NVLink multicast, which these machines forbid): the one-shot op (this
+rank's copy into the shared buffer fused in) and the two-shot op (a copy, then reduce-scatter and
+all-gather in one kernel). Each runs as a graph of 56 calls (two a layer of Qwen3-0.6B) replayed,
+checked against NCCL's sum; rank 0 prints µs per call. docs/benchmarks.md (run L) has why the
+workers stayed with NCCL.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from worker_svc.layers.parallel import SymmAllReduce
 
 CALLS = 56
 
@@ -45,37 +45,47 @@ def timed(fn: Callable[[], object], replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / replays / CALLS
 
 
+def repeat(fn: Callable[[], torch.Tensor]) -> None:
+    for _ in range(CALLS):
+        fn()
+
+
 def nccl(x: torch.Tensor) -> torch.Tensor:
     y = x.clone()
     dist.all_reduce(y)
     return y
 
 
-def two_shot(op: SymmAllReduce, x: torch.Tensor) -> torch.Tensor:
+def one_shot(shared: torch.Tensor, group: str, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
-    shared = op.buffer[: x.numel()].view_as(x)
-    shared.copy_(x)
-    return torch.ops.symm_mem.two_shot_all_reduce_out(shared, "sum", op.group, out)
+    mine = shared[: x.numel()].view_as(x)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy_out(mine, x, "sum", group, out)
 
 
-def repeat(fn: Callable[[], torch.Tensor]) -> None:
-    for _ in range(CALLS):
-        fn()
+def two_shot(shared: torch.Tensor, group: str, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    mine = shared[: x.numel()].view_as(x)
+    mine.copy_(x)
+    return torch.ops.symm_mem.two_shot_all_reduce_out(mine, "sum", group, out)
 
 
 def run(rank: int, args: argparse.Namespace) -> None:
+    from torch.distributed import _symmetric_memory as symm_mem
+
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=args.tp)
     device = torch.device("cuda", rank)
-    op = SymmAllReduce(device, torch.bfloat16, 2 << 20)  # every size below fits
+    group = dist.group.WORLD.group_name
+    shared = symm_mem.empty(512 * args.hidden, dtype=torch.bfloat16, device=device)
+    symm_mem.rendezvous(shared, group)
     if rank == 0:
         print(f"{args.tp} ranks, hidden {args.hidden}, bf16, µs per all-reduce in a graph of {CALLS}")
         print(f"{'rows':>5} {'KB':>6} {'NCCL':>7} {'one-shot':>9} {'two-shot':>9}")
     for rows in (1, 4, 16, 32, 64, 128, 256, 512):
         gen = torch.Generator(device=device).manual_seed(rank * 1000 + rows)
         x = torch.randn(rows, args.hidden, device=device, dtype=torch.bfloat16, generator=gen)
-        methods = [partial(nccl, x), partial(op, x), partial(two_shot, op, x)]  # op: the one-shot op
+        methods = [partial(nccl, x), partial(one_shot, shared, group, x), partial(two_shot, shared, group, x)]
         want = nccl(x).float()
         for fn in methods[1:]:
             err = (fn().float() - want).abs().max().item()

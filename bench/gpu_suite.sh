@@ -43,15 +43,12 @@ step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
-# Tensor parallelism, on a machine with two GPUs or more (steps tp_*), with the NCCL-only all-reduce
-# beside the default one-shot one.
+# Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    step tp_all_reduce 150 python3 bench/bench_all_reduce.py --tp 2
     step tp_profile_256 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30
-    step tp_profile_256_nccl 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30 --disable-custom-all-reduce
     step tp_profile_1 150 python3 bench/profile_step.py --tp 2 --batch 1 --context 512 --steps 30
-    step tp_profile_1_nccl 150 python3 bench/profile_step.py --tp 2 --batch 1 --context 512 --steps 30 --disable-custom-all-reduce
     step tp_throughput_2 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2
-    step tp_throughput_2_nccl 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2 --disable-custom-all-reduce
     step tp_throughput_1 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 1
     step tp_check 400 python3 tests/gpu/check_tp.py --tp 2
 fi

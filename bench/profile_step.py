@@ -32,8 +32,8 @@ def category(name: str) -> str:
     n = name.lower()
     if "decode" in n or "prefill" in n or "store_kvcache" in n:
         return "attention (triton)"
-    if "nccl" in n or "all_reduce" in n:
-        return "collectives (NCCL; one-shot all-reduce)"
+    if "nccl" in n:
+        return "all-reduces and the sampling exchange (NCCL)"
     if "gemm" in n or "matmul" in n or "nvjet" in n or "cutlass" in n or "sm90" in n or "gemv" in n:
         return "matmuls (cuBLAS; one row: Triton GEMV + its norm/SiLU)"
     if any(k in n for k in ("sample", "merge_kernel", "softmax", "argmax", "div", "clamp", "reduce")):
@@ -50,7 +50,6 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
-    p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -63,7 +62,7 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     blocks_per = -(-(ctx + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
     config = WorkerConfig(
         args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=bs * blocks_per,
-        tensor_parallel_size=args.tp, custom_all_reduce=not args.disable_custom_all_reduce,
+        tensor_parallel_size=args.tp,
     )  # fmt: skip
     if args.tp > 1:
         init_distributed(config, rank, "127.0.0.1", 29517)

@@ -55,8 +55,6 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
     if args.enforce_eager:
         flags.append("--enforce-eager")
-    if args.disable_custom_all_reduce:
-        flags.append("--disable-custom-all-reduce")
     if args.no_core_process:
         flags.append("--no-core-process")
     return flags
@@ -235,7 +233,6 @@ def main() -> None:
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce (--tp > 1)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")
     args = p.parse_args()

@@ -52,8 +52,6 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
                 cmd += [flag, str(value)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
-        if args.disable_custom_all_reduce:
-            cmd.append("--disable-custom-all-reduce")
         cmds.append(cmd)
         addrs.append(f"127.0.0.1:{port}")
     return cmds, addrs

@@ -41,9 +41,6 @@ class WorkerConfig:
     enforce_eager: bool = False  # True: never capture CUDA graphs
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
-    # Sum small tensors across this host's GPUs through symmetric memory (parallel.SymmAllReduce)
-    # rather than NCCL; off: NCCL for every all-reduce.
-    custom_all_reduce: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -22,5 +22,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "flash-attn"))
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce between GPUs")
     p.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,6 @@ and keeps every rank's copy of the sequences in step with rank 0's choices."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +17,12 @@ from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
 from worker_svc.jit_watch import CompileWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
-from worker_svc.layers.parallel import all_gather, use_symm_all_reduce
+from worker_svc.layers.parallel import all_gather
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,9 +61,6 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
-        symm = world_size > 1 and self.device.type == "cuda" and config.custom_all_reduce
-        if symm and (why := use_symm_all_reduce(self.device, self.dtype)) is not None:
-            log.warning("rank %d: all-reduces stay with NCCL; symmetric memory failed: %s", rank, why)
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.

@@ -52,7 +52,6 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size,
-        custom_all_reduce=not args.disable_custom_all_reduce,
         seed=args.seed,
     )
 
