@@ -11,7 +11,7 @@ class SamplingOptions:
     top_k: int = 0  # <= 0: off
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int | None = None  # None: draws from the worker's shared generator
+    seed: int | None = None  # None: noise from the worker's seed (on the kernel path, with the seq id)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
