@@ -165,3 +165,16 @@ def test_cpu_sampler_needs_no_triton() -> None:
     repo = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_row_seeds_are_the_seeds_mixed_with_the_output_index() -> None:
+    """The vectorised seeds equal _mix(seed, output index) (what the torch path seeds a seeded
+    row's generator with), also where the uint64 sums wrap; unseeded rows differ by seq."""
+    from worker_svc.sampler import _MASK63, _mix
+
+    seeds = [0, 7, 2**63 + 5, 2**64 - 1]
+    seqs = [SeqState(i, [1] * (3 + i), 2, 0, [], SamplingOptions(seed=s)) for i, s in enumerate(seeds)]
+    got = Sampler(torch.device("cpu"), 0)._row_seeds(seqs).tolist()
+    assert got == [_mix(s, q.num_output) & _MASK63 for s, q in zip(seeds, seqs, strict=True)]
+    unseeded = [SeqState(i, [1, 2], 1, 0, [], SamplingOptions()) for i in range(3)]
+    assert len(set(Sampler(torch.device("cpu"), 0)._row_seeds(unseeded).tolist())) == 3

@@ -92,15 +92,13 @@ class Sampler:
         [S, W] hold entries [offset, offset + vocab). Every rank calls it with the same seqs and gets
         the same tokens (see sampling_kernel.sample_shard). Only for seqs that are `shardable`."""
         assert self.shard_kernel is not None
-        seeds_dev, (temps,) = _upload(
-            [self._row_seed(s) for s in seqs], [[s.sampling.temperature for s in seqs]], self.device
-        )
+        seeds_dev, (temps,) = _upload(self._row_seeds(seqs), [[s.sampling.temperature for s in seqs]], self.device)
         return self.shard_kernel(logits, temps, seeds_dev, offset, vocab, ranks, all_gather)
 
     def _sample_kernel(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         assert self.kernel is not None
         opts = [s.sampling for s in seqs]
-        seeds = [self._row_seed(s) for s in seqs]
+        seeds = self._row_seeds(seqs)
         vocab = logits.size(1)
         if all(_plain(s, vocab) for s in seqs):
             seeds_dev, (temps,) = _upload(seeds, [[o.temperature for o in opts]], self.device)
@@ -121,16 +119,23 @@ class Sampler:
             work = _apply_filters(work, [o if f else _UNFILTERED for o, f in pairs], self.device)
         return self.kernel(work, temps_dev, seeds_dev)
 
-    def _row_seed(self, seq: SeqState) -> int:
-        """A row's seed depends only on the seq's seed (unseeded: the worker's, and the seq's id) and
-        its output index: the same token whatever else is in the batch, again after preemption
-        recomputes it, and on every tensor-parallel rank without any state to keep in step."""
-        o = seq.sampling
-        if o.temperature == 0:
-            return 0  # unused: greedy rows draw no noise
-        if o.seed is not None:
-            return _mix(o.seed, seq.num_output) & _MASK63
-        return _mix(_mix(self.seed, seq.seq_id) ^ _UNSEEDED, seq.num_output) & _MASK63
+    def _row_seeds(self, seqs: list[SeqState]) -> np.ndarray:
+        """int64 seeds, one a row: _mix(key, output index), the key being the seq's seed (unseeded:
+        from the worker's seed and the seq's id). A row's noise thus depends on nothing else in the
+        batch, comes out the same after preemption recomputes it, and agrees on every
+        tensor-parallel rank without any state to keep in step. Vectorised, as it runs for every
+        row of every step; greedy rows get one too and ignore it."""
+        bases = np.fromiter((self._noise_base(s) for s in seqs), np.uint64, len(seqs))
+        outputs = np.fromiter((s.num_output for s in seqs), np.uint64, len(seqs))
+        return (_splitmix64_array(bases + outputs) & np.uint64(_MASK63)).astype(np.int64)
+
+    def _noise_base(self, seq: SeqState) -> int:
+        """splitmix64 of the seq's key: the per-seq half of _mix, computed once per seq."""
+        if seq.noise_base is None:
+            o = seq.sampling
+            key = o.seed if o.seed is not None else _mix(self.seed, seq.seq_id) ^ _UNSEEDED
+            seq.noise_base = _splitmix64(key & _MASK64)
+        return seq.noise_base
 
     def _sample_torch(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
@@ -190,7 +195,9 @@ def _apply_filters(logits: torch.Tensor, opts: list[SamplingOptions], device: to
     return logits
 
 
-def _upload(seeds: list[int], rows: list[list[float]], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _upload(
+    seeds: np.ndarray, rows: list[list[float]], device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """int64 seeds and float32 rows on the device through one host buffer and one copy, pinned and
     non-blocking on CUDA (see to_device in batch.py). Each part starts 16-byte aligned, as Triton
     specialises kernels on pointer alignment: the batch size must not pick a new compilation."""
@@ -301,6 +308,14 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """_splitmix64 of each uint64 (numpy's uint64 arithmetic wraps, as the masks do there)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _mix(seed: int, index: int) -> int:

@@ -33,6 +33,7 @@ class SeqState:
     num_pending: int = 0
     slot: int = -1  # this seq's row in the runner's on-device buffer of last sampled tokens
     synced_blocks: int = 0  # leading block_table entries already in row `slot` of the TableStore
+    noise_base: int | None = None  # the sampler's per-seq key for its noise seeds, once computed
 
     @property
     def num_tokens(self) -> int:
