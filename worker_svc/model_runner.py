@@ -1,5 +1,6 @@
 """Runs steps of the model on this rank: builds the flat batch, runs the forward pass, samples,
-and keeps every rank's copy of the sequences in step with rank 0's choices."""
+and keeps every rank's copy of the sequences in step: every rank ends each step with the same
+sampled tokens (drawn alike from the ranks' vocabulary shards, or broadcast by rank 0)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class ModelRunner:
         in the seq's blocks; every seq that reaches its last token samples one and appends it.
 
         Returns the samples in batch order on rank 0, [] on the other ranks, which take part in the
-        collectives and append the token rank 0 broadcasts.
+        collectives and append the same tokens (see _sample).
         """
         return self.collect(self.launch(seqs, num_tokens))
 
