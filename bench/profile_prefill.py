@@ -1,12 +1,15 @@
-"""Where a new request's first step goes: the prefill of one prompt, as in the latency benchmark.
+"""Where a prefill step goes: one prompt, as in the latency benchmark, or a throughput run's
+big mixed step.
 
-    PYTHONPATH=. python3 bench/profile_prefill.py [--prompt 256]
+    PYTHONPATH=. python3 bench/profile_prefill.py [--prompt 256] [--prompts 1] [--decodes 0]
 
-Builds the worker's ModelRunner on dummy Qwen3-0.6B weights and times steps that prefill a fresh
-`prompt`-token sequence and sample its first token (eager, as served: CUDA graphs cover decode
-only), host + device, then splits one such step's host time by function (cProfile) and its device
-time (torch profiler). Their sum against the measured step says whether time to first token is
-bound by the host's launches or by the GPU.
+Builds the worker's ModelRunner on dummy Qwen3-0.6B weights and times steps that prefill `prompts`
+fresh `prompt`-token sequences and sample their first tokens (eager, as served: CUDA graphs cover
+decode only), next to `decodes` running sequences that each decode one token (the standard
+workload's first steps mix up to 8192 prompt tokens with the decodes of the prompts already in).
+It prints the host time of the launch alone and of the whole step (host + device), then splits
+one such step's host time by function (cProfile) and its device time (torch profiler). Their sum
+against the measured step says whether the step is bound by the host's launches or by the GPU.
 """
 
 from __future__ import annotations
@@ -28,22 +31,44 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench/qwen3-0.6b")
     p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=1)
+    p.add_argument("--decodes", type=int, default=0, help="running sequences decoding in the same step")
+    p.add_argument("--context", type=int, default=600, help="the decoding sequences' length")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    n = args.prompt
+    n, k = args.prompt, args.prompts
     blocks = -(-n // 16)
     runner = ModelRunner(WorkerConfig(args.model, load_format="dummy", device="cuda", max_model_len=4096))
     ids = iter(range(10**9))
+    per_decode = -(-(args.context + args.repeats + 40) // 16)
+    first = k * blocks
+    opts = SamplingOptions(0.6)
+    decodes = []
+    for j in range(args.decodes):
+        table = list(range(first + j * per_decode, first + (j + 1) * per_decode))
+        decodes.append(SeqState(next(ids), [1] * args.context, args.context, 0, table, opts))
+    for j in range(0, len(decodes), 8):
+        runner.run(decodes[j : j + 8], [args.context] * len(decodes[j : j + 8]))
+    launched: list[float] = []
 
     def step() -> None:
         i = next(ids)
-        seq = SeqState(i, [(7 * i + t) % 1000 for t in range(n)], n, 0, list(range(blocks)), SamplingOptions(0.0))
-        runner.run([seq], [n])  # returns once the token is on the host
-        runner.release(seq)
+        tokens = [[(7 * i + 3 * j + t) % 1000 for t in range(n)] for j in range(k)]
+        seqs = [
+            SeqState(i * 64 + j, tokens[j], n, 0, list(range(j * blocks, (j + 1) * blocks)), SamplingOptions(0.6))
+            for j in range(k)
+        ]
+        t = time.perf_counter()
+        pending = runner.launch(decodes + seqs, [1] * len(decodes) + [n] * k)
+        launched.append(time.perf_counter() - t)
+        runner.collect(pending)  # returns once the tokens are on the host
+        for seq in seqs:
+            runner.release(seq)
 
     for _ in range(3):
         step()
     times = []
+    launched.clear()
     for _ in range(args.repeats):
         t = time.perf_counter()
         step()
@@ -55,10 +80,12 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
     device = sum(ev.device_time_total for ev in prof.key_averages()) / 1e3
-    print(f"prefill of {n} tokens + first token, host + device: median {1e3 * statistics.median(times):.2f} ms")
+    what = f"prefill of {k} x {n} tokens + first tokens, with {len(decodes)} decodes"
+    print(f"{what}: launch (host) median {1e3 * statistics.median(launched):.2f} ms")
+    print(f"{what}, host + device: median {1e3 * statistics.median(times):.2f} ms")
     print(f"device time (profiler): {device:.2f} ms")
     print("host time of one such step, by function (the device wait is in synchronize):")
-    pstats.Stats(host).sort_stats("tottime").print_stats(15)
+    pstats.Stats(host).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

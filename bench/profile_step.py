@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -126,6 +127,10 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     print(f"device time per step (profiler): {device:.2f} ms")
     for name, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<46} {ms:6.2f} ms  {ms / device:5.1%}")
+    if args.top:
+        print(f"top {args.top} kernels: µs per step, calls per step, name")
+        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]:
+            print(f"  {ev.device_time_total / 5:9.1f} {ev.count / 5:6.0f}  {ev.key[:110]}")
     print("host time of 10 steps run one at a time, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(12)
 

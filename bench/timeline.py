@@ -1,0 +1,222 @@
+"""Where the standard workload's wall time goes on the device: every step of a real run, timed.
+
+    PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b [--inproc] [--stream-interval N]
+
+Runs the throughput benchmark's workload once (bench/throughput.py), with the worker's
+`ModelRunner.launch` wrapped to record a CUDA event before and after each step it queues. Full
+stack (default): a worker process (`python -m worker_svc`, wrapped) and a scheduler process
+(`python -m scheduler_svc`) joined by gRPC, and the benchmark's client; `--inproc`: the in-process
+engine. Afterwards it prints, by kind of step (prefill or mixed, decode by batch size), the device
+time the steps took, the time the device sat idle before them waiting for the host, and the KV
+cache they read, so the run's wall time splits into attention-bound work, fixed per-step work
+and host gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.workload import Job
+
+KV_BYTES_PER_TOKEN = 28 * 2 * 8 * 128 * 2  # Qwen3-0.6B, bf16: layers x (K, V) x kv heads x head_dim
+BUCKETS = ((0, 8), (9, 32), (33, 64), (65, 128), (129, 192), (193, 256))
+
+
+@dataclass
+class Step:
+    seqs: int
+    tokens: int
+    decode: bool
+    context: int  # tokens of KV the step's attention reads (every seq's length after the step)
+    host_s: float  # host time of the launch call
+    launched_at: float  # perf_counter at the call
+    span_ms: float = 0.0  # device: this step's start event to its end event
+    gap_ms: float = 0.0  # device idle between the previous step's end and this step's start
+
+
+def install(steps: list[Step]) -> Callable[[], None]:
+    """Wraps ModelRunner.launch to time each step; returns a function that resolves the events."""
+    import torch
+
+    from worker_svc.model_runner import ModelRunner, Pending
+    from worker_svc.seq_state import SeqState
+
+    launch = ModelRunner.launch
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(self: ModelRunner, seqs: list[SeqState], num_tokens: list[int]) -> Pending:
+        t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = launch(self, seqs, num_tokens)
+        end.record()
+        context = sum(s.num_computed for s in seqs)  # launch has added num_tokens to each
+        decode = all(n == 1 for n in num_tokens)
+        steps.append(Step(len(seqs), sum(num_tokens), decode, context, time.perf_counter() - t0, t0))
+        events.append((start, end))
+        return pending
+
+    ModelRunner.launch = timed
+
+    def resolve() -> None:
+        torch.cuda.synchronize()
+        for i, (step, (start, end)) in enumerate(zip(steps, events, strict=True)):
+            step.span_ms = start.elapsed_time(end)
+            step.gap_ms = events[i - 1][1].elapsed_time(start) if i else 0.0
+
+    return resolve
+
+
+def workload_steps(steps: list[Step]) -> list[Step]:
+    """The longest run of steps launched less than 0.5 s apart: the workload, not the warm-ups."""
+    runs: list[list[Step]] = [[]]
+    for prev, step in zip([None, *steps], steps, strict=False):
+        if prev is not None and step.launched_at - prev.launched_at > 0.5:
+            runs.append([])
+        runs[-1].append(step)
+    return max(runs, key=len)
+
+
+def report(steps: list[Step], bandwidth: float) -> None:
+    steps = workload_steps(steps)
+    steps[0].gap_ms = 0.0
+    wall = sum(s.span_ms + s.gap_ms for s in steps) / 1e3
+    print(f"\n{len(steps)} steps, {wall:.3f} s on the device clock from the first step's start to the last's end")
+    print(f"KV floor: the decode steps' KV reads at {bandwidth / 1e12:.2f} TB/s")
+    head = f"{'steps':>22} {'n':>5} {'device s':>9} {'idle s':>7} {'ms/step':>8} {'host ms':>8} {'KV GB':>7}"
+    print(f"{head} {'KV floor s':>10} {'other ms/step':>13}")
+    groups: list[tuple[str, list[Step]]] = [("prefill or mixed", [s for s in steps if not s.decode])]
+    for lo, hi in BUCKETS:
+        groups.append((f"decode, batch {lo}-{hi}", [s for s in steps if s.decode and lo <= s.seqs <= hi]))
+    groups.append(("all", steps))
+    for name, group in groups:
+        if not group:
+            continue
+        n, device = len(group), sum(s.span_ms for s in group) / 1e3
+        idle = sum(s.gap_ms for s in group) / 1e3
+        kv = sum(s.context for s in group if s.decode) * KV_BYTES_PER_TOKEN
+        floor = kv / bandwidth
+        other = (device - floor) / n * 1e3 if kv else float("nan")
+        host = sum(s.host_s for s in group) / n * 1e3
+        print(
+            f"{name:>22} {n:5d} {device:9.3f} {idle:7.3f} {device / n * 1e3:8.2f} {host:8.2f} {kv / n / 1e9:7.2f}"
+            f" {floor:10.3f} {other:13.2f}"
+        )
+
+
+def copy_bandwidth() -> float:
+    import torch
+
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def as_worker(out: str, argv: list[str]) -> None:
+    """`python -m worker_svc` with its steps timed; writes them to `out` when it stops."""
+    from worker_svc import server
+
+    steps: list[Step] = []
+    resolve = install(steps)
+    try:
+        server.main(argv)
+    finally:
+        resolve()
+        Path(out).write_text(json.dumps({"bandwidth": copy_bandwidth(), "steps": [asdict(s) for s in steps]}))
+
+
+def wait_for(proc: subprocess.Popen, text: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        if text in line:
+            return
+    raise SystemExit(f"{proc.args[:3]} exited with {proc.wait()}")
+
+
+def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
+    import threading
+
+    from bench import throughput
+
+    out = Path("/tmp/nanovllm-timeline.json")
+    out.unlink(missing_ok=True)
+    common = ["--model", model, "--max-num-seqs", "256", "--max-model-len", str(args.max_model_len)]
+    common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    worker_flags = ["--load-format", "dummy", "--port", "50261", "--gpu-memory-utilization", "0.9"]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "bench.timeline", "--as-worker", str(out), "--", *common, *worker_flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for(worker, "ready on")
+    threading.Thread(target=lambda: [sys.stderr.write(x) for x in worker.stdout], daemon=True).start()
+    sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251", "--stream-interval", str(args.stream_interval)]
+    sched = subprocess.Popen(
+        [sys.executable, "-m", "scheduler_svc", *common, *sched_flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(sched, "scheduler ready")
+        threading.Thread(target=lambda: [sys.stderr.write(x) for x in sched.stdout], daemon=True).start()
+        n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
+        print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+    finally:
+        sched.send_signal(signal.SIGINT)
+        sched.wait(timeout=60)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    data = json.loads(out.read_text())
+    report([Step(**s) for s in data["steps"]], data["bandwidth"])
+
+
+def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
+    from bench import throughput
+
+    steps: list[Step] = []
+    resolve = install(steps)
+    flags = ["--model", args.model, "--stream-interval", str(args.stream_interval)]
+    flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    bench_args = throughput.parse_args(flags)
+    n, secs = asyncio.run(throughput.in_process(bench_args, model, jobs))
+    print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+    resolve()
+    report(steps, copy_bandwidth())
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--as-worker"]:
+        as_worker(sys.argv[2], sys.argv[4:])
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench/qwen3-0.6b")
+    p.add_argument("--inproc", action="store_true", help="the in-process engine instead of the full stack")
+    p.add_argument("--stream-interval", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="as bench/throughput.py")
+    args = p.parse_args()
+    from bench import throughput
+    from bench.workload import standard
+
+    model = throughput.model_dir(argparse.Namespace(model=args.model))
+    (in_process if args.inproc else full_stack)(args, model, standard())
+
+
+if __name__ == "__main__":
+    main()
