@@ -95,3 +95,16 @@ def test_table_store_gives_the_same_tables_as_reading_every_block(monkeypatch: p
         with_store = prepare(order, [1] * len(order), BS, 4096, torch.device("cpu"), store)
         without = prepare(order, [1] * len(order), BS, 4096, torch.device("cpu"))
         assert as_dict(with_store) == as_dict(without)
+
+
+@pytest.mark.parametrize("n", [3, 40])  # the small-decode layout and the vectorised one
+def test_decode_steps_order_their_rows_longest_context_first(n: int) -> None:
+    seqs = decode_seqs(random.Random(n), n)
+    meta = prepare(seqs, [1] * n, BS, 4096, torch.device("cpu")).meta
+    assert meta.decode_order is not None and meta.decode_order.dtype == torch.int32
+    order, lens = meta.decode_order.tolist(), meta.seq_lens.tolist()
+    assert sorted(order) == list(range(n))  # every row once
+    assert order == sorted(range(n), key=lambda i: (-lens[i], i))  # longest first, ties in batch order
+    prompt = SeqState(99, [1] * 6, 6, 0, [5, 6], SamplingOptions())
+    prompt.slot = 0
+    assert prepare([prompt, *seqs[:2]], [6, 1, 1], BS, 4096, torch.device("cpu")).meta.decode_order is None

@@ -37,7 +37,7 @@ def test_triton_kernels_under_interpreter() -> None:
 def _arg_type(name: str) -> str:
     if name == "slot_mapping_ptr":
         return "*i64"
-    if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"):
+    if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr"):
         return "*i32"
     if name in ("mid_o_ptr", "mid_lse_ptr"):
         return "*fp32"
@@ -75,7 +75,7 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     from worker_svc.attention import triton_kernels as k
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
-    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
+    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32"}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
@@ -226,8 +226,9 @@ def test_prefill_from_new_kv_without_cache(tiles: tuple[int | None, int | None])
         ([60], 16, 5, (32, 1), 16),  # group 32 > 16: BLOCK_H grows past tl.dot's minimum
     ],
 )
+@pytest.mark.parametrize("ordered", [False, True])
 def test_decode_attention_matches_reference(
-    ctx_lens: list[int], block_size: int, num_splits: int, heads: tuple[int, int], head_dim: int
+    ctx_lens: list[int], block_size: int, num_splits: int, heads: tuple[int, int], head_dim: int, ordered: bool
 ) -> None:
     q_lens = [1 if c > 0 else 0 for c in ctx_lens]
     _, k, v, k_cache, v_cache, slots, block_tables, seq_lens, _ = make_batch(
@@ -239,7 +240,9 @@ def test_decode_attention_matches_reference(
     qkv = torch.randn(num_seqs, (heads[0] + 2 * heads[1]) * head_dim)
     qd = qkv[:, : heads[0] * head_dim].view(num_seqs, heads[0], head_dim)
     out = torch.full((num_seqs, heads[0], head_dim), float("nan"))
-    tk.decode_attention(qd, k_cache, v_cache, block_tables, seq_lens, 0.3, num_splits, out=out)
+    # Longest first, as prepare() orders decode steps: each program must still write its own row.
+    order = torch.argsort(seq_lens, descending=True, stable=True).int() if ordered else None
+    tk.decode_attention(qd, k_cache, v_cache, block_tables, seq_lens, 0.3, num_splits, out=out, order=order)
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32)
     ref = reference_attention(qd.contiguous(), k_cache, v_cache, block_tables, seq_lens, qsl, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

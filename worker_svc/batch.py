@@ -137,8 +137,10 @@ def prepare(
     input_ids = np.zeros(total, dtype=np.int64)
     input_ids[np.arange(total) < np.repeat(cu[:-1] + known_ends - starts, counts)] = np.fromiter(ids, dtype=np.int64)
     samplers = np.flatnonzero(ends == totals)
+    is_decode = bool((counts == 1).all())
     host = [input_ids, positions, slots, cu, ends, tables, cu[1:][samplers] - 1, cu[1:][fill] - 1, slot_of[fill]]
-    ids_d, pos, slot_map, loc, lens, tabs, rows, frows, fslots, sslots = to_device([*host, slot_of[samplers]], device)
+    host += [slot_of[samplers], np.argsort(-ends, kind="stable") if is_decode else ends[:0]]
+    ids_d, pos, slot_map, loc, lens, tabs, rows, frows, fslots, sslots, order = to_device(host, device)
     meta = AttnMetadata(
         slot_mapping=slot_map,
         query_start_loc=loc.int(),
@@ -148,8 +150,9 @@ def prepare(
         max_seq_len=int(ends.max()),
         query_start_loc_host=cu.tolist(),
         seq_lens_host=ends.tolist(),
-        is_decode=bool((counts == 1).all()),
+        is_decode=is_decode,
         has_prefix=bool(starts.any()),
+        decode_order=order.int() if is_decode else None,
     )
     return Batch(ids_d, pos, meta, samplers.tolist(), rows, frows, fslots, sslots)
 
@@ -186,13 +189,14 @@ def _prepare_small_decode(
         tables += table
         tables += [0] * (width - len(table))
     loc = list(range(n + 1))
-    parts = (ids, positions, slots, loc, ends, tables, samplers, fill_rows, fill_slots, sample_slots)
+    order = sorted(range(n), key=ends.__getitem__, reverse=True)  # stable: as prepare's argsort
+    parts = (ids, positions, slots, loc, ends, tables, samplers, fill_rows, fill_slots, sample_slots, order)
     shapes = [(len(p),) for p in parts]
     shapes[5] = (n, width)
     host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()  # an asynchronous copy needs pinned memory
-    ids_d, pos, slot_map, loc_d, lens, tabs, rows, frows, fslots, sslots = _split(
+    ids_d, pos, slot_map, loc_d, lens, tabs, rows, frows, fslots, sslots, order_d = _split(
         host.to(device, non_blocking=True), shapes
     )
     meta = AttnMetadata(
@@ -206,6 +210,7 @@ def _prepare_small_decode(
         seq_lens_host=ends,
         is_decode=True,
         has_prefix=any(positions),
+        decode_order=order_d.int(),
     )
     return Batch(ids_d, pos, meta, samplers, rows, frows, fslots, sslots)
 

@@ -33,6 +33,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_bs, dtype=i32, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=device)
+        self.rows = torch.arange(max_bs, dtype=i32, device=device)  # padding rows' place in the order
+        self.order = self.rows.clone()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -48,6 +50,7 @@ class DecodeGraphs:
             seq_lens_host=[self.max_model_len] * bs,
             is_decode=True,
             has_prefix=True,
+            decode_order=self.order[:bs],
         )
 
     @torch.inference_mode()
@@ -79,8 +82,10 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(m.seq_lens)
         width = m.block_tables.size(1)
         self.block_tables[:n, :width].copy_(m.block_tables)
+        self.order[:n].copy_(m.decode_order if m.decode_order is not None else self.rows[:n])
         if bs > n:  # padding rows: store nothing, attend to one token of block 0, results unused
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
+            self.order[n:bs].copy_(self.rows[n:bs])  # after the real rows; never an index past bs
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

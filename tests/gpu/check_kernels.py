@@ -179,11 +179,16 @@ def check_decode(dtype: torch.dtype) -> None:
         tb.store_kvcache(c.k, c.v, c.k_cache, c.v_cache, c.meta.slot_mapping)
         ref = reference(c, 0.088)
         auto = tb.choose_num_splits(batch, 8, max(ctx), sms)
+        longest_first = torch.argsort(c.meta.seq_lens, descending=True, stable=True).int()
         for splits in sorted({auto, 1, 5, tb.choose_num_splits(batch, 8, 40960, sms)}):
-            out = poisoned(c.q)
-            m = c.meta
-            tb.decode_attention(c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out)
-            report(f"decode b={batch} ctx<={max_ctx} splits={splits} {dtype}", out, ref, dtype)
+            for order in (None, longest_first):  # as built by prepare() for a decode step
+                out = poisoned(c.q)
+                m = c.meta
+                tb.decode_attention(
+                    c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out, order=order
+                )
+                label = " longest first" if order is not None else ""
+                report(f"decode b={batch} ctx<={max_ctx} splits={splits}{label} {dtype}", out, ref, dtype)
 
 
 def check_fp8_cache(dtype: torch.dtype) -> None:
@@ -233,6 +238,7 @@ def check_cuda_graph(dtype: torch.dtype) -> None:
     b = tb.TritonBackend()
     for batch in (7, 64):
         c = make_case([4096] * batch, [1] * batch, dtype, bound=8192)  # room for any length <= 4096
+        c.meta.decode_order = torch.arange(batch, dtype=torch.int32, device=DEV)  # refilled per replay
         b.attend(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, 0.1)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -243,6 +249,7 @@ def check_cuda_graph(dtype: torch.dtype) -> None:
             c.meta.seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
             c.meta.seq_lens_host = new
             c.meta.block_tables.copy_(c.meta.block_tables[torch.randperm(batch, device=DEV)])
+            c.meta.decode_order.copy_(torch.argsort(c.meta.seq_lens, descending=True).int())
             c.q.normal_()
             out.fill_(float("nan"))
             graph.replay()

@@ -21,3 +21,7 @@ class AttnMetadata:
     seq_lens_host: list[int]
     is_decode: bool  # every seq has exactly one new token
     has_prefix: bool  # some seq attends to K/V stored by an earlier step (cached prefix, chunk, decode)
+    # int32 [S], decode steps only: the seqs by context length, longest first, for the decode
+    # kernel to start them in that order (4-9% faster at batch 48-256 on an H100: the long ones no
+    # longer trail the launch). None: batch order.
+    decode_order: torch.Tensor | None = None

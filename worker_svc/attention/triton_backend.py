@@ -96,16 +96,19 @@ def decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D]."""
+    """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D].
+    order: int32 [S], a permutation of the rows to start the programs in (longest first pays)."""
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and seq_lens.shape[0] == num_seqs
+    assert order is None or (order.shape == (num_seqs,) and order.dtype == torch.int32)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
@@ -121,7 +124,7 @@ def decode_attention(
     else:
         mid_o = mid_lse = out  # not touched by the NUM_SPLITS == 1 specialisation
     decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens, out, mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2),
@@ -134,6 +137,7 @@ def decode_attention(
         BLOCK_N=block_n,
         MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
         NUM_SPLITS=num_splits,
+        ORDERED=order is not None,
         DOT_PRECISION=dot_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -268,7 +272,9 @@ class TritonBackend:
             num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
             sms = self.num_sms or device_num_sms(q.device)
             splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
-            return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits)
+            return decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order
+            )
         return prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
             split_short=self.is_mixed(meta),

@@ -71,6 +71,7 @@ def decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    order_ptr,
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
@@ -89,6 +90,7 @@ def decode_split_kernel(
     BLOCK_N: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    ORDERED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
@@ -98,6 +100,10 @@ def decode_split_kernel(
     kvh = tl.program_id(0)
     s = tl.program_id(1)
     split = tl.program_id(2)
+    if ORDERED:
+        # Programs start in grid order; taking the longest contexts first keeps a long sequence
+        # from starting last and running alone while the other SMs idle at the end of the launch.
+        s = tl.load(order_ptr + s)
 
     seq_len = tl.load(seq_lens_ptr + s)
     # The split length is derived from the *actual* seq_len, so a grid sized for a loose bound
