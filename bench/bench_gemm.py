@@ -1,7 +1,7 @@
 """Can a Triton tensor-core GEMM beat cuBLAS on the decode-step matmuls of Qwen3-0.6B at M = 16..256 rows?
 
     PYTHONPATH=. python3 bench/bench_gemm.py [--quick] [--shapes qkv,o] [--rows 16,64]
-    python3 bench/bench_gemm.py --selftest     # CPU only, under the Triton interpreter
+    PYTHONPATH=. python3 bench/bench_gemm.py --selftest     # CPU only, under the Triton interpreter
 
 y[M, N] = x[M, K] @ W[N, K].T in bf16 with fp32 accumulation. Every figure is µs per call replayed
 in a CUDA graph, the calls cycling over enough weight copies (>= 256 MB) that no weight is still in
@@ -18,7 +18,6 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 if "--selftest" in sys.argv:  # the interpreter is chosen when triton is imported
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MIN_BYTES = 256 << 20  # weight copies cycled through: several times the 50 MB L2
+from bench.bench_gemv import MIN_BYTES, per_call_us
+
 LAYERS = 28
 SHAPES = {
     "qkv": (4096, 1024),
@@ -137,29 +137,6 @@ def configs(m: int, n: int, k: int, quick: bool, name: str) -> list[Cfg]:
         ]  # fmt: skip
     ok = [c for c in raw if k % (c.bk * c.split) == 0 and (c.split == 1 or (n < 4096 and name != "lm_head"))]
     return list(dict.fromkeys(ok))
-
-
-def per_call_us(calls: list[Callable[[], object]], ms: float = 20.0) -> float:
-    """Mean µs per call of `calls`, captured in order in one CUDA graph and replayed for about `ms`."""
-    for fn in calls[:2]:  # compiles (and raises) outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(3, min(500, int(ms / start.elapsed_time(end))))
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
 def time_cfg(x: torch.Tensor, weights: list[torch.Tensor], cfg: Cfg, ms: float) -> float:

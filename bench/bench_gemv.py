@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,8 @@ from worker_svc.layers import fused, gemv
 MIN_BYTES = 256 << 20  # weight copies cycled through: several times the 50 MB L2
 
 
-def per_call_us(calls: list) -> float:
-    """Mean µs per call of `calls` replayed in one CUDA graph."""
+def per_call_us(calls: list[Callable[[], object]], ms: float = 20.0) -> float:
+    """Mean µs per call of `calls`, captured in order in one CUDA graph and replayed for about `ms`."""
     for fn in calls[:2]:
         fn()
     torch.cuda.synchronize()
@@ -38,7 +39,7 @@ def per_call_us(calls: list) -> float:
     graph.replay()
     end.record()
     torch.cuda.synchronize()
-    reps = max(3, min(200, int(20 / start.elapsed_time(end))))  # ~20 ms of replays
+    reps = max(3, min(500, int(ms / start.elapsed_time(end))))
     start.record()
     for _ in range(reps):
         graph.replay()
