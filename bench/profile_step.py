@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 import torch.multiprocessing as mp
 
+from bench.timeline import copy_bandwidth
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState
@@ -104,16 +105,7 @@ def profile(rank: int, args: argparse.Namespace) -> None:
         by_cat[category(ev.key)] += ev.device_time_total / 5 / 1e3  # ms per step
     device = sum(by_cat.values())
 
-    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bandwidth = 2 * x.numel() * 20 / (time.perf_counter() - t)
+    bandwidth = copy_bandwidth()
     mean_ctx = ctx + args.steps * 2.5  # the profiled steps come after two runs of `steps`
     kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())

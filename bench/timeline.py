@@ -114,6 +114,7 @@ def report(steps: list[Step], bandwidth: float) -> None:
 
 
 def copy_bandwidth() -> float:
+    """Bytes per second a device-to-device copy of 256 MiB moves (read + write): the floors' rate."""
     import torch
 
     x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
