@@ -193,7 +193,7 @@ def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
     steps: list[Step] = []
     resolve = install(steps)
     flags = ["--model", args.model, "--stream-interval", str(args.stream_interval)]
-    flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len)]
     bench_args = throughput.parse_args(flags)
     n, secs = asyncio.run(throughput.in_process(bench_args, model, jobs))
     print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
