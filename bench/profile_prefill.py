@@ -42,7 +42,7 @@ def main() -> None:
     ids = iter(range(10**9))
     per_decode = -(-(args.context + args.repeats + 40) // 16)
     first = k * blocks
-    opts = SamplingOptions(0.6)
+    opts, greedy = SamplingOptions(0.6), SamplingOptions(0.0)  # the prompts greedy, as in the latency run
     decodes = []
     for j in range(args.decodes):
         table = list(range(first + j * per_decode, first + (j + 1) * per_decode))
@@ -55,8 +55,7 @@ def main() -> None:
         i = next(ids)
         tokens = [[(7 * i + 3 * j + t) % 1000 for t in range(n)] for j in range(k)]
         seqs = [
-            SeqState(i * 64 + j, tokens[j], n, 0, list(range(j * blocks, (j + 1) * blocks)), SamplingOptions(0.6))
-            for j in range(k)
+            SeqState(i * 64 + j, tokens[j], n, 0, list(range(j * blocks, (j + 1) * blocks)), greedy) for j in range(k)
         ]
         t = time.perf_counter()
         pending = runner.launch(decodes + seqs, [1] * len(decodes) + [n] * k)

@@ -148,21 +148,26 @@ def process_tree(pid: int) -> dict[str, int]:
     return roles
 
 
-def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
-    """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
-    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *flags]
+def start(cmd: list[str], ready: str) -> subprocess.Popen:
+    """Runs cmd, its output passed on to stderr; returns once it prints a line containing `ready`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stderr.write(line)
-        if "scheduler ready" in line:
+        if ready in line:
             break
     else:
-        raise SystemExit(f"server exited with {proc.wait()}")
+        raise SystemExit(f"{' '.join(cmd[:4])} exited with {proc.wait()}")
     # Keep draining its output so it never blocks on a full pipe.
     threading.Thread(target=lambda: [sys.stderr.write(x) for x in proc.stdout], daemon=True).start()
-    return proc, f"127.0.0.1:{port}"
+    return proc
+
+
+def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
+    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *flags]
+    return start(cmd, "scheduler ready"), f"127.0.0.1:{port}"
 
 
 async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> tuple[int, float]:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -143,18 +142,7 @@ def as_worker(out: str, argv: list[str]) -> None:
         Path(out).write_text(json.dumps({"bandwidth": copy_bandwidth(), "steps": [asdict(s) for s in steps]}))
 
 
-def wait_for(proc: subprocess.Popen, text: str) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stderr.write(line)
-        if text in line:
-            return
-    raise SystemExit(f"{proc.args[:3]} exited with {proc.wait()}")
-
-
 def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
-    import threading
-
     from bench import throughput
 
     out = Path("/tmp/nanovllm-timeline.json")
@@ -162,26 +150,20 @@ def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
     common = ["--model", model, "--max-num-seqs", "256", "--max-model-len", str(args.max_model_len)]
     common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     worker_flags = ["--load-format", "dummy", "--port", "50261", "--gpu-memory-utilization", "0.9"]
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "bench.timeline", "--as-worker", str(out), "--", *common, *worker_flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    wait_for(worker, "ready on")
-    threading.Thread(target=lambda: [sys.stderr.write(x) for x in worker.stdout], daemon=True).start()
-    sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251", "--stream-interval", str(args.stream_interval)]
-    sched = subprocess.Popen(
-        [sys.executable, "-m", "scheduler_svc", *common, *sched_flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    worker_cmd = [sys.executable, "-m", "bench.timeline", "--as-worker", str(out), "--", *common, *worker_flags]
+    worker = throughput.start(worker_cmd, "ready on")
     try:
-        wait_for(sched, "scheduler ready")
-        threading.Thread(target=lambda: [sys.stderr.write(x) for x in sched.stdout], daemon=True).start()
-        n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
-        print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+        sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251"]
+        sched_flags += ["--stream-interval", str(args.stream_interval)]
+        sched = throughput.start([sys.executable, "-m", "scheduler_svc", *common, *sched_flags], "scheduler ready")
+        try:
+            n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
+            print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+        finally:
+            sched.send_signal(signal.SIGINT)
+            sched.wait(timeout=60)
     finally:
-        sched.send_signal(signal.SIGINT)
-        sched.wait(timeout=60)
-        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGTERM)  # it writes its steps to `out` as it stops
         worker.wait(timeout=60)
     data = json.loads(out.read_text())
     report([Step(**s) for s in data["steps"]], data["bandwidth"])
