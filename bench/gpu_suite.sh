@@ -4,8 +4,9 @@
 #   bench/gpu_suite.sh [LOG_DIR [STEP...]]   (from the repo root, on a machine with a GPU)
 #
 # Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
-# sweep is left out, being slow), decode attention by batch and row order (bench_decode.py), the
-# decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and
+# sweep is left out, being slow), a layer's matmuls against their floor (bench_blas.py), decode
+# attention by batch and row order (bench_decode.py), the decode-step profile at batch 256 and 1,
+# the timeline of a full-stack run (timeline.py), and
 # the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, and with an fp8
 # KV cache), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
@@ -38,6 +39,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step kernels 300 python3 tests/gpu/check_kernels.py
 step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qwen3-0.6b/config.json
 step gemv 120 python3 bench/bench_gemv.py --no-sweep
+step blas 120 python3 bench/bench_blas.py
 step decode 150 python3 bench/bench_decode.py
 step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512

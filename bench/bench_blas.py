@@ -1,0 +1,66 @@
+"""A decode step's matmuls and the kernels between them, through each BLAS library torch offers.
+
+    PYTHONPATH=. python3 bench/bench_blas.py [--rows 16,32,64,128,256]
+
+One decoder layer of Qwen3-0.6B as a decode step runs it past attention (add+RMSNorm, qkv, o,
+add+RMSNorm, gate_up, SiLU-mul, down), replayed in a CUDA graph over enough weight copies (>= 256
+MB) that no weight is still in L2, with torch.backends.cuda.preferred_blas_library set to cuBLAS
+and then to cuBLASLt. Prints µs per layer and ms per step (28 layers), and the floor: the layer's
+30 MB of weights at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench.bench_gemv import MIN_BYTES, per_call_us
+from bench.timeline import copy_bandwidth
+from worker_svc.layers import fused
+
+LAYERS, EPS = 28, 1e-6
+HIDDEN, INTER, Q, KV = 1024, 3072, 2048, 1024  # Qwen3-0.6B: 16 q and 8 kv heads of 128
+SHAPES = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+
+
+def layer(rows: int, w: dict[str, torch.Tensor], norm_w: torch.Tensor):
+    dev, dt = norm_w.device, norm_w.dtype
+    x, residual = torch.randn(rows, HIDDEN, dtype=dt, device=dev), torch.randn(rows, HIDDEN, dtype=dt, device=dev)
+    attn = torch.randn(rows, Q, dtype=dt, device=dev)  # attention's output (not run here)
+
+    def run() -> torch.Tensor:
+        h, res = fused.add_rms_norm(x, residual, norm_w, EPS)
+        F.linear(h, w["qkv"])
+        h, res = fused.add_rms_norm(F.linear(attn, w["o"]), res, norm_w, EPS)
+        return F.linear(fused.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="16,32,64,128,256")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    per_layer = sum(n * k * 2 for n, k in SHAPES.values())
+    copies = max(2, -(-MIN_BYTES // per_layer))
+    weights = [{name: torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for name, (n, k) in SHAPES.items()}]
+    weights += [{name: torch.randn_like(t) for name, t in weights[0].items()} for _ in range(copies - 1)]
+    norm_w = torch.ones(HIDDEN, dtype=dt, device=dev)
+    floor_us = per_layer / copy_bandwidth() * 1e6
+    print(f"{torch.cuda.get_device_name()}: one layer's matmuls and the norm/SiLU kernels between them")
+    print(f"weights {per_layer / 1e6:.1f} MB a layer: floor {floor_us:.1f} µs at the copy bandwidth")
+    for rows in (int(r) for r in args.rows.split(",")):
+        line = f"M={rows:<4}"
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            us = per_call_us([layer(rows, w, norm_w) for w in weights])
+            line += f"  {lib} {us:6.1f} µs/layer {us * LAYERS / 1e3:6.3f} ms/step"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
