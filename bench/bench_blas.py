@@ -12,20 +12,21 @@ and then to cuBLASLt. Prints µs per layer and ms per step (28 layers), and the 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.bench_gemm import LAYER_SHAPES, LAYERS, SHAPES
 from bench.bench_gemv import MIN_BYTES, per_call_us
 from bench.timeline import copy_bandwidth
 from worker_svc.layers import fused
 
-LAYERS, EPS = 28, 1e-6
-HIDDEN, INTER, Q, KV = 1024, 3072, 2048, 1024  # Qwen3-0.6B: 16 q and 8 kv heads of 128
-SHAPES = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+EPS = 1e-6
+HIDDEN, Q = SHAPES["o"]  # o projects the attention output (q width) back to the hidden size
 
 
-def layer(rows: int, w: dict[str, torch.Tensor], norm_w: torch.Tensor):
+def layer(rows: int, w: dict[str, torch.Tensor], norm_w: torch.Tensor) -> Callable[[], torch.Tensor]:
     dev, dt = norm_w.device, norm_w.dtype
     x, residual = torch.randn(rows, HIDDEN, dtype=dt, device=dev), torch.randn(rows, HIDDEN, dtype=dt, device=dev)
     attn = torch.randn(rows, Q, dtype=dt, device=dev)  # attention's output (not run here)
@@ -45,9 +46,10 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
-    per_layer = sum(n * k * 2 for n, k in SHAPES.values())
+    shapes = {name: SHAPES[name] for name in LAYER_SHAPES}
+    per_layer = sum(n * k * 2 for n, k in shapes.values())
     copies = max(2, -(-MIN_BYTES // per_layer))
-    weights = [{name: torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for name, (n, k) in SHAPES.items()}]
+    weights = [{name: torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for name, (n, k) in shapes.items()}]
     weights += [{name: torch.randn_like(t) for name, t in weights[0].items()} for _ in range(copies - 1)]
     norm_w = torch.ones(HIDDEN, dtype=dt, device=dev)
     floor_us = per_layer / copy_bandwidth() * 1e6
