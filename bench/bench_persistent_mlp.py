@@ -48,9 +48,9 @@ def _prefetch(ptrs):
 
 @triton.jit
 def _mlp_kernel(
-    x_ptr, res_ptr, norm_w_ptr, wgu_ptr, wd_ptr, xn_ptr, act_ptr, res_out_ptr, out_ptr, counter_ptr, M, eps,
+    x_ptr, res_ptr, norm_w_ptr, wgu_ptr, wd_ptr, xn_ptr, act_ptr, res_out_ptr, out_ptr, out32_ptr, counter_ptr, M, eps,
     H: tl.constexpr, IM: tl.constexpr, BM: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT3: tl.constexpr,
 ):  # fmt: skip
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     dtype = x_ptr.dtype.element_ty
@@ -91,27 +91,37 @@ def _mlp_kernel(
             _prefetch(wd_ptr + rows_w[:, None] * IM + k0 + (tl.arange(0, 16) * 64)[None, :])
     _grid_sync(counter_ptr, 2 * nprog)
     # Phase 3: down.
-    for t in range(pid, H // BN2, nprog):
-        rn = t * BN2 + tl.arange(0, BN2)
+    for t in range(pid, (H // BN2) * SPLIT3, nprog):
+        # With SPLIT3 > 1 a tile's K range is cut in parts (more programs streaming), summed with
+        # fp32 atomics into a zeroed fp32 output.
+        tile, part = t % (H // BN2), t // (H // BN2)
+        rn = tile * BN2 + tl.arange(0, BN2)
         acc = tl.zeros([BM, BN2], dtype=tl.float32)
-        for k0 in range(0, IM, BK):
+        for k0 in range(part * (IM // SPLIT3), (part + 1) * (IM // SPLIT3), BK):
             ks = k0 + tl.arange(0, BK)
             a = tl.load(act_ptr + rm[:, None] * IM + ks[None, :], mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             acc = tl.dot(a, tl.load(wd_ptr + rn[None, :] * IM + ks[:, None]), acc)
-        tl.store(out_ptr + rm[:, None] * H + rn[None, :], acc.to(dtype), mask=m_ok[:, None])
+        if SPLIT3 == 1:
+            tl.store(out_ptr + rm[:, None] * H + rn[None, :], acc.to(dtype), mask=m_ok[:, None])
+        else:
+            tl.atomic_add(out32_ptr + rm[:, None] * H + rn[None, :], acc, mask=m_ok[:, None], sem="relaxed")
 
 
 def persistent(x, res, norm_w, wgu, wd, bufs, cfg) -> Callable[[], torch.Tensor]:
-    xn, act, res_out, out, counter = bufs
+    xn, act, res_out, out, out32, counter = bufs
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
 
     def run() -> torch.Tensor:
         counter.zero_()
+        if cfg["SPLIT3"] > 1:
+            out32.zero_()
         _mlp_kernel[(sms,)](
-            x, res, norm_w, wgu, wd, xn, act, res_out, out, counter, x.shape[0], EPS, H=HIDDEN, IM=INTER,
+            x, res, norm_w, wgu, wd, xn, act, res_out, out, out32, counter, x.shape[0], EPS, H=HIDDEN, IM=INTER,
             BM=max(16, triton.next_power_of_2(x.shape[0])), **cfg, launch_cooperative_grid=True,
         )  # fmt: skip
-        return out
+        return out if cfg["SPLIT3"] == 1 else out32
+
+    return run
 
     return run
 
@@ -141,10 +151,11 @@ def main() -> None:
         f"{torch.cuda.get_device_name()}: MLP block, {per_copy / 1e6:.1f} MB of weights ({floor_us:.1f} µs at 4 TB/s)"
     )
     configs = [
-        {"BN1": bn1, "BN2": bn2, "BK": bk, "num_warps": w, "num_stages": st, "PREFETCH": pf}
-        for bn1, bn2, bk, w, st, pf in (
-            (32, 16, 128, 4, 3, True), (32, 16, 128, 4, 3, False), (32, 16, 128, 4, 4, True),
-            (32, 16, 128, 4, 5, True), (32, 16, 128, 4, 6, True), (32, 16, 256, 4, 3, True), (32, 16, 256, 4, 4, True),
+        {"BN1": bn1, "BN2": bn2, "BK": bk, "num_warps": w, "num_stages": st, "PREFETCH": pf, "SPLIT3": sp}
+        for bn1, bn2, bk, w, st, pf, sp in (
+            (32, 16, 128, 4, 3, True, 1), (32, 16, 128, 4, 3, False, 1), (32, 16, 128, 4, 4, True, 1),
+            (32, 16, 256, 4, 3, True, 1), (32, 16, 128, 4, 4, True, 2), (32, 16, 128, 4, 4, True, 4),
+            (32, 16, 256, 4, 3, True, 2),
         )
     ]  # fmt: skip
     for rows in (int(r) for r in args.rows.split(",")):
@@ -152,11 +163,11 @@ def main() -> None:
         res = torch.randn(rows, HIDDEN, dtype=dt, device=dev)
         base = per_call_us([chain(x, res, norm_w, wgu, wd) for wgu, wd in ws])
         ref = chain(x, res, norm_w, *ws[0])().float()
-        line = f"M={rows:<3} chain {base:6.1f} µs (then BN1/BN2/BK/warps/stages/prefetch)"
+        line = f"M={rows:<3} chain {base:6.1f} µs (then BN1/BN2/BK/warps/stages/prefetch/down split)"
         for cfg in configs:
             bufs = (torch.empty(rows, HIDDEN, dtype=dt, device=dev), torch.empty(rows, INTER, dtype=dt, device=dev),
                     torch.empty(rows, HIDDEN, dtype=dt, device=dev), torch.empty(rows, HIDDEN, dtype=dt, device=dev),
-                    torch.zeros(1, dtype=torch.int32, device=dev))  # fmt: skip
+                    torch.zeros(rows, HIDDEN, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))  # fmt: skip
             try:
                 got = persistent(x, res, norm_w, *ws[0], bufs, cfg)().float()
                 err = ((got - ref).norm() / ref.norm()).item()
