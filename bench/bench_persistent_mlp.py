@@ -3,11 +3,12 @@
     PYTHONPATH=. python3 bench/bench_persistent_mlp.py [--rows 16,64]
 
 The chain (as served): add+RMSNorm, gate_up (cuBLAS), SiLU-mul, down (cuBLAS): four kernels, each
-paying its own start-up and drain (docs/benchmarks.md, runs AA and AD). The experiment: one
+paying its own start-up and drain (docs/benchmarks.md, runs AA and AD; this is run AF). The experiment: one
 cooperative Triton launch with a program per SM, in three phases split by grid-wide barriers:
   1. add+RMSNorm of the rows (a row a program), written to a scratch buffer;
   2. gate_up and SiLU-mul: column tiles of gate and up, silu(gate) * up stored;
-  3. down: column tiles of the output.
+  3. down: column tiles of the output; with SPLIT3 > 1 each tile's K range is cut in parts, so
+     more programs stream, and the parts are summed with fp32 atomics.
 Before each barrier a program prefetches the next phase's weight tiles into L2, so the weight
 stream need not stop while the grid waits. Timed as bench_blas.py times: CUDA-graph replays over
 weight copies that do not fit L2. Checked against the chain's output. Qwen3-0.6B shapes, bf16.
