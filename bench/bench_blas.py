@@ -6,7 +6,7 @@ One decoder layer of Qwen3-0.6B as a decode step runs it past attention (add+RMS
 add+RMSNorm, gate_up, SiLU-mul, down), replayed in a CUDA graph over enough weight copies (>= 256
 MB) that no weight is still in L2, with torch.backends.cuda.preferred_blas_library set to cuBLAS
 and then to cuBLASLt. Prints µs per layer and ms per step (28 layers), and the floor: the layer's
-30 MB of weights at the measured copy bandwidth.
+31.5 MB of weights at the measured copy bandwidth.
 """
 
 from __future__ import annotations

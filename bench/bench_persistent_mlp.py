@@ -24,10 +24,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from bench.bench_gemm import SHAPES
 from bench.bench_gemv import MIN_BYTES, per_call_us
+from bench.timeline import copy_bandwidth
 from worker_svc.layers import fused
 
-HIDDEN, INTER, EPS = 1024, 3072, 1e-6
+HIDDEN, INTER = SHAPES["down"]  # down projects the intermediate size back to the hidden size
+EPS = 1e-6
 
 
 @triton.jit
@@ -124,8 +127,6 @@ def persistent(x, res, norm_w, wgu, wd, bufs, cfg) -> Callable[[], torch.Tensor]
 
     return run
 
-    return run
-
 
 def chain(x, res, norm_w, wgu, wd) -> Callable[[], torch.Tensor]:
     return lambda: F.linear(fused.silu_and_mul(F.linear(fused.add_rms_norm(x, res, norm_w, EPS)[0], wgu)), wd)
@@ -147,10 +148,9 @@ def main() -> None:
         for _ in range(copies)
     ]
     norm_w = (1 + 0.1 * torch.randn(HIDDEN, device=dev)).to(dt)
-    floor_us = per_copy / 4.0e12 * 1e6
-    print(
-        f"{torch.cuda.get_device_name()}: MLP block, {per_copy / 1e6:.1f} MB of weights ({floor_us:.1f} µs at 4 TB/s)"
-    )
+    floor_us = per_copy / copy_bandwidth() * 1e6
+    print(f"{torch.cuda.get_device_name()}: MLP block, {per_copy / 1e6:.1f} MB of weights")
+    print(f"floor {floor_us:.1f} µs at the copy bandwidth")
     configs = [
         {"BN1": bn1, "BN2": bn2, "BK": bk, "num_warps": w, "num_stages": st, "PREFETCH": pf, "SPLIT3": sp}
         for bn1, bn2, bk, w, st, pf, sp in (

@@ -6,12 +6,12 @@
 # Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
 # sweep is left out, being slow), a layer's matmuls against their floor (bench_blas.py), decode
 # attention by batch and row order (bench_decode.py), the decode-step profile at batch 256 and 1,
-# the timeline of a full-stack run (timeline.py), and
-# the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
-# four tokens a streamed message, with the engine core in the scheduler process, and with an fp8
-# KV cache), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
-# some of them by name (default: all). A failing step is reported and the
-# rest still run; the exit status is that of the last failure.
+# the timeline of a full-stack run (timeline.py), and the throughput benchmark (full stack,
+# in-process, single-request latency; the full stack again with four tokens a streamed message,
+# with the engine core in the scheduler process, and with an fp8 KV cache), and with two GPUs or
+# more the tensor-parallel checks and benchmarks (tp_*). STEPs pick some of them by name (default:
+# all). A failing step is reported and the rest still run; the exit status is that of the last
+# failure.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
 shift || true
