@@ -5,8 +5,11 @@
 One decoder layer of Qwen3-0.6B as a decode step runs it past attention (add+RMSNorm, qkv, o,
 add+RMSNorm, gate_up, SiLU-mul, down), replayed in a CUDA graph over enough weight copies (>= 256
 MB) that no weight is still in L2, with torch.backends.cuda.preferred_blas_library set to cuBLAS
-and then to cuBLASLt. Prints µs per layer and ms per step (28 layers), and the floor: the layer's
-31.5 MB of weights at the measured copy bandwidth.
+and then to cuBLASLt; then "hot": cuBLAS with one weight copy, every weight already in L2, the
+most that any way of prefetching weights could give. Prints µs per layer and ms per step (28
+layers), the floor (the layer's 31.5 MB of weights at the measured copy bandwidth), and what one
+kernel costs in such a chain when it does next to nothing (a tiny in-place add, replayed the same
+way), the price of each kernel boundary.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ def main() -> None:
     floor_us = per_layer / copy_bandwidth() * 1e6
     print(f"{torch.cuda.get_device_name()}: one layer's matmuls and the norm/SiLU kernels between them")
     print(f"weights {per_layer / 1e6:.1f} MB a layer: floor {floor_us:.1f} µs at the copy bandwidth")
+    tiny = torch.zeros(1024, dtype=dt, device=dev)
+    print(f"a tiny kernel in a chain: {per_call_us([lambda: tiny.add_(1)] * 256):.2f} µs")
     for rows in (int(r) for r in args.rows.split(",")):
         line = f"M={rows:<4}"
-        for lib in ("cublas", "cublaslt"):
-            torch.backends.cuda.preferred_blas_library(lib)
-            us = per_call_us([layer(rows, w, norm_w) for w in weights])
+        for lib, copies in (("cublas", weights), ("cublaslt", weights), ("hot", weights[:1] * len(weights))):
+            torch.backends.cuda.preferred_blas_library("cublaslt" if lib == "cublaslt" else "cublas")
+            us = per_call_us([layer(rows, w, norm_w) for w in copies])
             line += f"  {lib} {us:6.1f} µs/layer {us * LAYERS / 1e3:6.3f} ms/step"
         print(line, flush=True)
 
