@@ -40,8 +40,12 @@ if IN_INTERPRETER:
     import triton.language as tl
     from triton.runtime import interpreter as _interp
 
-    from worker_svc.attention.triton_backend import store_kvcache
+    from tests.triton_interpreter import fix_scalar_index
+    from worker_svc.attention.triton_backend import TritonBackend, store_kvcache
     from worker_svc.layers import fused
+
+    qk_norm_rope = fused.qk_norm_rope
+    fix_scalar_index()  # the decode kernel loops over loaded bounds
 
     def _round_bf16_to_nearest_even() -> None:
         """triton 3.6's interpreter casts fp32 to bf16 by truncating the mantissa; the GPU (cvt.rn)
@@ -362,12 +366,18 @@ def step_meta(slots: list[int], lens: list[int], seq_lens: list[int], tables: li
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_steps_with_fused_store(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "backend_name"),
+    # The interpreter's tl.dot multiplies bf16 as raw bit patterns: the Triton attention runs in fp32.
+    [(torch.float32, "fused-store"), (torch.bfloat16, "fused-store"), (torch.float32, "triton")],
+)
+def test_model_steps_with_fused_store(dtype: torch.dtype, backend_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wiring of the fused store through Qwen3Attention and PagedAttention: a warm-up forward
     before the cache exists (nothing stored), then two prompts' prefill and a decode step that
     reads their K/V back, with the q/k kernel storing; against the torch path with its separate
-    store. Same caches (unused slots still zero) and outputs, within the whole-model tolerance."""
+    store. Same caches (unused slots still zero) and outputs, within the whole-model tolerance.
+    With the Triton backend the decode step's attention kernel norms, rotates and stores q and k
+    itself (attend_rope), so the q/k kernel must not run in that step."""
     block_size, tables = 4, [[5, 2, 7], [1, 6, 3]]
     lens = [9, 8]
     ids = torch.randint(0, 64, (sum(lens) + 2,), generator=torch.Generator().manual_seed(5))
@@ -381,8 +391,11 @@ def test_model_steps_with_fused_store(dtype: torch.dtype, monkeypatch: pytest.Mo
         (ids[:17], torch.cat([torch.arange(9), torch.arange(8)]), prefill),
         (ids[17:], torch.tensor([9, 8]), decode),
     ]
-    ref_model, model = tiny_model(dtype), tiny_model(dtype, FusedStoreBackend())
+    backend = FusedStoreBackend() if backend_name == "fused-store" else TritonBackend(num_sms=1)  # 1: split-K
+    ref_model, model = tiny_model(dtype), tiny_model(dtype, backend)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    rope_calls = []
+    monkeypatch.setattr(fused, "qk_norm_rope", lambda *a, **kw: rope_calls.append(1) or qk_norm_rope(*a, **kw))
     with torch.inference_mode():
         with monkeypatch.context() as m:
             m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -391,10 +404,12 @@ def test_model_steps_with_fused_store(dtype: torch.dtype, monkeypatch: pytest.Mo
         cache = allocate(model, 8, block_size, dtype, torch.device("cpu"))
         for ids_, positions, meta in steps:
             ref = ref_model(ids_, positions, meta)
+            rope_calls.clear()
             with monkeypatch.context() as m:
                 m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
                 out = model(ids_, positions, meta)
             torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        assert len(rope_calls) == (0 if backend_name == "triton" else 2)  # the decode step, one call a layer
     torch.testing.assert_close(cache, ref_cache, rtol=tol, atol=tol)
     used = torch.zeros(8 * block_size, dtype=torch.bool)
     used[prefill.slot_mapping] = used[decode.slot_mapping] = True

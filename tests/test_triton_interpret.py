@@ -27,6 +27,8 @@ if IN_INTERPRETER:
     fix_scalar_index()
 
     from worker_svc.attention import triton_backend as tk
+    from worker_svc.attention.backend import QKNormRope
+    from worker_svc.layers import fused
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
@@ -39,12 +41,16 @@ def _arg_type(name: str) -> str:
         return "*i64"
     if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr"):
         return "*i32"
-    if name in ("mid_o_ptr", "mid_lse_ptr"):
+    if name == "positions_ptr":
+        return "*i64"
+    if name in ("mid_o_ptr", "mid_lse_ptr", "cos_ptr", "sin_ptr"):
         return "*fp32"
-    return "*bf16" if name.endswith("_ptr") else "fp32" if name == "scale_log2" else "i32"
+    return "*bf16" if name.endswith("_ptr") else "fp32" if name in ("scale_log2", "eps") else "i32"
 
 
-def _compile_sm90(fn: object, consts: dict[str, int | bool], num_warps: int, num_stages: int) -> str:
+def _compile_sm90(
+    fn: object, consts: dict[str, int | bool], num_warps: int, num_stages: int, fp_fusion: bool = True
+) -> str:
     """AOT-compile a kernel for the H100 (no GPU needed) as the runtime would specialise it: bf16
     data, 16-byte aligned pointers and strides (block-table rows excepted). Returns ptxas's log."""
     import triton
@@ -56,7 +62,7 @@ def _compile_sm90(fn: object, consts: dict[str, int | bool], num_warps: int, num
     aligned = [i for i, n in enumerate(names) if (sig[n][0] == "*" or "stride" in n) and n != "stride_bt"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn, sig, consts, attrs)
-    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    opts = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,19 +81,22 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     from worker_svc.attention import triton_kernels as k
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
-    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32"}
+    dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
+    dec |= {"NUM_Q_HEADS": 16, "SATURATE": False}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1}, 4, 3),
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "ROPE": True}, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
         (k.prefill_kernel, {**pre, "PAGED": True}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16}, 4, 3),  # short rows of a mixed batch
     ]
     for fn, consts, warps, stages in builds:
-        log = _compile_sm90(fn, consts, warps, stages)
+        log = _compile_sm90(fn, consts, warps, stages, fp_fusion=not consts.get("ROPE", False))
         assert " 0 bytes spill stores" in log, f"{fn.__name__} {consts}: {log}"
 
 
@@ -246,6 +255,41 @@ def test_decode_attention_matches_reference(
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32)
     ref = reference_attention(qd.contiguous(), k_cache, v_cache, block_tables, seq_lens, qsl, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
+def test_decode_with_rope_equals_rope_kernel_then_decode(num_splits: int, cache_dtype: torch.dtype) -> None:
+    """decode_attention(rope=...) on a raw qkv row against what it replaces: qk_norm_rope storing k
+    and v, then decode_attention. The new tokens' slots hold stale values beforehand, so a key loop
+    that read one before its store would differ. Same outputs and caches, bit for bit."""
+    heads, head_dim, eps = (4, 2), 32, 1e-6
+    dtype = torch.float16 if cache_dtype != torch.float32 else torch.float32
+    ctx_lens = [40, 1, 0, 17]  # a one-token context, and a padding row (no context, slot -1)
+    q_lens = [1 if c else 0 for c in ctx_lens]
+    *_, k_cache, v_cache, slots, tables, seq_lens, _ = make_batch(
+        ctx_lens, q_lens, 16, seed=num_splits, heads=heads, head_dim=head_dim
+    )
+    slots = torch.cat([slots[:2], torch.tensor([-1]), slots[2:]])
+    k_cache, v_cache = (c.to(cache_dtype) for c in (k_cache, v_cache))
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(len(ctx_lens), (heads[0] + 2 * heads[1]) * head_dim, generator=g).to(dtype)
+    positions = (seq_lens - 1).clamp(min=0).long()
+    angles = torch.arange(64)[:, None] / 10000 ** (torch.arange(head_dim // 2) / (head_dim // 2))
+    w = (1 + 0.3 * torch.randn(2, head_dim, generator=g)).to(dtype)
+    rope = QKNormRope(w[0], w[1], angles.cos(), angles.sin(), positions, eps)
+    outs, caches = [], []
+    for fuse in (False, True):
+        x, kc, vc = qkv.clone(), k_cache.clone(), v_cache.clone()
+        q = x[:, : heads[0] * head_dim].view(-1, heads[0], head_dim)
+        if not fuse:
+            fused.qk_norm_rope(x, positions, rope.cos, rope.sin, *w, *heads, eps, (kc, vc, slots))
+        args = (q, kc, vc, tables, seq_lens, 0.3, num_splits)
+        outs.append(tk.decode_attention(*args, rope=rope, slot_mapping=slots) if fuse else tk.decode_attention(*args))
+        caches.append(torch.stack([kc, vc]).view(torch.uint8))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
+    assert not torch.equal(caches[0], torch.stack([k_cache, v_cache]).view(torch.uint8))  # something was stored
 
 
 def _meta(

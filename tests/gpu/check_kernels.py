@@ -1,6 +1,6 @@
 """Triton kernels on a GPU (attention, the fused norm / RoPE / SiLU kernels of layers/fused.py and the
-KV-cache store fused into the RoPE one, the one-row matmuls of layers/gemv.py, and sampling):
-correctness vs a torch reference, then timings.
+KV-cache store fused into the RoPE one or into decode attention, the one-row matmuls of
+layers/gemv.py, and sampling): correctness vs a torch reference, then timings.
 
 Run on the H100 from the repo root:  PYTHONPATH=. python3 tests/gpu/check_kernels.py [--seed N] [--sweep]
 Every run draws fresh random inputs (the seed is printed). Output buffers are filled with NaN first,
@@ -21,6 +21,7 @@ import triton
 import triton.testing
 
 from worker_svc import sampling_kernel as sk
+from worker_svc.attention import QKNormRope
 from worker_svc.attention import triton_backend as tb
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.layers import fused, gemv
@@ -506,6 +507,110 @@ def check_fused_store_cuda_graph(dtype: torch.dtype) -> None:
         )
 
 
+def decode_rope_case(batch: int, max_ctx: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> tuple:
+    """A decode step as the model's attention sees it: raw qkv rows, positions (context - 1), and a
+    Case whose caches hold random (stale) values at the new tokens' slots, every seventh row padding
+    (context 0, slot -1) as in a CUDA graph's spare rows."""
+    heads, d = QWEN3["heads"], QWEN3["head_dim"]
+    ctx = rand_lens(batch, 1, max_ctx)
+    c = make_case(ctx, [1] * batch, dtype)
+    c.k_cache, c.v_cache = c.k_cache.to(cache_dtype), c.v_cache.to(cache_dtype)
+    c.meta.seq_lens[6::7] = 0
+    c.meta.slot_mapping[6::7] = -1
+    positions = (c.meta.seq_lens.long() - 1).clamp_min(0)
+    qkv = (2 * torch.randn(batch, (heads[0] + 2 * heads[1]) * d, device=DEV)).to(dtype)
+    p = layer_parts(dtype)
+    rope = QKNormRope(p.q_norm.weight, p.k_norm.weight, p.rotary.cos, p.rotary.sin, positions, EPS)
+    return qkv, c, rope
+
+
+def decode_rope_paths(qkv: torch.Tensor, c: Case, rope: QKNormRope, splits: int, fused_rope: bool) -> torch.Tensor:
+    """Decode attention of the raw qkv rows, either with the norm/RoPE/store inside the decode kernel
+    or as the model did before it (qk_norm_rope storing k and v, then decode_attention)."""
+    heads, d, m = QWEN3["heads"], QWEN3["head_dim"], c.meta
+    q = qkv[:, : heads[0] * d].view(-1, heads[0], d)
+    if not fused_rope:
+        kv = (c.k_cache, c.v_cache, m.slot_mapping)
+        fused.qk_norm_rope(qkv, rope.positions, rope.cos, rope.sin, rope.q_weight, rope.k_weight, *heads, EPS, kv)
+    extra = {"rope": rope, "slot_mapping": m.slot_mapping} if fused_rope else {}
+    return tb.decode_attention(q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, **extra)
+
+
+def report_decode_rope(
+    name: str, out: torch.Tensor, want: torch.Tensor, c: Case, ref: Case, dtype: torch.dtype
+) -> None:
+    """Against the separate path: the output within the dtype's tolerance (the fused kernel is built
+    without FMA contraction, so its softmax arithmetic rounds a little differently); no cache slot
+    but the new tokens' changed; and the new k and v as report_rounding demands of qk_norm_rope
+    (the sums of squares run in another order there, so a rounding may tip), or, in an fp8 cache,
+    >= 99% of bytes equal and the rest one fp8 step off."""
+    report(name, out, want.float(), dtype)
+    slots = c.meta.slot_mapping[c.meta.slot_mapping >= 0]
+    for part, got, exp in (("k", c.k_cache, ref.k_cache), ("v", c.v_cache, ref.v_cache)):
+        g, e = (x.view(torch.uint8).flatten(0, 1) for x in (got, exp))  # [slot, kv head, head_dim bytes]
+        changed = (g != e).flatten(1).any(1)
+        changed[slots] = False
+        verdict(f"{name} {part}: other slots", not changed.any(), "untouched" if not changed.any() else "changed")
+        g, e = g[slots].view(got.dtype), e[slots].view(got.dtype)
+        if got.dtype != torch.float8_e4m3fn:
+            report_rounding(f"{name} {part}", g, e)
+            continue
+        same = (g.view(torch.uint8) == e.view(torch.uint8)).float().mean().item()
+        step = torch.exp2(torch.floor(torch.log2(e.float().abs().clamp_min(2.0**-6)))) / 8
+        ok = same >= 0.99 and bool(((g.float() - e.float()).abs() <= step).all())
+        verdict(f"{name} {part}", ok, f"{same:.4%} of bytes equal, the rest one fp8 step off")
+
+
+def check_decode_rope(dtype: torch.dtype) -> None:
+    """decode_attention(rope=...) against the two launches it replaces (qk_norm_rope storing k and v,
+    then decode_attention), at batch 1 to 512, one split and several, bf16/fp16 and fp8 caches; then
+    replayed in a CUDA graph with new rows, contexts and slots."""
+    sms = tb.device_num_sms(torch.device(DEV))
+    for cache_dtype in (dtype, torch.float8_e4m3fn):
+        for batch, max_ctx in ((1, 4096), (7, 4096), (64, 2048), (256, 2048), (512, 1024)):
+            qkv, c, rope = decode_rope_case(batch, max_ctx, dtype, cache_dtype)
+            for splits in sorted({1, tb.choose_num_splits(batch, 8, max_ctx, sms)}):
+                ref = replace(c, k_cache=c.k_cache.clone(), v_cache=c.v_cache.clone())
+                want = decode_rope_paths(qkv.clone(), ref, rope, splits, fused_rope=False)
+                got = decode_rope_paths(qkv.clone(), c, rope, splits, fused_rope=True)
+                name = f"decode with q/k norm + RoPE + store b={batch} splits={splits} {dtype} cache {cache_dtype}"
+                report_decode_rope(name, got, want, c, ref, dtype)
+    qkv, c, rope = decode_rope_case(64, 2048, dtype, dtype)
+    splits = tb.choose_num_splits(64, 8, 2048, sms)
+    raw = qkv.clone()
+    out = decode_rope_paths(qkv, c, rope, splits, fused_rope=True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_rope_paths(qkv, c, rope, splits, fused_rope=True)
+    longest = torch.tensor(c.meta.seq_lens_host, device=DEV)  # what each row's blocks can hold
+    for _ in range(2):
+        raw.copy_(2 * torch.randn(raw.shape, device=DEV))
+        qkv.copy_(raw)
+        pos = (torch.rand(64, device=DEV) * longest).long()  # new contexts pos + 1 <= longest
+        c.meta.seq_lens.copy_(pos + 1)
+        rope.positions.copy_(pos)
+        table = c.meta.block_tables[torch.arange(64, device=DEV), pos // 16].long()
+        c.meta.slot_mapping.copy_(table * 16 + pos % 16)
+        ref = replace(c, k_cache=c.k_cache.clone(), v_cache=c.v_cache.clone())
+        want = decode_rope_paths(raw.clone(), ref, rope, splits, fused_rope=False)
+        graph.replay()
+        name = f"CUDA-graph replay decode with q/k norm + RoPE + store b=64 {dtype}"
+        report_decode_rope(name, out, want, c, ref, dtype)
+
+
+def bench_decode_rope(batch: int) -> list[str]:
+    """A decode step's attention with the q/k norm, RoPE and store inside against the two launches,
+    bf16, Qwen3-0.6B's heads, contexts up to 2048 (CUDA graphs, L2 not flushed)."""
+    sms = tb.device_num_sms(torch.device(DEV))
+    qkv, c, rope = decode_rope_case(batch, 2048, torch.bfloat16, torch.bfloat16)
+    splits = tb.choose_num_splits(batch, 8, 2048, sms)
+    fused_us = graph_us(lambda: decode_rope_paths(qkv, c, rope, splits, fused_rope=True))
+    separate_us = graph_us(lambda: decode_rope_paths(qkv, c, rope, splits, fused_rope=False))
+    label = f"decode + rope b={batch} (separate {separate_us:.1f} µs)"
+    return [f"{label:<40} {fused_us:>9.1f} µs"]
+
+
 def bench_fused_store(rows: int) -> list[str]:
     """qk_norm_rope with the cache store against the kernel plus store_kvcache, bf16, Qwen3-0.6B's
     heads, `rows` decode tokens at ctx 1024: the launch the fused store saves in every layer."""
@@ -716,6 +821,7 @@ def main() -> int:
         check_gemv(dtype)
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
+        check_decode_rope(dtype)
         check_fp8_cache(dtype)
     for dtype in (torch.bfloat16, torch.float32):
         check_sampling(dtype)
@@ -738,6 +844,8 @@ def main() -> int:
         rows += bench_fused(tokens)
     for tokens in (1, 256):
         rows += bench_fused_store(tokens)
+    for batch in (1, 64, 256):
+        rows += bench_decode_rope(batch)
     rows += bench_sampling()
     rows += bench_reference_points()
     if args.sweep:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
-from worker_svc.attention.backend import AttentionBackend
+from worker_svc.attention.backend import AttentionBackend, QKNormRope
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.attention.torch_backend import TorchBackend
 
-__all__ = ["AttentionBackend", "AttnMetadata", "get_backend"]
+__all__ = ["AttentionBackend", "AttnMetadata", "QKNormRope", "get_backend"]
 
 
 def get_backend(name: str, device: str, block_size: int = 16, half: bool = True) -> AttentionBackend:

@@ -3,11 +3,26 @@ the model. K/V caches are [num_blocks, block_size, num_kv_heads, head_dim] per l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from worker_svc.attention.metadata import AttnMetadata
+
+
+@dataclass(frozen=True)
+class QKNormRope:
+    """What turns a step's raw q and k heads into the ones attention uses (Qwen3): RMSNorm of every
+    head with q_weight or k_weight [head_dim], then neox RoPE at `positions` [T] from the angles'
+    cos / sin tables [max_positions, head_dim / 2] (fp32)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    eps: float
 
 
 class AttentionBackend(Protocol):
@@ -42,4 +57,20 @@ class AttentionBackend(Protocol):
         stored): enough on their own when `meta.has_prefix` is False, which lets a prefill from
         scratch skip reading the cache, and lets the warm-up run before the cache exists.
         """
+        ...
+
+    def attend_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: QKNormRope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor | None:
+        """Where the backend can, all of a step's attention from its raw qkv projection [T, (num_heads +
+        2 * kv_heads) * head_dim]: `rope` applied to q and k, k and v stored, then `attend`, in fewer
+        launches. None where it cannot (this step's kind, or not at all): the caller then does each
+        part itself."""
         ...

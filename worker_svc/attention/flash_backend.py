@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from worker_svc.attention.backend import QKNormRope
 from worker_svc.attention.metadata import AttnMetadata
 
 PAGE_MULTIPLE = 256
@@ -86,6 +87,18 @@ class FlashAttnBackend:
         # the check runs here.
         check_block_size(k_cache.shape[1])
         return True
+
+    def attend_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: QKNormRope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor | None:
+        return None  # flash-attn's kernels take q and k as they come
 
     def attend(
         self,

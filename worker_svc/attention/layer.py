@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker_svc.attention.backend import AttentionBackend
+from worker_svc.attention.backend import AttentionBackend, QKNormRope
 from worker_svc.attention.metadata import AttnMetadata
 
 
@@ -27,6 +27,14 @@ class PagedAttention(nn.Module):
         if self.k_cache.numel() and self.backend.fuses_store(self.k_cache):
             return self.k_cache, self.v_cache, meta.slot_mapping
         return None
+
+    def attend_rope(self, qkv: torch.Tensor, rope: QKNormRope, meta: AttnMetadata) -> torch.Tensor | None:
+        """[T, heads, D] from the raw qkv projection, with `rope` applied to q and k and k, v stored,
+        where the backend does it all in its attention launch; None where the caller must do each
+        part (the backend's choice, or the warm-up before the cache exists)."""
+        if not self.k_cache.numel():
+            return None
+        return self.backend.attend_rope(qkv, rope, self.k_cache, self.v_cache, meta, self.scale, self.num_heads)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, stored: bool = False

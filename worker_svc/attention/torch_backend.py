@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from worker_svc.attention.backend import QKNormRope
 from worker_svc.attention.metadata import AttnMetadata
 
 
@@ -21,6 +22,18 @@ class TorchBackend:
 
     def fuses_store(self, k_cache: torch.Tensor) -> bool:
         return False  # the reference keeps its own store, whatever the model's kernels could do
+
+    def attend_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: QKNormRope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor | None:
+        return None  # the reference norms, rotates and stores in separate steps
 
     def attend(
         self,

@@ -14,6 +14,7 @@ import itertools
 import torch
 import triton
 
+from worker_svc.attention.backend import QKNormRope
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.attention.triton_kernels import (
     decode_merge_kernel,
@@ -25,6 +26,7 @@ from worker_svc.attention.triton_kernels import (
 LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
 MAX_SPLITS = 32
+PROGRAMS_PER_SM = 4  # decode programs resident on an SM at once (see choose_num_splits)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -37,7 +39,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     kernel sizes each split from the real seq_len and surplus splits are near-free empty programs.
     """
     base = num_seqs * num_kv_heads
-    target = 4 * num_sms
+    target = PROGRAMS_PER_SM * num_sms
     if base >= target:
         return 1
     useful = triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_LEN)
@@ -100,15 +102,28 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    rope: QKNormRope | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D].
-    order: int32 [S], a permutation of the rows to start the programs in (longest first pays)."""
+    order: int32 [S], a permutation of the rows to start the programs in (longest first pays).
+
+    rope: q is the query part of a raw qkv projection [S, (heads + 2 * kv_heads) * D], whose q
+    and k heads are still to be normed and rotated; the kernel does that itself, and writes each
+    row's k and v to the caches at slot_mapping[s] (-1: not stored) before it reads them back.
+    It then does what qk_norm_rope with the cache store and this function without rope do, bit
+    for bit, one launch fewer."""
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and seq_lens.shape[0] == num_seqs
     assert order is None or (order.shape == (num_seqs,) and order.dtype == torch.int32)
+    if rope is not None:
+        # (a one-row view may report any row stride: the kernel reads k and v beside q, in q's row)
+        assert q.stride(1) == head_dim and (num_seqs == 1 or q.stride(0) >= (num_heads + 2 * num_kv_heads) * head_dim)
+        assert slot_mapping is not None and slot_mapping.shape == (num_seqs,) and rope.positions.shape == (num_seqs,)
+        assert rope.cos.shape[1] * 2 == head_dim and rope.cos.stride(-1) == rope.sin.stride(-1) == 1
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
@@ -130,6 +145,9 @@ def decode_attention(
         k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        # Without rope these are never read: any tensors (and zeros) fill them.
+        *((rope.q_weight, rope.k_weight, rope.cos, rope.sin, rope.positions, slot_mapping,
+           rope.cos.stride(0), rope.sin.stride(0), rope.eps) if rope is not None else (q,) * 6 + (0, 0, 0.0)),
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -139,8 +157,13 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         ORDERED=order is not None,
         DOT_PRECISION=dot_precision(q),
+        ROPE=rope is not None,
+        NUM_Q_HEADS=num_heads,
+        SATURATE=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps,
         num_stages=num_stages,
+        # The norm and RoPE round like the torch path only without FMA contraction (layers/fused.py).
+        enable_fp_fusion=rope is None,
     )  # fmt: skip
     if num_splits > 1:
         decode_merge_kernel[(num_seqs, num_heads)](
@@ -278,6 +301,33 @@ class TritonBackend:
         return prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
             split_short=self.is_mixed(meta),
+        )  # fmt: skip
+
+    def attend_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: QKNormRope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor | None:
+        if not (meta.is_decode and meta.has_prefix):
+            return None
+        num_seqs, (_, _, num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape
+        sms = self.num_sms or device_num_sms(qkv.device)
+        splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
+        # Each program norms and rotates its q before its first K/V load, about a µs in which it
+        # streams nothing, and that is paid once per wave of programs. Past two waves (~4 programs
+        # an SM at once) it costs more than the launch it saves (H200, run AG in docs/benchmarks.md:
+        # a decode step at batch 256 2% slower, 128 even, 64 1% faster, 1 6% faster).
+        if num_seqs * num_kv_heads * splits > 2 * PROGRAMS_PER_SM * sms:
+            return None
+        q = qkv[:, : num_heads * head_dim].view(num_seqs, num_heads, head_dim)
+        return decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order,
+            rope=rope, slot_mapping=meta.slot_mapping,
         )  # fmt: skip
 
     def is_mixed(self, meta: AttnMetadata) -> bool:

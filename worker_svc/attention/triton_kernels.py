@@ -28,6 +28,28 @@ def narrow(x, dtype: tl.constexpr, SATURATE: tl.constexpr):
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype -> fp32: the rounding a torch op in `dtype` applies to its (fp32-computed) result."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def norm_rope(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+    """Qwen3's per-head RMSNorm times its weight, then neox RoPE, of heads given as their two halves
+    x1, x2 (fp32, [..., head_dim / 2], padding zero) with the weight's halves w1, w2 and the angles'
+    cos / sin (already rounded to dtype). Rounds wherever the torch path (norm.py, rotary.py)
+    rounds, every product and sum separately, so the launch must turn FMA contraction off
+    (layers/fused.py says why). Returns the rotated halves in dtype."""
+    ms = (tl.sum(x1 * x1, axis=-1, keep_dims=True) + tl.sum(x2 * x2, axis=-1, keep_dims=True)) / HEAD_DIM
+    rstd = tl.rsqrt(ms + eps)
+    y1 = round_to(w1.to(tl.float32) * round_to(x1 * rstd, dtype), dtype)
+    y2 = round_to(w2.to(tl.float32) * round_to(x2 * rstd, dtype), dtype)
+    out1 = (round_to(y1 * cos, dtype) - round_to(y2 * sin, dtype)).to(dtype)
+    out2 = (round_to(y2 * cos, dtype) + round_to(y1 * sin, dtype)).to(dtype)
+    return out1, out2
+
+
+@triton.jit
 def store_kvcache_kernel(
     k_ptr,
     v_ptr,
@@ -83,6 +105,15 @@ def decode_split_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    q_weight_ptr,
+    k_weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    slot_mapping_ptr,
+    stride_cos,
+    stride_sin,
+    eps,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -92,6 +123,9 @@ def decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     ORDERED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
     # so every K/V tile is fetched from HBM once per group instead of once per query head. The
@@ -119,9 +153,15 @@ def decode_split_kernel(
     hmask = hh < GROUP
     heads = kvh * GROUP + hh
     # Pure decode: sequence s owns exactly token s of the flat batch.
-    q = tl.load(
-        q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=hmask[:, None], other=0.0
-    )
+    q_row = q_ptr + s.to(tl.int64) * stride_qt
+    if ROPE:
+        q = _rope_and_store(
+            q_row, heads, hmask, kvh, s, seq_len, start, end, k_cache_ptr, v_cache_ptr, q_weight_ptr, k_weight_ptr,
+            cos_ptr, sin_ptr, positions_ptr, slot_mapping_ptr, stride_cos, stride_sin, stride_cache_slot,
+            stride_cache_head, eps, BLOCK_H, HEAD_DIM, NUM_Q_HEADS, SATURATE,
+        )  # fmt: skip
+    else:
+        q = tl.load(q_row + heads[:, None] * stride_qh + d[None, :], mask=hmask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -159,6 +199,49 @@ def decode_split_kernel(
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
         tl.store(mid_lse_ptr + row, lse, mask=hmask)
+
+
+@triton.jit
+def _rope_and_store(
+    qkv_row, heads, hmask, kvh, s, seq_len, start, end, k_cache_ptr, v_cache_ptr, q_weight_ptr, k_weight_ptr,
+    cos_ptr, sin_ptr, positions_ptr, slot_mapping_ptr, stride_cos, stride_sin, stride_cache_slot, stride_cache_head,
+    eps, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, SATURATE: tl.constexpr,
+):  # fmt: skip
+    """decode_split_kernel's ROPE prologue, which takes over the separate q/k-norm + RoPE + KV-store
+    kernel of a decode step: from this token's raw qkv row, the program's query heads normed and
+    rotated ([BLOCK_H, HEAD_DIM], returned), and, in the one program whose key range holds the new
+    token, its key normed and rotated and its value written to the cache at its slot (-1: none)."""
+    dtype = qkv_row.dtype.element_ty
+    HALF: tl.constexpr = HEAD_DIM // 2
+    hd = tl.arange(0, HALF)
+    pos = tl.load(positions_ptr + s)
+    cos = round_to(tl.load(cos_ptr + pos * stride_cos + hd), dtype)
+    sin = round_to(tl.load(sin_ptr + pos * stride_sin + hd), dtype)
+    lo = qkv_row + heads[:, None] * HEAD_DIM + hd[None, :]
+    q1 = tl.load(lo, mask=hmask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(lo + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    w1, w2 = tl.load(q_weight_ptr + hd)[None, :], tl.load(q_weight_ptr + HALF + hd)[None, :]
+    out1, out2 = norm_rope(q1, q2, w1, w2, cos[None, :], sin[None, :], eps, HEAD_DIM, dtype)
+    # [BLOCK_H, HALF] x 2 -> [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]: the halves side by side.
+    q = tl.reshape(tl.permute(tl.join(out1, out2), (0, 2, 1)), (BLOCK_H, HEAD_DIM))
+    new = seq_len - 1  # the new token's position in its sequence; padding rows (seq_len 0) store nothing
+    slot = tl.load(slot_mapping_ptr + s).to(tl.int64)
+    if (start <= new) & (new < end) & (slot >= 0):
+        k_lo = qkv_row + (NUM_Q_HEADS + kvh) * HEAD_DIM + hd
+        k1, k2 = tl.load(k_lo).to(tl.float32), tl.load(k_lo + HALF).to(tl.float32)
+        wk1, wk2 = tl.load(k_weight_ptr + hd), tl.load(k_weight_ptr + HALF + hd)
+        k1, k2 = norm_rope(k1, k2, wk1, wk2, cos, sin, eps, HEAD_DIM, dtype)
+        cache = slot * stride_cache_slot + kvh * stride_cache_head + hd
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + cache, narrow(k1, cache_dtype, SATURATE))
+        tl.store(k_cache_ptr + cache + HALF, narrow(k2, cache_dtype, SATURATE))
+        v_lo = qkv_row + (NUM_Q_HEADS + tl.num_programs(0) + kvh) * HEAD_DIM + hd  # values follow the keys
+        tl.store(v_cache_ptr + cache, narrow(tl.load(v_lo), cache_dtype, SATURATE))
+        tl.store(v_cache_ptr + cache + HALF, narrow(tl.load(v_lo + HALF), cache_dtype, SATURATE))
+    # The key loop reads that slot back (through the cache, so in the cache's dtype, as the
+    # unfused path does): the barrier makes this CTA's stores visible to all its threads first.
+    tl.debug_barrier()
+    return q
 
 
 @triton.jit

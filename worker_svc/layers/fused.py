@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_svc.attention.triton_kernels import narrow
+from worker_svc.attention.triton_kernels import narrow, norm_rope, round_to
 
 # Launch option of every kernel here: no contraction of a multiply and a dependent add into an FMA,
 # neither by LLVM nor by ptxas (--fmad=false). Triton contracts by default, and it broke RoPE's
@@ -32,12 +32,6 @@ from worker_svc.attention.triton_kernels import narrow
 # On an H100 that put ~20% of q/k elements an ulp away from the torch path. Without it, the PTX
 # has mul.rn / add.rn / sub.rn, each rounded like a torch op (tests/test_fused_kernels.py checks).
 _EXACT_ROUNDING = {"enable_fp_fusion": False}
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    # fp32 -> dtype -> fp32: the rounding a torch op in `dtype` applies to its (fp32-computed) result.
-    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -64,11 +58,11 @@ def _add_rms_norm_kernel(
     x = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + t * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
-        x = _round(x + r, dtype)  # the residual stream is kept in the model dtype
+        x = round_to(x + r, dtype)  # the residual stream is kept in the model dtype
         tl.store(residual_out_ptr + t * stride_residual_out + cols, x.to(dtype), mask=mask)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / SIZE + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_out + cols, (w * _round(x * rstd, dtype)).to(dtype), mask=mask)
+    tl.store(out_ptr + t * stride_out + cols, (w * round_to(x * rstd, dtype)).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -108,21 +102,14 @@ def _qk_norm_rope_kernel(
     lo = qkv_ptr + t * stride_qkv + h * (2 * HALF) + d
     x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo + HALF, mask=mask, other=0.0).to(tl.float32)
-    ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
-    rstd = tl.rsqrt(ms + eps)[:, None]
     is_q = h < NUM_Q_HEADS
     w1 = tl.where(is_q, tl.load(q_weight_ptr + d, mask=d_ok), tl.load(k_weight_ptr + d, mask=d_ok))
     w2 = tl.where(is_q, tl.load(q_weight_ptr + HALF + d, mask=d_ok), tl.load(k_weight_ptr + HALF + d, mask=d_ok))
-    y1 = _round(w1.to(tl.float32) * _round(x1 * rstd, dtype), dtype)
-    y2 = _round(w2.to(tl.float32) * _round(x2 * rstd, dtype), dtype)
     # The tables are fp32; the torch path casts the looked-up cos/sin to the model dtype first.
     pos = tl.load(positions_ptr + t)
-    cos = _round(tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok), dtype)
-    sin = _round(tl.load(sin_ptr + pos * stride_sin + d, mask=d_ok), dtype)
-    # Every product and the sum are rounded separately, like the torch expression's separate ops
-    # (which needs the launch's _EXACT_ROUNDING: no FMA).
-    out1 = (_round(y1 * cos, dtype) - _round(y2 * sin, dtype)).to(dtype)
-    out2 = (_round(y2 * cos, dtype) + _round(y1 * sin, dtype)).to(dtype)
+    cos = round_to(tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok), dtype)
+    sin = round_to(tl.load(sin_ptr + pos * stride_sin + d, mask=d_ok), dtype)
+    out1, out2 = norm_rope(x1, x2, w1, w2, cos, sin, eps, 2 * HALF, dtype)
     # Written back in place even when the cache gets them too: attention over this step's tokens
     # alone (a prefill from scratch) reads q, k and v from the qkv buffer.
     tl.store(lo, out1, mask=mask)
@@ -153,7 +140,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, SIZE: tl.constexp
     dtype = out_ptr.dtype.element_ty
     gate = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_x + SIZE + cols, mask=mask, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)
+    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
     tl.store(out_ptr + t * stride_out + cols, (act * up).to(dtype), mask=mask)
 
 

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_svc.layers.fused import _EXACT_ROUNDING, _round
+from worker_svc.attention.triton_kernels import round_to
+from worker_svc.layers.fused import _EXACT_ROUNDING
 
 PLAIN, NORM, SILU = 0, 1, 2
 
@@ -35,13 +36,13 @@ def _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE: tl.constexpr
     if PROLOGUE == 2:  # SILU: gate in [0, K), up in [K, 2K)
         gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-        return _round(_round(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+        return round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
     x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     if PROLOGUE == 1:  # NORM
         if HAS_RESIDUAL:
-            x = _round(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), dtype)
+            x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), dtype)
         w = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        x = _round(w * _round(x * rstd, dtype), dtype)
+        x = round_to(w * round_to(x * rstd, dtype), dtype)
     return x
 
 
@@ -63,7 +64,7 @@ def _gemv_kernel(
             k_ok = ks < K
             x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                x = _round(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+                x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
                 if pid == 0:
                     tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
             sum_sq += x * x

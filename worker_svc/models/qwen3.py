@@ -6,7 +6,9 @@ norm(residual)), so on CUDA the add and the norm are one fused kernel; the final
 last layer's add. Qwen3's attention normalises every query and key head (RMSNorm over head_dim)
 before RoPE, and uses grouped-query attention: several query heads share one key/value head. On
 CUDA one kernel does both norms and RoPE in place, and stores K/V in the paged cache where the
-attention backend allows (PagedAttention.fused_store), saving the store's launch in every layer.
+attention backend allows (PagedAttention.fused_store), saving the store's launch in every layer;
+in a decode step on the Triton backend the attention kernel itself does all that
+(PagedAttention.attend_rope), saving that kernel's launch too.
 For a single row on CUDA (one sequence's decode) each norm and the SwiGLU gate run inside the
 matmul that follows them (layers/linear.py's norm_forward and act_forward).
 Module and parameter names follow the Hugging Face checkpoint, except the merged projections
@@ -20,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from worker_svc.attention import AttentionBackend, AttnMetadata
+from worker_svc.attention import AttentionBackend, AttnMetadata, QKNormRope
 from worker_svc.attention.layer import PagedAttention
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -51,7 +53,15 @@ class Qwen3Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention output, residual stream) of the layer input x + residual, normed by `norm`."""
         qkv, residual = self.qkv_proj.norm_forward(x, residual, norm)
-        # On CUDA the q/k norm + RoPE kernel also writes k and v to the cache when the backend lets it.
+        if qkv.is_cuda:
+            # A decode step's attention kernel can norm and rotate q and k and store k and v itself.
+            rope = QKNormRope(
+                self.q_norm.weight, self.k_norm.weight, self.rotary.cos, self.rotary.sin, positions, self.q_norm.eps
+            )
+            out = self.attn.attend_rope(qkv, rope, meta)
+            if out is not None:
+                return self.o_proj(out.flatten(1)), residual
+        # Otherwise, on CUDA, the q/k norm + RoPE kernel also writes k and v to the cache when the backend lets it.
         kv_cache = self.attn.fused_store(meta) if qkv.is_cuda else None
         q, k, v = self.qk_norm_rope(qkv, positions, kv_cache)
         out = self.attn(q, k, v, meta, stored=kv_cache is not None)
