@@ -192,6 +192,12 @@ def check_decode(dtype: torch.dtype) -> None:
                 report(f"decode b={batch} ctx<={max_ctx} splits={splits}{label} {dtype}", out, ref, dtype)
 
 
+def fp8_step(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of float8 e4m3 values at each element of x (fp32): 3 mantissa bits, and the
+    subnormals' fixed spacing below 2^-6."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-6)))) / 8
+
+
 def check_fp8_cache(dtype: torch.dtype) -> None:
     """An fp8 (e4m3) cache: the store rounds (and saturates) like torch's cast, and decode and paged
     prefill read it widened, matching the fp32 reference over the same rounded cache."""
@@ -212,9 +218,8 @@ def check_fp8_cache(dtype: torch.dtype) -> None:
         # Triton may narrow through fp16 (two roundings) where torch rounds once: allow a value one
         # fp8 step from torch's, never more, and the saturated and exact values must be equal.
         got, want = c.k_cache.float(), exp_k.view(fp8).float()
-        step = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(2.0**-6)))) / 8  # e4m3: 3 mantissa bits
         same = (c.k_cache.view(torch.uint8) == exp_k).float().mean().item()
-        ok = bool(((got - want).abs() <= step).all())
+        ok = bool(((got - want).abs() <= fp8_step(want)).all())
         ok = ok and got.view(-1, *c.k.shape[1:])[c.meta.slot_mapping[0], 0, :3].tolist() == [448.0, -448.0, 448.0]
         print(
             f"{'ok  ' if ok else 'FAIL'} store_kvcache into fp8 {name} {dtype}: {same:.4%} bytes as torch's cast, "
@@ -533,7 +538,8 @@ def decode_rope_paths(qkv: torch.Tensor, c: Case, rope: QKNormRope, splits: int,
         kv = (c.k_cache, c.v_cache, m.slot_mapping)
         fused.qk_norm_rope(qkv, rope.positions, rope.cos, rope.sin, rope.q_weight, rope.k_weight, *heads, EPS, kv)
     extra = {"rope": rope, "slot_mapping": m.slot_mapping} if fused_rope else {}
-    return tb.decode_attention(q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, **extra)
+    out = poisoned(q)
+    return tb.decode_attention(q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out, **extra)
 
 
 def report_decode_rope(
@@ -556,8 +562,7 @@ def report_decode_rope(
             report_rounding(f"{name} {part}", g, e)
             continue
         same = (g.view(torch.uint8) == e.view(torch.uint8)).float().mean().item()
-        step = torch.exp2(torch.floor(torch.log2(e.float().abs().clamp_min(2.0**-6)))) / 8
-        ok = same >= 0.99 and bool(((g.float() - e.float()).abs() <= step).all())
+        ok = same >= 0.99 and bool(((g.float() - e.float()).abs() <= fp8_step(e.float())).all())
         verdict(f"{name} {part}", ok, f"{same:.4%} of bytes equal, the rest one fp8 step off")
 
 

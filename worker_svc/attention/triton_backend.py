@@ -110,9 +110,10 @@ def decode_attention(
 
     rope: q is the query part of a raw qkv projection [S, (heads + 2 * kv_heads) * D], whose q
     and k heads are still to be normed and rotated; the kernel does that itself, and writes each
-    row's k and v to the caches at slot_mapping[s] (-1: not stored) before it reads them back.
-    It then does what qk_norm_rope with the cache store and this function without rope do, bit
-    for bit, one launch fewer."""
+    row's k and v to the caches at slot_mapping[s] (-1: not stored) before it reads them back:
+    what qk_norm_rope with the cache store and then this function without rope do, in one launch.
+    On a GPU the two agree to rounding, not bit for bit: this variant is built without FMA
+    contraction, and its sums of squares run in another order (tests/gpu/check_kernels.py)."""
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
