@@ -3,8 +3,8 @@ Triton's CPU interpreter.
 
 As in test_triton_interpret.py: TRITON_INTERPRET must be set before triton is imported, and
 conftest already imports triton via transformers, so under a plain `pytest` run one test re-runs
-this file in a subprocess with TRITON_INTERPRET=1, where the kernel tests actually execute. CI has
-no triton: everything skips there.
+this file in a subprocess with TRITON_INTERPRET=1, where the kernel tests actually execute. CI
+installs triton for them (.ci/run); without triton everything skips.
 
 The references are the torch paths in the same dtype. In bf16/fp16 the kernels round where those
 round, so nearly all elements must agree exactly (assert_matches says what the rest may be off by);
@@ -40,12 +40,12 @@ if IN_INTERPRETER:
     import triton.language as tl
     from triton.runtime import interpreter as _interp
 
-    from tests.triton_interpreter import fix_scalar_index
+    from tests.triton_interpreter import fix_interpreter
     from worker_svc.attention.triton_backend import TritonBackend, store_kvcache
     from worker_svc.layers import fused
 
     qk_norm_rope = fused.qk_norm_rope
-    fix_scalar_index()  # the decode kernel loops over loaded bounds
+    fix_interpreter()  # the decode kernel loops over loaded bounds
 
     def _round_bf16_to_nearest_even() -> None:
         """triton 3.6's interpreter casts fp32 to bf16 by truncating the mantissa; the GPU (cvt.rn)

@@ -1,6 +1,6 @@
 """The one-row matmul kernel (worker_svc/layers/gemv.py) against the torch ops it replaces, run by
 Triton's CPU interpreter (see tests/triton_interpreter.py), plus an sm_90 build of each variant the
-launcher picks, checked for register spills. CI has no triton: everything skips there.
+launcher picks, checked for register spills. Without triton everything skips (CI installs it).
 
 References: F.linear of the torch path's input (RMSNorm.add_norm_torch, SiluAndMul.forward_torch).
 The prologue rounds where those round, so the new residual must be bit-equal and the product may
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.triton_interpreter import IN_INTERPRETER, build_for_h100, fix_scalar_index, run_under_interpreter
+from tests.triton_interpreter import IN_INTERPRETER, build_for_h100, fix_interpreter, run_under_interpreter
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 
@@ -26,7 +26,7 @@ if IN_INTERPRETER:
     from tests import test_fused_kernels  # noqa: F401  (rounds bf16 casts to nearest even, as the GPU)
     from worker_svc.layers import gemv
 
-    fix_scalar_index()
+    fix_interpreter()
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")

@@ -152,7 +152,7 @@ def test_logprobs_come_from_the_raw_logits() -> None:
 
 
 def test_cpu_sampler_needs_no_triton() -> None:
-    """CI installs no triton: the sampler must import, and sample on the CPU, without it."""
+    """A CPU install has no triton: the sampler must import, and sample on the CPU, without it."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"

@@ -59,10 +59,10 @@ SAMPLING = [
 def _sampled(model_dir: Path, rank: int, world_size: int) -> list[list[int]]:
     """Outputs of PROMPTS drawn by the Triton sampling kernel under the interpreter: at TP > 1 each
     rank draws from its vocabulary shard (ModelRunner._sample's sharded path)."""
-    from tests.triton_interpreter import fix_scalar_index
+    from tests.triton_interpreter import fix_interpreter
     from worker_svc.sampler import Sampler
 
-    fix_scalar_index()
+    fix_interpreter()
     runner = make_runner(model_dir, rank, world_size)
     runner.sampler = Sampler(runner.device, 0, kernel=True)
     blocks = Blocks()

@@ -3,20 +3,15 @@
 TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jit helpers
 are decorated at import time), and conftest already imports triton via transformers. So under a
 plain `pytest` run one launcher test re-runs this file in a subprocess with TRITON_INTERPRET=1,
-where the kernel tests below actually execute. CI has no triton: everything skips there.
+where the kernel tests below actually execute. Without triton everything skips.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.triton_interpreter import IN_INTERPRETER, fix_scalar_index, run_under_interpreter
+from tests.triton_interpreter import IN_INTERPRETER, fix_interpreter, ptxas_log, run_under_interpreter
 from worker_svc.attention.metadata import AttnMetadata
 
 pytest.importorskip("triton")
@@ -24,7 +19,7 @@ pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 
 if IN_INTERPRETER:
-    fix_scalar_index()
+    fix_interpreter()
 
     from worker_svc.attention import triton_backend as tk
     from worker_svc.attention.backend import QKNormRope
@@ -64,13 +59,7 @@ def _compile_sm90(
     src = ASTSource(fn, sig, consts, attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
-        ptx.write_text(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True)
-    assert log.returncode == 0, log.stderr
-    return log.stderr
+    return ptxas_log(kernel.asm["ptx"])
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")

@@ -26,23 +26,52 @@ def run_under_interpreter(test_file: str) -> None:
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
 
 
-def fix_scalar_index() -> None:
-    """triton 3.6's interpreter calls int() on 1-element arrays, a TypeError since numpy 2.4.
+def fix_interpreter() -> None:
+    """Patches two interpreter bugs that the compiled kernels do not have.
 
-    That breaks `range(start, end)` over loaded scalars (triton-lang/triton#9171, fixed upstream by
-    #9172). Re-patch `__index__` to take the element explicitly.
+    - triton 3.6 calls int() on 1-element arrays, a TypeError since numpy 2.4: that breaks
+      `range(start, end)` over loaded scalars (triton-lang/triton#9171, fixed upstream by #9172).
+      `__index__` takes the element explicitly instead.
+    - triton 3.9 keeps an integer comparison's result in the operands' integer type, so a mask
+      built from a loaded scalar (`slot >= 0`) reaches a load or store as int32 and is refused
+      ("mask has unsupported dtype"). Masks are made boolean before the memory op.
     """
     from triton.runtime import interpreter
 
     original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None:
-        return
+    if original is not None:
 
-    def patched(tensor: type, scope: interpreter._LangPatchScope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        def patched(tensor: type, scope: interpreter._LangPatchScope) -> None:
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    interpreter._patch_lang_tensor = patched
+        interpreter._patch_lang_tensor = patched
+
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def as_bool(mask: interpreter.TensorHandle) -> interpreter.TensorHandle:
+        return mask if mask.data.dtype == bool else interpreter.TensorHandle(mask.data != 0, mask.dtype)
+
+    builder.create_masked_load = lambda self, ptrs, mask, *rest: load(self, ptrs, as_bool(mask), *rest)
+    builder.create_masked_store = lambda self, ptrs, value, mask, *rest: store(self, ptrs, value, as_bool(mask), *rest)
+
+
+def ptxas_log(ptx: str) -> str:
+    """`ptxas -v` of a PTX text for sm_90a, with the ptxas triton itself uses for that target (triton
+    3.9 ships a second, newer one for sm_90 and up); fails on an error. Returns its report."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        tool = compiler.get_ptxas(90)
+    except TypeError:  # triton 3.6: one ptxas for every target
+        tool = compiler.get_ptxas()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([tool.path, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr
+    return log.stderr
 
 
 def build_for_h100(fn: object, sig: dict[str, str], consts: dict, options: dict) -> tuple[str, str]:
@@ -57,10 +86,4 @@ def build_for_h100(fn: object, sig: dict[str, str], consts: dict, options: dict)
     aligned = [i for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n]
     src = ASTSource(fn, sig, consts, {(i,): [["tt.divisibility", 16]] for i in aligned})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
-    assert log.returncode == 0, log.stderr
-    return ptx, log.stderr
+    return ptx, ptxas_log(ptx)
