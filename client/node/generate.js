@@ -1,9 +1,10 @@
 #!/usr/bin/env node
-// Streams one generation from a nanovllm-grpc server and prints the text as it arrives.
-// The API comes from proto/generate.proto at run time (@grpc/proto-loader): no generated code.
+// Streams one generation from a nanovllm-grpc server and prints the text as it arrives: the Node.js twin of
+// `nanovllm generate`, with its flags and its --json lines. The API comes from proto/generate.proto at run time
+// (@grpc/proto-loader): no generated code.
 //
 //   node generate.js --addr 127.0.0.1:50051 --prompt "The quick brown fox" --max-tokens 32
-//   node generate.js --chat "Hello!" --system "You are terse." --temperature 0
+//   node generate.js --chat "Hello!" --system "You are terse." --temperature 0 --logprobs 2 --json
 "use strict";
 
 const fs = require("node:fs");
@@ -14,6 +15,8 @@ const protoLoader = require("@grpc/proto-loader");
 
 const PROTO = path.join(__dirname, "..", "..", "proto", "generate.proto");
 
+// As `nanovllm generate`: flags marked `multiple` take several values (`--stop-token-ids 5 6`), repeated
+// flags add to them, and comma-separated ids are split.
 const OPTIONS = {
   addr: { type: "string", default: "127.0.0.1:50051" },
   prompt: { type: "string" },
@@ -26,12 +29,33 @@ const OPTIONS = {
   "top-k": { type: "string" },
   "min-p": { type: "string" },
   seed: { type: "string" },
-  stop: { type: "string", multiple: true },
+  stop: { type: "string", multiple: true }, // stop strings
+  "stop-token-ids": { type: "string", multiple: true },
+  "min-tokens": { type: "string" },
   "ignore-eos": { type: "boolean", default: false },
+  logprobs: { type: "string" }, // top logprobs per token
   timeout: { type: "string" }, // seconds: the call's deadline
   "tls-ca": { type: "string" }, // PEM CA certificate: connect with TLS
   json: { type: "boolean", default: false }, // one JSON object per streamed message
   help: { type: "boolean", default: false },
+};
+
+// The proto field each numeric flag sets, and the range its type can carry; the server checks the rest
+// (e.g. max_tokens >= 1) and answers INVALID_ARGUMENT with its own message.
+const UINT32 = [0n, 2n ** 32n - 1n];
+const INTEGERS = {
+  "max-tokens": ["max_tokens", UINT32],
+  "top-k": ["top_k", [-(2n ** 31n), 2n ** 31n - 1n]],
+  seed: ["seed", [0n, 2n ** 64n - 1n]],
+  "min-tokens": ["min_tokens", UINT32],
+  logprobs: ["logprobs", UINT32],
+};
+const FLOATS = { temperature: "temperature", "top-p": "top_p", "min-p": "min_p" };
+const FINISH_NAMES = {
+  FINISH_REASON_UNSPECIFIED: null,
+  FINISH_REASON_STOP: "stop",
+  FINISH_REASON_LENGTH: "length",
+  FINISH_REASON_ABORT: "abort",
 };
 
 function usage() {
@@ -39,29 +63,100 @@ function usage() {
   return `usage: node generate.js (--prompt TEXT | --prompt-token-ids 1,2,3 | --chat TEXT) [flags]\nflags: ${flags}`;
 }
 
+// An integer flag's value as a decimal string (exact for 64-bit seeds), or an error naming the flag and range.
+function integer(flag, text, [lo, hi]) {
+  const value = /^\s*[+-]?\d+\s*$/.test(text) ? BigInt(text.trim()) : null;
+  if (value === null || value < lo || value > hi) {
+    throw new Error(`--${flag} must be an integer in [${lo}, ${hi}], got ${JSON.stringify(text)}`);
+  }
+  return value.toString();
+}
+
+function tokenIds(flag, values) {
+  const parts = values.flatMap((v) => v.split(",")).filter((t) => t.trim());
+  const [lo, hi] = UINT32;
+  const ids = parts.map((t) => (/^\s*\d+\s*$/.test(t) ? BigInt(t.trim()) : -1n));
+  if (ids.some((id) => id < lo || id > hi)) {
+    throw new Error(`--${flag} must be token ids in [${lo}, ${hi}], got ${JSON.stringify(values.join(" "))}`);
+  }
+  return ids.map(Number);
+}
+
+// parseArgs as `nanovllm generate` (argparse) parses: a negative number is a value (`--top-k -1`), and a bare value
+// after a multi-value flag is one more of its values.
+function parse(argv) {
+  const args = [];
+  for (const arg of argv) {
+    const prev = args.length ? /^--([^=]+)$/.exec(args[args.length - 1]) : null;
+    if (prev && OPTIONS[prev[1]]?.type === "string" && /^-\.?\d/.test(arg)) args[args.length - 1] += `=${arg}`;
+    else args.push(arg);
+  }
+  const { values, tokens } = parseArgs({ args, options: OPTIONS, strict: true, allowPositionals: true, tokens: true });
+  let last = null;
+  for (const token of tokens) {
+    if (token.kind === "option") {
+      last = OPTIONS[token.name].multiple && token.inlineValue !== true ? token.name : null;
+    } else if (token.kind === "positional") {
+      if (last === null) throw new Error(`unexpected argument ${JSON.stringify(token.value)}`);
+      values[last].push(token.value);
+    }
+  }
+  return values;
+}
+
 function request(args) {
   const sources = ["prompt", "prompt-token-ids", "chat"].filter((k) => args[k] !== undefined);
   if (sources.length !== 1) throw new Error("give exactly one of --prompt, --prompt-token-ids, --chat");
   const req = { sampling: { stop: args.stop || [], ignore_eos: args["ignore-eos"] } };
   if (args.prompt !== undefined) req.text = args.prompt;
-  if (args["prompt-token-ids"] !== undefined) {
-    req.token_ids = { ids: args["prompt-token-ids"].split(",").filter((t) => t.trim()).map(Number) };
-  }
+  if (args["prompt-token-ids"] !== undefined) req.token_ids = { ids: tokenIds("prompt-token-ids", [args["prompt-token-ids"]]) };
   if (args.chat !== undefined) {
     const messages = args.system ? [{ role: "system", content: args.system }] : [];
     messages.push({ role: "user", content: args.chat });
     req.chat = { messages };
   }
+  req.sampling.stop_token_ids = tokenIds("stop-token-ids", args["stop-token-ids"] || []);
   // Unset fields stay unset, so the server applies its (vLLM's) defaults.
-  const numbers = { "max-tokens": "max_tokens", temperature: "temperature", "top-p": "top_p" };
-  Object.assign(numbers, { "top-k": "top_k", "min-p": "min_p", seed: "seed" });
-  for (const [flag, field] of Object.entries(numbers)) {
+  for (const [flag, [field, range]] of Object.entries(INTEGERS)) {
+    if (args[flag] !== undefined) req.sampling[field] = integer(flag, args[flag], range);
+  }
+  for (const [flag, field] of Object.entries(FLOATS)) {
     if (args[flag] === undefined) continue;
-    const value = Number(args[flag]);
-    if (Number.isNaN(value)) throw new Error(`--${flag} must be a number, got ${args[flag]}`);
+    const value = args[flag].trim() === "" ? NaN : Number(args[flag]);
+    if (!Number.isFinite(value)) throw new Error(`--${flag} must be a number, got ${JSON.stringify(args[flag])}`);
     req.sampling[field] = value;
   }
   return req;
+}
+
+function deadline(args) {
+  if (args.timeout === undefined) return {};
+  const seconds = Number(args.timeout);
+  if (!(seconds > 0) || !Number.isFinite(seconds)) {
+    throw new Error(`--timeout must be a positive number of seconds, got ${JSON.stringify(args.timeout)}`);
+  }
+  return { deadline: Date.now() + 1000 * seconds };
+}
+
+// The object `nanovllm generate --json` prints for one streamed message (client/cli.py).
+function asJson(msg) {
+  const out = { token_ids: msg.token_ids, text: msg.text, finish_reason: FINISH_NAMES[msg.finish_reason] };
+  if (msg.logprobs.length) {
+    out.logprobs = msg.logprobs.map((lp) => ({
+      token_id: lp.token_id,
+      logprob: lp.logprob,
+      top: Object.fromEntries(lp.top.map((t) => [t.token_id, t.logprob])),
+    }));
+  }
+  if (msg.usage) {
+    const u = msg.usage;
+    out.usage = {
+      prompt_tokens: u.prompt_tokens,
+      completion_tokens: u.completion_tokens,
+      cached_prompt_tokens: u.cached_prompt_tokens,
+    };
+  }
+  return out;
 }
 
 function client(args) {
@@ -76,28 +171,29 @@ function client(args) {
 function main() {
   let args;
   let req;
+  let options;
   try {
-    args = parseArgs({ options: OPTIONS, strict: true }).values;
+    args = parse(process.argv.slice(2));
     if (args.help) {
       console.log(usage());
       return;
     }
     req = request(args);
+    options = deadline(args);
   } catch (e) {
-    console.error(`nanovllm: ${e.message}\n${usage()}`);
+    console.error(`nanovllm: ${e.message.replace(/\s*\n\s*/g, " ")} (--help lists the flags)`);
     process.exitCode = 2;
     return;
   }
-  const options = args.timeout ? { deadline: Date.now() + 1000 * Number(args.timeout) } : {};
   const call = client(args).Generate(req, options);
   call.on("data", (msg) => {
     if (args.json) {
-      process.stdout.write(JSON.stringify(msg) + "\n");
-    } else {
-      process.stdout.write(msg.text);
+      process.stdout.write(JSON.stringify(asJson(msg)) + "\n");
+      return;
     }
-    if (msg.finish_reason !== "FINISH_REASON_UNSPECIFIED" && !args.json) {
-      const reason = msg.finish_reason.replace("FINISH_REASON_", "").toLowerCase();
+    process.stdout.write(msg.text);
+    const reason = FINISH_NAMES[msg.finish_reason];
+    if (reason) {
       const u = msg.usage;
       process.stdout.write("\n");
       console.error(`[${reason}: ${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens]`);
