@@ -10,6 +10,8 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import pytest
+
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.server import SchedulerServer, ServeOptions
 from worker_svc.config import WorkerConfig
@@ -26,6 +28,21 @@ def start_worker(model_dir: str, ready: bool = True, **worker: object) -> Worker
     if ready:
         load(server, model_dir, **worker)
     return server
+
+
+def record_describes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """How a test sees a scheduler (or its engine core) ask a worker whether it is ready: each Describe a worker of
+    this process answers appends the answer's `ready`. Call it before the worker starts (grpc binds the method)."""
+    answers: list[bool] = []
+    describe = WorkerServicer.Describe
+
+    def recorded(self: WorkerServicer, request: object, context: object) -> object:
+        info = describe(self, request, context)  # type: ignore[arg-type]
+        answers.append(info.ready)
+        return info
+
+    monkeypatch.setattr(WorkerServicer, "Describe", recorded)
+    return answers
 
 
 def load(server: WorkerServer, model_dir: str, **worker: object) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -14,18 +13,14 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
+from tests.polling import free_port, wait_until
+
 
 def nanovllm() -> list[str]:
     exe = shutil.which("nanovllm")
     if exe is None:
         pytest.fail("the nanovllm console script is not installed: run `pip install -e .`")
     return [exe]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +102,9 @@ def test_status_line_while_busy(server) -> None:
         timeout=60,
         check=True,
     )
-    deadline = time.time() + 5
-    while not any("generation throughput" in line for line in lines):
-        assert time.time() < deadline, "".join(lines)
-        time.sleep(0.1)
-    line = next(line for line in lines if "generation throughput" in line)
+    line = wait_until(
+        lambda: next((line for line in lines if "generation throughput" in line), None), lambda: "".join(lines)
+    )
     assert "Running:" in line and "Waiting:" in line and "KV cache usage:" in line
 
 
@@ -134,7 +127,9 @@ def test_sigterm_stops_everything(server, tiny_model_dir) -> None:
     _, proc, _ = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    # Its worker processes are gone too.
-    time.sleep(0.5)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    assert not [line for line in ps.splitlines() if "worker_svc" in line and str(tiny_model_dir) in line]
+
+    def workers() -> list[str]:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+        return [line for line in ps.splitlines() if "worker_svc" in line and str(tiny_model_dir) in line]
+
+    wait_until(lambda: not workers(), lambda: f"its worker processes are still running: {workers()}")

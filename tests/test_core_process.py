@@ -11,7 +11,8 @@ import pytest
 
 from client import Client
 from scheduler_svc.engine import Engine, EngineConfig
-from tests.service import Loop, Service
+from tests.polling import wait_until
+from tests.service import Loop, Service, record_describes, start_worker
 
 
 async def make_engine(config: EngineConfig) -> Engine:
@@ -48,22 +49,20 @@ def test_the_core_process_exits_when_the_engine_stops(tiny_model_dir) -> None:
     assert not proc.is_alive() and proc.exitcode == 0
 
 
-def test_a_core_still_connecting_exits_when_the_frontend_goes(tiny_model_dir) -> None:
+def test_a_core_still_connecting_exits_when_the_frontend_goes(tiny_model_dir, monkeypatch) -> None:
     """The workers are still loading when the engine is stopped: the core must not linger as an
     orphan until its connect timeout."""
-    from tests.service import start_worker
-
+    describes = record_describes(monkeypatch)
     worker = start_worker(tiny_model_dir, ready=False)
     config = EngineConfig(model=str(tiny_model_dir), worker_addresses=(f"127.0.0.1:{worker.port}",))
     loop = Loop()
     try:
         engine = loop.call(make_engine(config))
         starting = loop.submit(engine.start())
-        deadline = time.monotonic() + 30
-        while (engine.core.proc is None or not engine.core.proc.is_alive()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # The core asks the worker only once it has connected to the frontend; it asks again after a "not ready".
+        wait_until(lambda: len(describes) >= 2, "the engine core never asked the worker", timeout=30)
         proc = engine.core.proc
-        time.sleep(1.0)  # connected to the frontend, waiting for the worker
+        assert proc is not None and proc.is_alive() and not any(describes)
         starting.cancel()
         started = time.monotonic()
         loop.call(engine.stop())

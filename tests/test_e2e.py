@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client import Client
 from proto import generate_pb2 as pb
+from tests.polling import wait_until
 from tests.service import Service
 
 
@@ -211,9 +211,7 @@ def test_cancel_aborts_and_frees_blocks(service, tok) -> None:
         next(call)
         assert engine.stats.running == 1
         call.cancel()
-        deadline = time.time() + 10
-        while engine.requests and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not engine.requests, "the cancelled request is still known to the engine")
         collect(c, [5, 6, 7], max_tokens=2, temperature=0.0, ignore_eos=True)  # steps report the state after
     assert engine.stats.running == 0 and engine.stats.blocks_free == engine.info.num_blocks
 

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from client import Client
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.server import ServeOptions
-from tests.service import Loop, Service, load, make_server, start_worker
+from tests.polling import wait_until
+from tests.service import Loop, Service, load, make_server, record_describes, start_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,7 +46,8 @@ def test_worker_not_serving_until_its_model_runner_is_built(tiny_model_dir) -> N
         worker.stop(grace=0)
 
 
-def test_scheduler_serving_only_with_its_workers_and_not_while_draining(tiny_model_dir) -> None:
+def test_scheduler_serving_only_with_its_workers_and_not_while_draining(tiny_model_dir, monkeypatch) -> None:
+    describes = record_describes(monkeypatch)
     worker = start_worker(tiny_model_dir, ready=False)  # the scheduler comes up first, as after a crash
     loop = Loop()
     config = EngineConfig(model=str(tiny_model_dir), worker_addresses=(f"127.0.0.1:{worker.port}",))
@@ -60,7 +62,7 @@ def test_scheduler_serving_only_with_its_workers_and_not_while_draining(tiny_mod
             with Client(addr) as c, pytest.raises(grpc.RpcError) as err:
                 list(c.generate([5, 6, 7], max_tokens=2))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            time.sleep(0.5)
+            wait_until(lambda: len(describes) >= 2, "the scheduler did not ask the loading worker again")
             assert not connecting.done()
 
             load(worker, tiny_model_dir, num_kv_blocks=16)

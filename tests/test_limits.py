@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 
 from client import Client
 from proto import generate_pb2 as pb
+from tests.polling import wait_until
 from tests.service import Service
 
 LONG = {"max_tokens": 450, "temperature": 0.0, "ignore_eos": True}  # ~2 s on a 2-core CPU
-
-
-def wait_for(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, what
-        time.sleep(0.02)
 
 
 def all_free(svc: Service) -> bool:
@@ -41,14 +34,14 @@ def test_resource_exhausted_past_the_queue_limit(service) -> None:
         running = c.generate([5, 6, 7], **LONG)
         next(running)
         queued = c.generate([8, 9, 10], **LONG)
-        wait_for(lambda: len(sched.waiting) == 1, "the second request was not queued")
+        wait_until(lambda: len(sched.waiting) == 1, "the second request was not queued")
         with pytest.raises(grpc.RpcError) as err:
             list(c.generate([11, 12], max_tokens=2))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 1" in err.value.details()
         running.cancel()
         assert len(next(queued).token_ids) >= 1  # the queued one gets the slot
         queued.cancel()
-    wait_for(lambda: all_free(service), "blocks were not freed")
+    wait_until(lambda: all_free(service), "blocks were not freed")
     with Client(service.addr) as c:  # and the service takes requests again
         assert sum(len(m.token_ids) for m in c.generate([11, 12], max_tokens=2, ignore_eos=True)) == 2
 
@@ -58,7 +51,7 @@ def test_deadline_of_a_running_request_aborts_it_and_frees_its_blocks(service) -
     with Client(service.addr) as c, pytest.raises(grpc.RpcError) as err:
         list(c.generate([5, 6, 7], timeout=0.3, **LONG))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: all_free(service), "blocks were not freed after the deadline")
+    wait_until(lambda: all_free(service), "blocks were not freed after the deadline")
     assert service.engine.metrics.finished["abort"] == aborted + 1
     assert not service.engine.by_request_id
 
@@ -71,10 +64,10 @@ def test_deadline_of_a_queued_request_takes_it_off_the_queue(service) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(c.generate([8, 9, 10], timeout=0.3, **LONG))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_for(lambda: not sched.waiting, "the expired request stayed queued")
+        wait_until(lambda: not sched.waiting, "the expired request stayed queued")
         assert len(sched.running) == 1
         running.cancel()
-    wait_for(lambda: all_free(service), "blocks were not freed")
+    wait_until(lambda: all_free(service), "blocks were not freed")
 
 
 def stream_in_thread(addr: str, prompt: list[int], out: list) -> threading.Thread:
@@ -95,9 +88,9 @@ def test_drain_finishes_running_and_queued_requests_and_refuses_new_ones(tiny_mo
     try:
         outs: list[list] = [[], []]
         threads = [stream_in_thread(svc.addr, [5 + i, 6, 7], outs[i]) for i in range(2)]
-        wait_for(lambda: len(svc.engine.core.scheduler.waiting) == 1, "the requests did not start")
+        wait_until(lambda: len(svc.engine.core.scheduler.waiting) == 1, "the requests did not start")
         draining = svc.loop.submit(svc.server.drain(60.0))
-        wait_for(lambda: svc.engine.draining, "the drain did not start")
+        wait_until(lambda: svc.engine.draining, "the drain did not start")
         with Client(svc.addr) as c, pytest.raises(grpc.RpcError) as err:
             list(c.generate([1, 2, 3], max_tokens=2))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
@@ -117,12 +110,12 @@ def test_drain_timeout_gives_unfinished_requests_unavailable(tiny_model_dir) -> 
     try:
         out: list = []
         thread = stream_in_thread(svc.addr, [5, 6, 7], out)
-        wait_for(lambda: svc.engine.core.scheduler.running, "the request did not start")
+        wait_until(lambda: svc.engine.core.scheduler.running, "the request did not start")
         svc.call(svc.server.drain(0.0))
         thread.join(timeout=30)
         assert isinstance(out[-1], grpc.RpcError) and out[-1].code() == grpc.StatusCode.UNAVAILABLE
         assert "shut down before this request finished" in out[-1].details()
-        wait_for(lambda: all_free(svc), "blocks were not freed")
+        wait_until(lambda: all_free(svc), "blocks were not freed")
         assert svc.engine.metrics.finished["error"] == 1
     finally:
         svc.stop()

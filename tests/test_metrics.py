@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client
+from tests.polling import wait_until
 from tests.service import Service
 
 NUM_BLOCKS = 64
@@ -85,23 +86,30 @@ def test_gauges_while_running_and_abort_counted(service) -> None:
     assert during["nanovllm_num_requests_running"] == 1
     assert during["nanovllm_kv_blocks_used"] >= 3  # 37 prompt tokens and more in blocks of 16
     assert during["nanovllm_kv_blocks_used"] + during["nanovllm_kv_blocks_free"] == NUM_BLOCKS
-    deadline = time.time() + 10
-    while moved(before, scrape(service), 'nanovllm_requests_total{finish_reason="abort"}') != 1:
-        assert time.time() < deadline, "the cancelled request was not counted as aborted"
-        time.sleep(0.05)
+    wait_until(
+        lambda: moved(before, scrape(service), 'nanovllm_requests_total{finish_reason="abort"}') == 1,
+        "the cancelled request was not counted as aborted",
+    )
+
     # The gauges are the core's report after its last step, or once it goes idle: soon after.
-    while (after := scrape(service))["nanovllm_kv_blocks_used"] or after["nanovllm_num_requests_running"]:
-        assert time.time() < deadline, f"the gauges still count the cancelled request: {after}"
-        time.sleep(0.05)
+    def idle() -> bool:
+        after = scrape(service)
+        return not after["nanovllm_kv_blocks_used"] and not after["nanovllm_num_requests_running"]
+
+    wait_until(idle, lambda: f"the gauges still count the cancelled request: {scrape(service)}")
 
 
 def test_status_line_while_busy_and_silence_when_idle(service, caplog) -> None:
+    def status_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "scheduler_svc.status"]
+
     with caplog.at_level(logging.INFO, logger="scheduler_svc.status"):
         with Client(service.addr) as c:
             list(c.generate([5, 6, 7], max_tokens=100, temperature=0.0, ignore_eos=True))
-        time.sleep(0.5)
-        lines = [r.getMessage() for r in caplog.records if r.name == "scheduler_svc.status"]
-        assert lines, "no status line while busy"
-        assert "generation throughput" in lines[0] and "Running:" in lines[0] and "KV cache usage" in lines[0]
-        time.sleep(0.6)
-        assert len([r for r in caplog.records if r.name == "scheduler_svc.status"]) == len(lines)
+        line = wait_until(lambda: status_lines()[:1], "no status line while busy")[0]
+        assert "generation throughput" in line and "Running:" in line and "KV cache usage" in line
+        # The interval that saw the last tokens still gets its line, with nothing running; then the server is idle.
+        wait_until(lambda: "Running: 0 reqs" in status_lines()[-1], lambda: f"no line after the end: {status_lines()}")
+        seen = len(status_lines())
+        time.sleep(3 * 0.2)  # silence is an absence of lines: watch three of the idle server's 0.2 s intervals
+        assert len(status_lines()) == seen

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from client import Client
-from client.cli import free_port
+from tests.polling import free_port, wait_until
 
 MAX_TOKENS = 16
 # Different lengths, sent at once so they share steps; the long one needs several prefill chunks of
@@ -62,12 +62,15 @@ class Proc:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
     def wait_for(self, text: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
+        def seen() -> bool:
             assert self.popen.poll() is None, f"exited with {self.popen.returncode} before {text!r}:\n{self.output}"
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output}"
-            time.sleep(0.05)
+            return self.said(text)
+
+        wait_until(seen, lambda: f"no {text!r}:\n{self.output}", timeout, every=0.05)
 
     def kill(self) -> None:
         """SIGKILL to its whole session: `nanovllm serve`'s workers go too, and so does a rank blocked
@@ -141,9 +144,11 @@ def group(tiny_model_dir: Path) -> Iterator[Group]:
         for rank, wport in enumerate(worker_ports)
     ]
     workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
+    # One step on the wire at a time: once a client has the last token of the last request, the most in flight is
+    # the step that tells the ranks to drop the finished sequences (with more, real steps sent ahead may be too).
     scheduler = Proc(
         [sys.executable, "-m", "scheduler_svc", "--model", str(tiny_model_dir), "--port", str(port)]
-        + ["--workers", workers, "--log-interval", "0", *SETTINGS[2:]]
+        + ["--workers", workers, "--log-interval", "0", "--max-inflight-steps", "1", *SETTINGS[2:]]
     )
     try:
         scheduler.wait_for(f"ready on 127.0.0.1:{port}")
@@ -197,9 +202,9 @@ def test_rank_dead_while_idle_fails_the_next_request(group: Group, rank: int, re
     """Rank 0's stream is read only for results, so its death shows when the next step is sent; rank
     1's watcher sees its death at once, and the next step must fail on that."""
     assert greedy(group.addr) == reference  # separate rank processes give TP=1's tokens too
-    time.sleep(0.5)  # the step sent ahead before the last request finished comes back: the engine is idle
-    group.ranks[rank].kill()
-    time.sleep(0.5)  # and stays idle while the rank's stream ends
+    group.ranks[rank].kill()  # returns once the process is gone: by then the engine is idle (see `group`)
+    if rank == 1:  # the scheduler's watch on rank 1's stream sees it end
+        wait_until(lambda: group.scheduler.said("worker rank 1"), lambda: group.scheduler.output)
     asked = time.monotonic()
     with Client(group.addr) as client, pytest.raises(grpc.RpcError) as err:
         list(client.generate([5, 6, 7], max_tokens=4, timeout=30))

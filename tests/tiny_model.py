@@ -6,6 +6,7 @@ written by transformers itself, plus a tokenizer trained on a few sentences, wit
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -81,8 +82,17 @@ def build_tiny_qwen3(out: Path, *, tie: bool = True, seed: int = 0, num_kv_heads
     return out
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.tiny_model",
+        description="Write a tiny random Qwen3 checkpoint and tokenizer (Hugging Face layout) for trying the "
+        "service without a GPU or downloaded weights. Its output is noise. Run it from the repository root.",
+    )
+    p.add_argument("path", type=Path, help="directory to write (created if missing), e.g. /tmp/tiny-qwen3")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    args = p.parse_args(argv)
+    print(f"tiny random Qwen3 written to {build_tiny_qwen3(args.path, seed=args.seed)}")
 
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-qwen3")
-    print(f"tiny random Qwen3 written to {build_tiny_qwen3(target)}")
+
+if __name__ == "__main__":
+    main()
