@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 
 from tests.polling import free_port, wait_until
 
+pytestmark = pytest.mark.slow  # a `nanovllm serve` process and a `nanovllm generate` process per test
+
 
 def nanovllm() -> list[str]:
     exe = shutil.which("nanovllm")

@@ -29,6 +29,8 @@ import yaml
 from client import Client
 from proto import generate_pb2 as pb
 
+pytestmark = pytest.mark.slow  # every compose service as a process
+
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC, METRICS = "51234", "51235"  # only compared with the resolved config: nothing binds them
 VARS = {

@@ -14,6 +14,8 @@ from scheduler_svc.engine import Engine, EngineConfig
 from tests.polling import wait_until
 from tests.service import Loop, Service, record_describes, start_worker
 
+pytestmark = pytest.mark.slow  # an engine core process per test
+
 
 async def make_engine(config: EngineConfig) -> Engine:
     return Engine(config)  # built on the loop: its asyncio objects belong there

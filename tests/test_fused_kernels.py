@@ -65,11 +65,13 @@ if IN_INTERPRETER:
     _round_bf16_to_nearest_even()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_fused_kernels_under_interpreter() -> None:
     run_under_interpreter(__file__)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_kernels_compile_for_h100_without_spills_or_fma() -> None:
     """The interpreter never lowers to PTX; this builds each kernel for sm_90 as the runtime would

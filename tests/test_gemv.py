@@ -29,6 +29,7 @@ if IN_INTERPRETER:
     fix_interpreter()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_gemv_under_interpreter() -> None:
     run_under_interpreter(__file__)
@@ -80,6 +81,7 @@ def test_gemv(dtype: torch.dtype, prologue: str) -> None:
     assert torch.equal(x, x_before) and (residual is None or torch.equal(residual, residual_before))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_gemv_builds_for_h100_without_spills() -> None:
     """Each prologue at the shapes of Qwen3-0.6B's projections (TP=1 and 2), with the tiles config()

@@ -124,6 +124,7 @@ def test_reflection_lists_and_calls_the_api_without_proto_files(service, tiny_mo
         assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].finish_reason == 2  # FINISH_REASON_LENGTH
 
 
+@pytest.mark.slow
 def test_scheduler_process_exits_nonzero_when_its_worker_dies(tiny_model_dir) -> None:
     """So that a supervisor (compose's restart policy) replaces it instead of it answering UNAVAILABLE forever."""
     worker = start_worker(tiny_model_dir, num_kv_blocks=16)

@@ -14,6 +14,8 @@ import pytest
 from client import Client
 from tests.service import Service
 
+pytestmark = pytest.mark.slow  # a node process per test
+
 NODE_DIR = Path(__file__).resolve().parents[1] / "client" / "node"
 
 

@@ -45,6 +45,7 @@ def test_readme_command_1_serves_generates_and_returns(tmp_path: Path) -> None:
     assert str(tmp_path / "model") not in ps, "a server process outlived the command"
 
 
+@pytest.mark.slow
 def test_tiny_model_help_writes_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = [sys.executable, "-m", "tests.tiny_model"]

@@ -151,6 +151,7 @@ def test_logprobs_come_from_the_raw_logits() -> None:
     assert got[1].logprob is None and got[1].top_ids == []
 
 
+@pytest.mark.slow
 def test_cpu_sampler_needs_no_triton() -> None:
     """A CPU install has no triton: the sampler must import, and sample on the CPU, without it."""
     code = (

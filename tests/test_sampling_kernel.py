@@ -31,11 +31,13 @@ INF = float("inf")
 CHI2_6DF = 22.46
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_sampling_kernel_under_interpreter() -> None:
     run_under_interpreter(__file__)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernel")
 def test_kernels_compile_for_h100_without_spills_or_shuffles() -> None:
     """The interpreter never lowers to PTX (and accepts code the compiler refuses). Compile for the

@@ -15,6 +15,8 @@ from tests.runner_utils import PROMPTS, Blocks, generate, make_runner, new_seq, 
 from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker_svc.seq_state import SamplingOptions
 
+pytestmark = pytest.mark.slow  # two ranks spawned over gloo, under the Triton interpreter
+
 MAX_NEW = 12
 
 

@@ -24,6 +24,8 @@ import pytest
 from client import Client
 from tests.polling import free_port, wait_until
 
+pytestmark = pytest.mark.slow  # TP groups of real processes over gloo
+
 MAX_TOKENS = 16
 # Different lengths, sent at once so they share steps; the long one needs several prefill chunks of
 # the 64-token budget, so chunks and decodes mix in one batch.

@@ -26,6 +26,7 @@ if IN_INTERPRETER:
     from worker_svc.layers import fused
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="already inside the interpreter run")
 def test_triton_kernels_under_interpreter() -> None:
     run_under_interpreter(__file__)
@@ -62,6 +63,7 @@ def _compile_sm90(
     return ptxas_log(kernel.asm["ptx"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_kernels_compile_for_h100_without_spills() -> None:
     """The interpreter never lowers to PTX; this catches kernels that would fail to compile on the
