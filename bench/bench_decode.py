@@ -16,9 +16,9 @@ import argparse
 import random
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
+from bench.timing import replay_us
 from worker_svc.attention import triton_backend as tb
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
@@ -44,16 +44,7 @@ def timed(args: tuple, splits: int, **cfg: int) -> float:
     """Median µs of one decode_attention call replayed in a CUDA graph."""
     q, k, v, tables, lens = args
     out = torch.empty_like(q)
-
-    def run() -> None:
-        tb.decode_attention(q, k, v, tables, lens, 0.088, splits, out=out, **cfg)
-
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median")
+    return replay_us(lambda: tb.decode_attention(q, k, v, tables, lens, 0.088, splits, out=out, **cfg))
 
 
 def main() -> None:

@@ -14,38 +14,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
+from bench.timing import graph_us
 from worker_svc.layers import fused, gemv
 
 MIN_BYTES = 256 << 20  # weight copies cycled through: several times the 50 MB L2
-
-
-def per_call_us(calls: list[Callable[[], object]], ms: float = 20.0) -> float:
-    """Mean µs per call of `calls`, captured in order in one CUDA graph and replayed for about `ms`."""
-    for fn in calls[:2]:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(3, min(500, int(ms / start.elapsed_time(end))))
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
 def candidates() -> list[dict[str, int]]:
@@ -84,11 +61,11 @@ def row(name: str, prologue: int, weights: list[torch.Tensor], norm_w: torch.Ten
     (n, k), dt, dev = weights[0].shape, weights[0].dtype, weights[0].device
     x = torch.randn(1, 2 * k if prologue == gemv.SILU else k, dtype=dt, device=dev)
     res = torch.randn(1, k, dtype=dt, device=dev)
-    cublas = per_call_us([lambda w=w: F.linear(x[:, :k], w) for w in weights])
+    cublas = graph_us([lambda w=w: F.linear(x[:, :k], w) for w in weights])
     if prologue == gemv.NORM:
-        unfused = per_call_us([lambda w=w: F.linear(fused.add_rms_norm(x, res, norm_w, 1e-6)[0], w) for w in weights])
+        unfused = graph_us([lambda w=w: F.linear(fused.add_rms_norm(x, res, norm_w, 1e-6)[0], w) for w in weights])
     elif prologue == gemv.SILU:
-        unfused = per_call_us([lambda w=w: F.linear(fused.silu_and_mul(x), w) for w in weights])
+        unfused = graph_us([lambda w=w: F.linear(fused.silu_and_mul(x), w) for w in weights])
     else:
         unfused = cublas
     r = res if prologue == gemv.NORM else None
@@ -96,7 +73,7 @@ def row(name: str, prologue: int, weights: list[torch.Tensor], norm_w: torch.Ten
     def timed(cfg: dict[str, int] | None, first: int) -> float:
         xs = x if first == prologue else x[:, :k]
         try:
-            return per_call_us([lambda w=w: gemv.gemv(xs, w, first, r, norm_w, 1e-6, cfg) for w in weights])
+            return graph_us([lambda w=w: gemv.gemv(xs, w, first, r, norm_w, 1e-6, cfg) for w in weights])
         except OutOfResources:  # tiles too large for shared memory
             return float("inf")
 

@@ -4,14 +4,13 @@
 #   bench/gpu_suite.sh [LOG_DIR [STEP...]]   (from the repo root, on a machine with a GPU)
 #
 # Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
-# sweep is left out, being slow), a layer's matmuls against their floor (bench_blas.py), decode
-# attention by batch and row order (bench_decode.py), the decode-step profile at batch 256 and 1,
-# the timeline of a full-stack run (timeline.py), and the throughput benchmark (full stack,
-# in-process, single-request latency; the full stack again with four tokens a streamed message,
-# with the engine core in the scheduler process, and with an fp8 KV cache), and with two GPUs or
-# more the tensor-parallel checks and benchmarks (tp_*). STEPs pick some of them by name (default:
-# all). A failing step is reported and the rest still run; the exit status is that of the last
-# failure.
+# sweep is left out, being slow), decode attention by batch and row order (bench_decode.py), the
+# decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and the
+# throughput benchmark (full stack, in-process, single-request latency; the full stack again with
+# four tokens a streamed message, with the engine core in the scheduler process, and with an fp8 KV
+# cache), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
+# some of them by name (default: all). A failing step is reported and the rest still run; the exit
+# status is that of the last failure. docs/benchmarks.md says how to read the results.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
 shift || true
@@ -39,7 +38,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step kernels 300 python3 tests/gpu/check_kernels.py
 step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qwen3-0.6b/config.json
 step gemv 120 python3 bench/bench_gemv.py --no-sweep
-step blas 120 python3 bench/bench_blas.py
 step decode 150 python3 bench/bench_decode.py
 step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
@@ -50,7 +48,6 @@ step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
 # Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    step tp_all_reduce 150 python3 bench/bench_all_reduce.py --tp 2
     step tp_profile_256 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30
     step tp_profile_1 150 python3 bench/profile_step.py --tp 2 --batch 1 --context 512 --steps 30
     step tp_throughput_2 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2

@@ -21,7 +21,8 @@ import pstats
 import signal
 import time
 
-from bench.throughput import consume, cpu_seconds, full_stack, model_dir
+from bench.throughput import consume, full_stack, model_dir
+from bench.timing import cpu_seconds
 from bench.workload import standard
 from proto import worker_pb2 as wpb
 from scheduler_svc.engine import Engine, EngineConfig

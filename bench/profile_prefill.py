@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
 import time
 
 import torch
 
+from bench.timing import median
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState
@@ -80,8 +80,8 @@ def main() -> None:
         step()
     device = sum(ev.device_time_total for ev in prof.key_averages()) / 1e3
     what = f"prefill of {k} x {n} tokens + first tokens, with {len(decodes)} decodes"
-    print(f"{what}: launch (host) median {1e3 * statistics.median(launched):.2f} ms")
-    print(f"{what}, host + device: median {1e3 * statistics.median(times):.2f} ms")
+    print(f"{what}: launch (host) median {1e3 * median(launched):.2f} ms")
+    print(f"{what}, host + device: median {1e3 * median(times):.2f} ms")
     print(f"device time (profiler): {device:.2f} ms")
     print("host time of one such step, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(25)

@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 import torch.multiprocessing as mp
 
-from bench.timeline import copy_bandwidth
+from bench.timing import copy_bandwidth
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState

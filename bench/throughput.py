@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.make_model import write as write_model
+from bench.timing import cpu_seconds, median, print_results
 from bench.workload import Job, standard
 from client import AsyncClient
 from worker_svc.config import KV_CACHE_DTYPES
@@ -115,16 +115,10 @@ async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
             tpot.append((end - first) / (n - 1))
             per_token.append((end - start) / n)
     return {
-        "ttft_ms": 1e3 * statistics.median(ttft),
-        "tpot_ms": 1e3 * statistics.median(tpot),
-        "ms_per_token_incl_prefill": 1e3 * statistics.median(per_token),
+        "ttft_ms": 1e3 * median(ttft),
+        "tpot_ms": 1e3 * median(tpot),
+        "ms_per_token_incl_prefill": 1e3 * median(per_token),
     }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(pid: int) -> dict[str, int]:
@@ -277,10 +271,9 @@ def main() -> None:
         results["inproc_tok_s"] = n / secs
         print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
     print(f"\nworkload: {len(jobs)} requests, {total_prompt} prompt tokens, {sum(j.max_tokens for j in jobs)} output")
-    for k, v in results.items():
-        print(f"{k:>28}: {v:,.3f}")
     if "full_tok_s" in results and "inproc_tok_s" in results:
-        print(f"{'full / in-process':>28}: {results['full_tok_s'] / results['inproc_tok_s']:.3f}")
+        results["full / in-process"] = results["full_tok_s"] / results["inproc_tok_s"]
+    print_results(results)
 
 
 if __name__ == "__main__":

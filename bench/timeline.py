@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.timing import copy_bandwidth
 from bench.workload import Job
 
 KV_BYTES_PER_TOKEN = 28 * 2 * 8 * 128 * 2  # Qwen3-0.6B, bf16: layers x (K, V) x kv heads x head_dim
@@ -110,23 +111,6 @@ def report(steps: list[Step], bandwidth: float) -> None:
             f"{name:>22} {n:5d} {device:9.3f} {idle:7.3f} {device / n * 1e3:8.2f} {host:8.2f} {kv / n / 1e9:7.2f}"
             f" {floor:10.3f} {other:13.2f}"
         )
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second a device-to-device copy of 256 MiB moves (read + write): the floors' rate."""
-    import torch
-
-    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
 def as_worker(out: str, argv: list[str]) -> None:

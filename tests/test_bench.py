@@ -1,0 +1,36 @@
+"""The bench tools' shared harness on the CPU: its statistics against numpy, and every tool importing it."""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+import numpy as np
+import pytest
+
+from bench import timing
+
+TOOLS = ["throughput", "timeline", "host_overhead", "profile_step", "profile_prefill", "bench_decode", "bench_gemv"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_percentiles_match_numpy(n: int) -> None:
+    rng = random.Random(n)
+    values = [rng.expovariate(1.0) for _ in range(n)]
+    for q in (0, 1, 50, 90, 99, 100):
+        assert timing.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    assert timing.median(values) == pytest.approx(float(np.median(values)), rel=1e-12)
+    with pytest.raises(ValueError):
+        timing.percentile([], 50)
+
+
+def test_results_print_aligned(capsys: pytest.CaptureFixture[str]) -> None:
+    timing.print_results({"full_tok_s": 19915.25, "tpot_ms": 1.5})
+    assert capsys.readouterr().out == "full_tok_s: 19,915.250\n   tpot_ms: 1.500\n"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_imports(tool: str) -> None:
+    """The tools run on a GPU only; importing one checks its wiring to the harness and the services here."""
+    pytest.importorskip("triton")
+    assert callable(importlib.import_module(f"bench.{tool}").main)
