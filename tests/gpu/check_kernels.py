@@ -286,8 +286,8 @@ def report_rounding(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
       bit-equal on an H100, and RoPE with rstd 8 fp32 ulps off, simulated on the CPU, 99.9% in
       bf16 and 99.86% in fp16. The mean in ulps (printed) would be a weaker bound, as it depends
       on the data: the same misplaced rounding averages 0.04 ulps of the row scale in RoPE's rows
-      but 0.013 in silu's heavy-tailed ones. (qk_norm_rope once measured ~80% here on an H100: its
-      PTX fused RoPE's `round(a * b) - round(c * d)` into fma.rn.bf16; see fused._EXACT_ROUNDING.)
+      but 0.013 in silu's heavy-tailed ones. (The rounding it was built to catch: an FMA that fuses
+      RoPE's `round(a * b) - round(c * d)` into fma.rn.bf16; see fused._EXACT_ROUNDING.)
     """
     finite = bool(torch.isfinite(out).all())
     diff = out.float() - ref.float()

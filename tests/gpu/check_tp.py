@@ -8,7 +8,7 @@ turn, and checks that the first 32 tokens agree for at least 95% of prompts, thr
 and seeded T=0.8 (each rank draws from its vocabulary shard, and the ranks swap their best
 candidates), and seeded T=0.8 with top-k 50 (rank 0 gathers the logits and broadcasts its choice).
 It runs in float32: on random weights bf16 rounding alone decides greedy choices (transformers'
-own bf16 and fp32 runs agree on no prompt, docs/benchmarks.md), and each TP size sums partial
+own bf16 and fp32 runs agree on no prompt, docs/lab-notes.md), and each TP size sums partial
 products in another order. Exits 1 on failure.
 Throughput at each size: `python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp N`.
 """

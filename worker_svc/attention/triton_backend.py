@@ -321,8 +321,7 @@ class TritonBackend:
         splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
         # Each program norms and rotates its q before its first K/V load, about a µs in which it
         # streams nothing, and that is paid once per wave of programs. Past two waves (~4 programs
-        # an SM at once) it costs more than the launch it saves (H200, run AG in docs/benchmarks.md:
-        # a decode step at batch 256 2% slower, 128 even, 64 1% faster, 1 6% faster).
+        # an SM at once) it costs more than the launch it saves (docs/lab-notes.md has the steps timed).
         if num_seqs * num_kv_heads * splits > 2 * PROGRAMS_PER_SM * sms:
             return None
         q = qkv[:, : num_heads * head_dim].view(num_seqs, num_heads, head_dim)

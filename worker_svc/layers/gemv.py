@@ -81,7 +81,7 @@ def _gemv_kernel(
 
 def config(n: int, k: int, prologue: int) -> dict[str, int]:
     """Rows of W a program, K chunk and warps: the fastest of bench/bench_gemv.py's sweep on an H100
-    for each of Qwen3-0.6B's projections (docs/benchmarks.md)."""
+    for each of Qwen3-0.6B's projections (docs/lab-notes.md)."""
     if prologue == SILU:
         return {"BLOCK_N": 1, "BLOCK_K": 1024, "num_warps": 1}
     if prologue == NORM:
