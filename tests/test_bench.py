@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench import timing
+from tests.triton_interpreter import require_triton
 
 TOOLS = ["throughput", "timeline", "host_overhead", "profile_step", "profile_prefill", "bench_decode", "bench_gemv"]
 
@@ -32,5 +33,5 @@ def test_results_print_aligned(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tool_imports(tool: str) -> None:
     """The tools run on a GPU only; importing one checks its wiring to the harness and the services here."""
-    pytest.importorskip("triton")
+    require_triton()
     assert callable(importlib.import_module(f"bench.{tool}").main)

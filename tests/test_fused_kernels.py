@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.triton_interpreter import IN_INTERPRETER, build_for_h100, run_under_interpreter
+from tests.triton_interpreter import IN_INTERPRETER, build_for_h100, require_triton, run_under_interpreter
 from worker_svc.attention.backend import AttentionBackend
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.attention.torch_backend import TorchBackend
@@ -29,7 +29,7 @@ from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
 from worker_svc.models.arch import ModelArch
 from worker_svc.models.qwen3 import Qwen3Model
 
-pytest.importorskip("triton")
+require_triton()
 
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

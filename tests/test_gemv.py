@@ -13,11 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.triton_interpreter import IN_INTERPRETER, build_for_h100, fix_interpreter, run_under_interpreter
+from tests.triton_interpreter import (
+    IN_INTERPRETER,
+    build_for_h100,
+    fix_interpreter,
+    require_triton,
+    run_under_interpreter,
+)
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 
-pytest.importorskip("triton")
+require_triton()
 
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 EPS = 1e-6

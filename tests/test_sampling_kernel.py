@@ -13,11 +13,11 @@ import random
 import pytest
 import torch
 
-from tests.triton_interpreter import IN_INTERPRETER, fix_interpreter, ptxas_log, run_under_interpreter
+from tests.triton_interpreter import IN_INTERPRETER, fix_interpreter, ptxas_log, require_triton, run_under_interpreter
 from worker_svc.sampler import Sampler, report
 from worker_svc.seq_state import SamplingOptions, SeqState
 
-pytest.importorskip("triton")
+require_triton()
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 
 if IN_INTERPRETER:

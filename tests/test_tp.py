@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.runner_utils import PROMPTS, Blocks, generate, make_runner, new_seq, outputs
+from tests.triton_interpreter import require_triton
 from worker_svc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker_svc.seq_state import SamplingOptions
 
@@ -88,7 +89,7 @@ def _sampling_main(rank: int, port: int, world_size: int, model_dir: str, out: s
 def test_two_ranks_sample_as_one(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Temperature sampling at TP=2, where the ranks swap their shards' best candidates instead of
     gathering the logits, draws the tokens one process draws, on both ranks."""
-    pytest.importorskip("triton")
+    require_triton()
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks import triton fresh
     for world_size in (1, 2):
         args = (_free_port(), world_size, str(tiny_model_dir), str(tmp_path))

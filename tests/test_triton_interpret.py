@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import IN_INTERPRETER, fix_interpreter, ptxas_log, run_under_interpreter
+from tests.triton_interpreter import IN_INTERPRETER, fix_interpreter, ptxas_log, require_triton, run_under_interpreter
 from worker_svc.attention.metadata import AttnMetadata
 
-pytest.importorskip("triton")
+require_triton()
 
 needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
 
