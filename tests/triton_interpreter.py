@@ -75,7 +75,7 @@ def ptxas_log(ptx: str) -> str:
 
     try:
         tool = compiler.get_ptxas(90)
-    except TypeError:  # triton 3.6: one ptxas for every target
+    except TypeError:  # older triton: one ptxas for every target
         tool = compiler.get_ptxas()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ptx"
