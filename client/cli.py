@@ -1,14 +1,9 @@
-"""The `nanovllm` command: `serve` starts the scheduler and its workers here; `generate` streams."""
+"""The client's commands: `generate` streams a generation, `health` runs the standard health check."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,89 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.client import Client
 
 FINISH_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
-    """The command line of each rank's worker process, and the addresses they will serve on."""
-    tp = args.tensor_parallel_size
-    dist_port = free_port()
-    cmds, addrs = [], []
-    for rank in range(tp):
-        port = free_port()
-        cmd = [sys.executable, "-m", "worker_svc", "--model", args.model, "--port", str(port), "--rank", str(rank)]
-        cmd += ["--dist-port", str(dist_port), "--tensor-parallel-size", str(tp)]
-        cmd += ["--load-format", args.load_format, "--dtype", args.dtype, "--seed", str(args.seed)]
-        cmd += ["--kvcache-block-size", str(args.kvcache_block_size), "--kv-cache-dtype", args.kv_cache_dtype]
-        cmd += ["--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-        cmd += ["--attention-backend", args.attention_backend]
-        cmd += ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        # Ctrl-C reaches the workers too: they outwait the scheduler's drain, which closes their streams.
-        cmd += ["--shutdown-timeout", str(args.shutdown_timeout + 5)]
-        for flag, value in (
-            ("--device", args.device),
-            ("--max-model-len", args.max_model_len),
-            ("--num-kvcache-blocks", args.num_kvcache_blocks),
-        ):
-            if value is not None:
-                cmd += [flag, str(value)]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        cmds.append(cmd)
-        addrs.append(f"127.0.0.1:{port}")
-    return cmds, addrs
-
-
-async def _serve(args: argparse.Namespace, procs: list[subprocess.Popen], addrs: list[str]) -> int:
-    from scheduler_svc.server import Shutdown, engine_config, serve, serve_options
-
-    shutdown = Shutdown()
-    shutdown.install()
-
-    async def watch_workers() -> None:
-        while all(p.poll() is None for p in procs):
-            await asyncio.sleep(0.5)
-        dead = next(p for p in procs if p.poll() is not None)
-        print(f"nanovllm: a worker exited with code {dead.returncode}; stopping", file=sys.stderr, flush=True)
-        shutdown.now()  # nothing can finish without it: no drain
-
-    watcher = asyncio.create_task(watch_workers())
-    server = asyncio.create_task(serve(engine_config(args, addrs), serve_options(args), shutdown))
-    await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    shutdown.now()
-    watcher.cancel()
-    try:
-        await server
-    except Exception as e:
-        print(f"nanovllm: the scheduler failed: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 1 if any(p.poll() not in (None, 0, -signal.SIGTERM) for p in procs) else 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("nanovllm: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cmds, addrs = worker_commands(args)
-    procs = [subprocess.Popen(c) for c in cmds]
-    try:
-        return asyncio.run(_serve(args, procs, addrs))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -194,17 +106,8 @@ def add_connection_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--tls-server-name", help="name the server certificate must carry, if not the --addr host")
 
 
-def parser() -> argparse.ArgumentParser:
-    from scheduler_svc.flags import add_args as add_scheduler_args
-    from worker_svc.flags import add_args as add_worker_args
-
-    p = argparse.ArgumentParser(prog="nanovllm", description="nanovllm-grpc: serve and call an LLM over gRPC")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="start the scheduler and its worker process(es) on this machine")
-    add_scheduler_args(s)
-    add_worker_args(s)
-    s.set_defaults(func=cmd_serve)
-
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`generate` and `health`, for `nanovllm` and `nanovllm-client` alike."""
     g = sub.add_parser("generate", help="stream a generation from a running server")
     add_connection_args(g, 50051)
     src = g.add_mutually_exclusive_group(required=True)
@@ -232,11 +135,13 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="", help="service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=5.0)
     h.set_defaults(func=cmd_health)
-    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    """`nanovllm-client`: the client's commands alone, for an install without the server."""
+    p = argparse.ArgumentParser(prog="nanovllm-client", description="call a nanovllm-grpc server")
+    add_client_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
     sys.exit(args.func(args))
 
 

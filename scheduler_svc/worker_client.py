@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import grpc
 
+from nanovllm_grpc.process import STEP_STREAM_OPTIONS
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.messages import Sample
 from scheduler_svc.scheduler import Batch
 from scheduler_svc.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sample:
-    token_id: int
-    logprob: float | None = None
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
@@ -90,8 +83,7 @@ class WorkerGroup:
         if not addresses:
             raise ValueError("at least one worker address is needed")
         self.addresses = addresses
-        options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.channels = [grpc.aio.insecure_channel(a, options=STEP_STREAM_OPTIONS) for a in addresses]
         self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
         self.calls: list[grpc.aio.StreamStreamCall] = []
         self.info: wpb.WorkerInfo | None = None

@@ -61,7 +61,7 @@ def make_prompts(vocab: int, n: int, seed: int = 0, lo: int = 3, hi: int = 60) -
 
 @pytest.fixture(scope="module", params=[False, True], ids=["core-in-loop", "core-process"])
 def service(tiny_model_dir, request):
-    svc = Service(tiny_model_dir, engine={"core_process": request.param}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": request.param}, num_kv_blocks=256, block_size=16)
     yield svc
     svc.stop()
 
@@ -101,7 +101,7 @@ def test_prefix_cache_hit_keeps_outputs(service, hf, tok) -> None:
 
 
 def test_chunked_prefill_matches_transformers(tiny_model_dir, hf, tok) -> None:
-    svc = Service(tiny_model_dir, engine={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
     try:
         prompts = make_prompts(len(tok), 5, seed=1, lo=30, hi=80)
         got = run_concurrently(svc.addr, prompts, max_tokens=16, temperature=0.0)
@@ -171,7 +171,7 @@ def test_stream_interval_groups_tokens_and_keeps_outputs(tiny_model_dir, service
     prompt = make_prompts(len(tok), 1, seed=12)[0]
     with Client(service.addr) as c:
         ids, text, _ = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
-    svc = Service(tiny_model_dir, engine={"stream_interval": 4}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"stream_interval": 4}, num_kv_blocks=256, block_size=16)
     try:
         with Client(svc.addr) as c:
             g_ids, g_text, msgs = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
