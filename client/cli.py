@@ -3,39 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import Client
+from client.client import Client, generate_request
+from client.types import Output
 
-FINISH_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
+
+def token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-token-ids takes comma-separated integers, got {text!r}") from None
+
+
+def as_json(out: Output) -> dict[str, Any]:
+    msg: dict[str, Any] = {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}
+    if out.logprobs:
+        msg["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in out.logprobs]
+    if out.usage is not None:
+        msg["usage"] = dataclasses.asdict(out.usage)
+    return msg
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt: str | list[int] | None = args.prompt
-    if args.prompt_token_ids is not None:
-        prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
     messages = None
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.chat})
-    kwargs = {
+    sampling = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "min_p": args.min_p,
         "seed": args.seed,
-        "stop": args.stop or None,
-        "stop_token_ids": args.stop_token_ids,
+        "stop": args.stop or (),
+        "stop_token_ids": args.stop_token_ids or (),
         "min_tokens": args.min_tokens,
-        "ignore_eos": args.ignore_eos or None,
+        "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
     }
+    try:
+        prompt = token_ids(args.prompt_token_ids) if args.prompt_token_ids is not None else args.prompt
+        request = generate_request(prompt, messages=messages, **sampling)  # checks what the wire can carry
+    except ValueError as e:  # said as the server says what it refuses
+        print(f"nanovllm: INVALID_ARGUMENT: {e}", file=sys.stderr)
+        return 1
     try:
         with Client(args.addr, channel(args)) as client:
             if args.wait:
@@ -44,31 +64,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 except grpc.FutureTimeoutError:
                     print(f"nanovllm: no server answered at {args.addr} within {args.wait} s", file=sys.stderr)
                     return 1
-            for msg in client.generate(prompt, messages=messages, **kwargs):
+            for out in client.stream(request):
                 if args.json:
-                    out = {
-                        "token_ids": list(msg.token_ids),
-                        "text": msg.text,
-                        "finish_reason": FINISH_NAMES[msg.finish_reason],
-                    }
-                    if msg.logprobs:
-                        out["logprobs"] = [
-                            {
-                                "token_id": lp.token_id,
-                                "logprob": lp.logprob,
-                                "top": {t.token_id: t.logprob for t in lp.top},
-                            }
-                            for lp in msg.logprobs
-                        ]
-                    if msg.HasField("usage"):
-                        out["usage"] = {
-                            "prompt_tokens": msg.usage.prompt_tokens,
-                            "completion_tokens": msg.usage.completion_tokens,
-                            "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
-                        }
-                    print(json.dumps(out, ensure_ascii=False), flush=True)
+                    print(json.dumps(as_json(out), ensure_ascii=False), flush=True)
                 else:
-                    print(msg.text, end="", flush=True)
+                    print(out.text, end="", flush=True)
         if not args.json:
             print()
     except grpc.RpcError as e:
