@@ -86,7 +86,10 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics over HTTP on a background thread; returns the bound port."""
-        self._http, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         return self._http.server_port
 
     def close(self) -> None:

@@ -8,12 +8,14 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nanovllm_grpc import __version__
 from nanovllm_grpc.process import settle_heap
 from nanovllm_grpc.settings import add_flags, build
 from proto import generate_pb2 as pb
@@ -118,8 +120,10 @@ async def serve(config: SchedulerConfig, shutdown: Shutdown | None = None) -> No
         shutdown.install()
     server = SchedulerServer(config)
     requested = asyncio.ensure_future(shutdown.requested.wait())
+    started = time.monotonic()
     try:
         await server.listen()
+        log.info("nanovllm-grpc %s scheduler for %s on %s:%d", __version__, config.model, config.host, server.port)
         connect = asyncio.ensure_future(server.connect())
         await asyncio.wait({connect, requested}, return_when=asyncio.FIRST_COMPLETED)
         if not connect.done():  # asked to stop while the workers were still loading
@@ -129,6 +133,13 @@ async def serve(config: SchedulerConfig, shutdown: Shutdown | None = None) -> No
             return
         connect.result()
         settle_heap()  # this process's own; library users of SchedulerServer keep their GC settings
+        info = server.engine.info
+        assert info is not None
+        log.info(
+            "model %r: max model len %d, KV cache %d blocks of %d = %d tokens over %d rank(s); ready in %.1f s",
+            config.model_name, info.max_model_len, info.num_blocks, info.block_size,
+            info.num_blocks * info.block_size, info.world_size, time.monotonic() - started,
+        )  # fmt: skip
         where = f"{config.host}:{server.port}"
         if server.metrics_port is not None:
             where += f" (metrics on http://{config.host}:{server.metrics_port}/metrics)"
@@ -161,5 +172,5 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(serve(config))
-    except WorkerUnavailable as e:
+    except (WorkerUnavailable, OSError) as e:  # OSError: a port it cannot take
         sys.exit(f"nanovllm scheduler: {e}")

@@ -95,18 +95,26 @@ class WorkerGroup:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         infos = []
+        log.info("waiting for %d worker(s): %s", len(self.addresses), ", ".join(self.addresses))
         for addr, stub in zip(self.addresses, self.stubs, strict=True):
+            said = loop.time()
             while True:
                 try:
                     info = await stub.Describe(wpb.DescribeRequest(), timeout=5.0, wait_for_ready=True)
                     if info.ready:
                         break
+                    why = "loading its model"
                 except grpc.aio.AioRpcError as e:
                     if loop.time() > deadline:
                         raise WorkerUnavailable(f"worker {addr} did not answer: {e.details()}") from e
+                    why = "not answering yet"
                 if loop.time() > deadline:
                     raise WorkerUnavailable(f"worker {addr} did not become ready in {timeout:.0f} s")
+                if loop.time() - said > 30:
+                    log.info("still waiting for worker %s: %s", addr, why)
+                    said = loop.time()
                 await asyncio.sleep(0.2)
+            log.info("worker %s is ready (rank %d of %d)", addr, info.rank, info.world_size)
             infos.append(info)
         ranks = sorted(i.rank for i in infos)
         if ranks != list(range(len(infos))) or any(i.world_size != len(infos) for i in infos):

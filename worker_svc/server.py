@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nanovllm_grpc import __version__
 from nanovllm_grpc.process import STEP_STREAM_OPTIONS, settle_heap
 from nanovllm_grpc.settings import add_flags, build
 from proto import worker_pb2 as wpb
@@ -78,6 +79,27 @@ class WorkerServer:
         self.server.stop(grace).wait()
 
 
+def log_ready(runner: ModelRunner, seconds: float) -> None:
+    """What a vLLM user looks for in the start-up log: what runs where, and how much fits."""
+    cfg = runner.config
+    cache_gib = runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30
+    tokens = runner.num_kv_blocks * runner.block_size
+    log.info(
+        "model %s, dtype %s, device %s, attention backend %s",
+        cfg.model,
+        runner.dtype,
+        runner.device,
+        runner.model_backend,
+    )
+    log.info(
+        "KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB (%s); max model len %d",
+        runner.num_kv_blocks, runner.block_size, tokens, cache_gib, runner.cache_dtype, runner.max_model_len,
+    )  # fmt: skip
+    graphs = ", ".join(map(str, runner.graphs.sizes)) if runner.graphs is not None else "none (eager)"
+    log.info("CUDA graph batch sizes: %s", graphs)
+    log.info("ready in %.1f s", seconds)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker_svc", description="nanovllm worker (one rank)")
     add_flags(p, WorkerConfig, "worker")
@@ -85,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()
     p = parser()
     args = p.parse_args(argv)
     try:
@@ -93,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{config.rank}] %(levelname)s %(message)s")
     rank = config.rank
+    log.info(
+        "nanovllm-grpc %s worker rank %d of %d (pid %d)", __version__, rank, config.tensor_parallel_size, os.getpid()
+    )
     servicer = WorkerServicer(rank, config.tensor_parallel_size, config.device or "")
     server = WorkerServer(servicer, config.host, config.port)
     stop, force = threading.Event(), threading.Event()
@@ -120,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"nanovllm worker rank {rank}: {e}")
         server.ready(runner)
         settle_heap()
+        log_ready(runner, time.monotonic() - started)
         print(f"nanovllm worker rank {rank} ready on {config.host}:{server.port} (pid {os.getpid()})", flush=True)
         stop.wait()
         log.info("draining: waiting up to %g s for the scheduler to disconnect", config.shutdown_timeout)
