@@ -29,8 +29,9 @@ def setting(
     choices: tuple[Any, ...] | None = None,
     parse: Callable[[str], Any] | None = None,
 ) -> Any:
-    """A config field and its flag. `flag` names a switch that turns a True default off (`--no-x`);
-    `parse` reads a value whose type argparse cannot (a list); a None default's help says what None means."""
+    """A config field and its flag. `flag`: the flag's name where it is not the field's (`--no-x` for a
+    switch that turns a True default off); `parse` reads what argparse cannot (a comma-separated list);
+    the help of a None default says what None means."""
     meta = {_HELP: help, _FLAG: flag, _CHOICES: choices, _PARSE: parse}
     return dataclasses.field(default=default, metadata=meta)
 
@@ -91,12 +92,12 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
     return cls(**kw)
 
 
-def to_argv(config: Any, skip: tuple[str, ...] = ()) -> list[str]:
+def to_argv(config: Any) -> list[str]:
     """The flags that rebuild `config` in another process: every setting not at its default."""
     argv: list[str] = []
     for path, f, kind in fields(type(config)):
         value = functools.reduce(getattr, (*path, f.name), config)
-        if f.name in skip or value == f.default:
+        if value == f.default:
             continue
         if kind is bool:
             argv.append(flag_name(f))

@@ -57,18 +57,18 @@ class SchedulerServer:
 
     async def listen(self) -> int:
         """Opens the public port (and metrics) at once, so health checks see NOT_SERVING while workers load."""
-        o = self.config
+        cfg = self.config
         for service in ("", GENERATION):
             await self.health.set(service, NOT_SERVING)
-        address = f"{o.host}:{o.port}"
-        if o.tls_cert is None or o.tls_key is None:
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is None or cfg.tls_key is None:
             self.port = self.server.add_insecure_port(address)
         else:
-            key_cert = (Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())
+            key_cert = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
             self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
         await self.server.start()
-        if o.metrics_port is not None:
-            self.metrics_port = self.engine.metrics.serve(o.host, o.metrics_port)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.engine.metrics.serve(cfg.host, cfg.metrics_port)
         return self.port
 
     async def connect(self) -> None:
