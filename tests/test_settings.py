@@ -79,6 +79,7 @@ def test_no_prefix_caching_reaches_the_block_manager(tiny_model_dir: Path) -> No
         ("scheduler_svc", ["--model", "/no/such/dir", "--workers", "w:1"], "model directory '/no/such/dir' does not"),
         ("scheduler_svc", ["--workers", "w:1", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
         ("worker_svc", ["--model", "/no/such/dir"], "model must be a directory holding config.json"),
+        ("nanovllm_grpc", ["serve", "--model", "/no/such/dir"], "model must be a directory holding config.json"),
         ("worker_svc", ["--rank", "2", "--tensor-parallel-size", "2"], r"rank must be in \[0, 2\)"),
     ],
 )
