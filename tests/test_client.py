@@ -1,5 +1,6 @@
 """The client library: light (grpc and the protos only), typed, and clear about bad values before
-anything reaches the wire."""
+anything reaches the wire. Also the scheduler's layout: its metrics import neither its engine nor
+the worker transport."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def test_client_imports_neither_the_services_nor_torch() -> None:
     top = {name.split(".")[0] for name in out.stdout.split()}
     assert {"client", "proto", "grpc"} <= top
     assert not top & {"torch", "transformers", "scheduler_svc", "worker_svc", "nanovllm_grpc", "numpy"}
+
+
+def test_metrics_and_messages_stand_apart_from_the_engine_and_the_worker_transport() -> None:
+    code = "import sys, scheduler_svc.metrics, scheduler_svc.status; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(out.stdout.split())
+    assert "scheduler_svc.messages" in loaded
+    assert not loaded & {"scheduler_svc.engine", "scheduler_svc.worker_client", "grpc", "torch"}
 
 
 def test_client_package_builds_a_light_wheel(tmp_path: Path) -> None:
