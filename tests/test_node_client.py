@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,15 @@ def test_node_rejects_values_the_api_cannot_carry(node, flag: str, value: str) -
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"nanovllm: {flag} must be "), out.stderr
     assert json.dumps(value) in out.stderr
+
+
+def test_node_takes_the_python_clis_generate_flags(node) -> None:
+    """Those it leaves out are connection details: system-root TLS, a server-name override, waiting for a server."""
+    flags = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+    python_help = subprocess.run(
+        [sys.executable, "-m", "client.cli", "generate", "--help"], capture_output=True, text=True, timeout=60
+    )
+    node_help = run(node, "--help")
+    assert python_help.returncode == 0 and node_help.returncode == 0, python_help.stderr + node_help.stderr
+    missing = set(flags.findall(python_help.stdout)) - set(flags.findall(node_help.stdout))
+    assert missing == {"--tls", "--tls-server-name", "--wait"}

@@ -16,29 +16,30 @@ const protoLoader = require("@grpc/proto-loader");
 const PROTO = path.join(__dirname, "..", "..", "proto", "generate.proto");
 
 // As `nanovllm generate`: flags marked `multiple` take several values (`--stop-token-ids 5 6`), repeated
-// flags add to them, and comma-separated ids are split.
-const OPTIONS = {
-  addr: { type: "string", default: "127.0.0.1:50051" },
-  prompt: { type: "string" },
-  "prompt-token-ids": { type: "string" }, // comma-separated
-  chat: { type: "string" }, // a user message, rendered with the model's chat template
-  system: { type: "string" }, // a system message before --chat
-  "max-tokens": { type: "string" },
-  temperature: { type: "string" },
-  "top-p": { type: "string" },
-  "top-k": { type: "string" },
-  "min-p": { type: "string" },
-  seed: { type: "string" },
-  stop: { type: "string", multiple: true }, // stop strings
-  "stop-token-ids": { type: "string", multiple: true },
-  "min-tokens": { type: "string" },
-  "ignore-eos": { type: "boolean", default: false },
-  logprobs: { type: "string" }, // top logprobs per token
-  timeout: { type: "string" }, // seconds: the call's deadline
-  "tls-ca": { type: "string" }, // PEM CA certificate: connect with TLS
-  json: { type: "boolean", default: false }, // one JSON object per streamed message
-  help: { type: "boolean", default: false },
+// flags add to them, and comma-separated ids are split. `help` is this script's own, for --help.
+const FLAGS = {
+  addr: { type: "string", default: "127.0.0.1:50051", help: "server address (default: 127.0.0.1:50051)" },
+  prompt: { type: "string", help: "a text prompt" },
+  "prompt-token-ids": { type: "string", help: "comma-separated token ids" },
+  chat: { type: "string", help: "a user message, rendered with the model's chat template" },
+  system: { type: "string", help: "a system message before --chat" },
+  "max-tokens": { type: "string", help: "tokens to generate at most (default: the server's, 16)" },
+  temperature: { type: "string", help: "0: greedy (default: the server's, 1.0)" },
+  "top-p": { type: "string", help: "nucleus share, in (0, 1] (default: the server's, 1.0)" },
+  "top-k": { type: "string", help: "best k tokens only; 0 or -1: all (default: the server's, 0)" },
+  "min-p": { type: "string", help: "drop tokens below min-p x the best's probability (default: 0)" },
+  seed: { type: "string", help: "makes sampling reproducible, 0 to 2^64-1 (default: none)" },
+  stop: { type: "string", multiple: true, help: "stop strings, left out of the text (default: none)" },
+  "stop-token-ids": { type: "string", multiple: true, help: "stop tokens, kept in the output (default: none)" },
+  "min-tokens": { type: "string", help: "no EOS or stop token before this many (default: 0)" },
+  "ignore-eos": { type: "boolean", default: false, help: "generate --max-tokens whatever the model says" },
+  logprobs: { type: "string", help: "top logprobs per token, with --json (default: 0, none)" },
+  timeout: { type: "string", help: "seconds: the call's deadline (default: none)" },
+  "tls-ca": { type: "string", help: "connect with TLS, trusting this PEM CA certificate" },
+  json: { type: "boolean", default: false, help: "one JSON object per streamed message, as nanovllm generate --json" },
+  help: { type: "boolean", default: false, help: "show this help" },
 };
+const OPTIONS = Object.fromEntries(Object.entries(FLAGS).map(([name, { help, ...option }]) => [name, option]));
 
 // The proto field each numeric flag sets, and the range its type can carry; the server checks the rest
 // (e.g. max_tokens >= 1) and answers INVALID_ARGUMENT with its own message.
@@ -59,8 +60,11 @@ const FINISH_NAMES = {
 };
 
 function usage() {
-  const flags = Object.keys(OPTIONS).map((k) => `--${k}`).join(" ");
-  return `usage: node generate.js (--prompt TEXT | --prompt-token-ids 1,2,3 | --chat TEXT) [flags]\nflags: ${flags}`;
+  const lines = Object.entries(FLAGS).map(([name, { type, multiple, help }]) => {
+    const value = type === "string" ? (multiple ? " V [V ...]" : " V") : "";
+    return `  --${(name + value).padEnd(26)} ${help}`;
+  });
+  return ["usage: node generate.js (--prompt TEXT | --prompt-token-ids 1,2,3 | --chat TEXT) [flags]", ...lines].join("\n");
 }
 
 // An integer flag's value as a decimal string (exact for 64-bit seeds), or an error naming the flag and range.
