@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -30,6 +30,9 @@ CORPUS = [
 
 
 def build_tokenizer(out: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -52,6 +55,10 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast
 
 def build_tiny_qwen3(out: Path, *, tie: bool = True, seed: int = 0, num_kv_heads: int = 2) -> Path:
     """Writes a tiny random Qwen3 (float32) and its tokenizer to `out`; returns `out`."""
+    # Imported here, not at the top, so that `python -m tests.tiny_model --help` answers at once.
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     config = Qwen3Config(
