@@ -74,7 +74,9 @@ class Logprob:
     top: dict[int, float]  # the most likely tokens' logprobs, best first
 
 
-@dataclass(frozen=True)
+# Not frozen: a client streaming hundreds of requests builds one per message, and a frozen
+# dataclass's __init__ costs several times a plain one's.
+@dataclass(slots=True)
 class Output:
     """One streamed message: the tokens and text new since the last one."""
 
