@@ -16,12 +16,13 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
-from worker_svc.jit_watch import CompileWatch
+from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.layers.parallel import all_gather
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
+from worker_svc.models.regions import Regions
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
@@ -62,6 +63,9 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
+        self.compiled = compile_default(config.device) if config.compile is None else config.compile
+        if self.compiled:
+            self.model.use_regions(Regions.build(compiled=True))
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.
@@ -69,6 +73,8 @@ class ModelRunner:
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: DecodeGraphs | None = None  # captured once the cache exists
+        if self.compiled:
+            self._warm_up_compile()
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
@@ -81,6 +87,9 @@ class ModelRunner:
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             self.compiles.install()
+        self.graph_compiles = GraphWatch()  # and so does a torch.compile one
+        if self.compiled:
+            self.graph_compiles.install()
 
     def run(self, seqs: list[SeqState], num_tokens: list[int]) -> list[Sampled]:
         """Computes num_tokens[i] more tokens of seqs[i] from seq.num_computed on, storing their K/V
@@ -201,6 +210,16 @@ class ModelRunner:
         for seq in seqs:
             self.release(seq)
 
+    def _warm_up_compile(self) -> None:
+        """Steps of 1, 2 and 3 tokens, before the cache exists, so torch.compile compiles every region
+        now: once for one token (a size dynamo always specialises on) and, having seen the count vary,
+        once for any other count. Inductor keeps what it built in its cache on disk
+        (TORCHINDUCTOR_CACHE_DIR, else a folder in the temp dir): a restart only traces again."""
+        for n in (1, 2, 3):
+            seq = SeqState(0, [0] * n, n, 0, [0] * -(-n // self.block_size), SamplingOptions())
+            self.run([seq], [n])
+            self.release(seq)
+
     def _compile_prefill(self) -> None:
         """Runs one of each prefill shape the kernels specialise on (from scratch or after a cached
         prefix, each with 16-, 64- and 128-row query tiles; decode rows mixed with a chunk; a single
@@ -219,6 +238,11 @@ class ModelRunner:
             self.run(seqs, counts)
         for seq in (a, b, c):
             self.release(seq)
+
+
+def compile_default(device: str) -> bool:
+    """Whether --compile is on by default on this device: where it measured faster (docs/benchmarks.md)."""
+    return False
 
 
 def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:

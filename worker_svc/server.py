@@ -50,6 +50,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        compile=args.compile,
         attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
