@@ -65,7 +65,7 @@ class ModelRunner:
         self.model.eval()
         self.compiled = compile_default(config.device) if config.compile is None else config.compile
         if self.compiled:
-            self.model.use_regions(Regions.build(compiled=True))
+            self.model.use_regions(Regions.compiled())
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.

@@ -65,15 +65,13 @@ def final_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ep
 
 @dataclass(frozen=True)
 class Regions:
-    """The three regions, compiled or as written."""
+    """The three regions, each as written or compiled."""
 
     attn_in: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     mlp_in: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     final_norm: Callable[..., torch.Tensor]
 
     @classmethod
-    def build(cls, compiled: bool) -> Regions:
-        if not compiled:
-            return cls(attn_in, mlp_in, final_norm)
+    def compiled(cls) -> Regions:
         # fullgraph: a graph break would split a region and bring eager ops back between its parts.
         return cls(*(torch.compile(f, fullgraph=True) for f in (attn_in, mlp_in, final_norm)))

@@ -1,0 +1,81 @@
+"""--compile: the decoder layers' regions compiled by torch.compile give transformers' greedy tokens,
+like the eager layers, and nothing compiles after the runner's start-up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.runner_utils import BLOCK_SIZE, PROMPTS, Blocks, generate, hf_greedy, hf_model, make_runner, new_seq, outputs
+from worker_svc.batch import prepare
+from worker_svc.jit_watch import GraphWatch
+from worker_svc.model_runner import ModelRunner
+from worker_svc.models.regions import Regions, attn_in, final_norm, mlp_in
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model_dir: Path) -> ModelRunner:
+    return make_runner(tiny_model_dir, compile=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> list[list[int]]:
+    hf = hf_model(tiny_model_dir)
+    return [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_compiled_and_eager_greedy_match_hf(
+    tiny_model_dir: Path, compiled: ModelRunner, reference: list[list[int]], chunk: int | None
+) -> None:
+    # chunk 3: prompts end their prefill at different steps, so steps mix chunks and decodes.
+    eager = make_runner(tiny_model_dir, compile=False)
+    assert compiled.compiled and not eager.compiled
+    for runner in (eager, compiled):
+        blocks = Blocks()
+        seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW) for i, p in enumerate(PROMPTS)]
+        generate(runner, seqs, MAX_NEW, chunk)
+        assert [outputs(s) for s in seqs] == reference
+        for seq in seqs:
+            runner.release(seq)
+    assert compiled.graph_compiles.count == 0  # every token count was compiled at start-up
+
+
+def test_no_compile_after_start_up(compiled: ModelRunner) -> None:
+    # Token counts the warm-up never ran (a long prefill, a batch of decodes): a recompile raises here.
+    blocks = Blocks()
+    prompt = list(range(3, 103))
+    seqs = [new_seq(i, prompt[: 20 + 23 * i], blocks, 100) for i in range(4)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate(compiled, seqs, 3)
+    assert compiled.graph_compiles.count == 0
+    for seq in seqs:
+        compiled.release(seq)
+
+
+def test_regions_as_written_equal_the_layers(tiny_model_dir: Path) -> None:
+    # The regions are the same arithmetic as the layers' own torch path, bit for bit in float32:
+    # whatever the compiled ones change is the compiler's.
+    runner = make_runner(tiny_model_dir)
+    blocks = Blocks()
+    seqs = [new_seq(i, p, blocks, len(p)) for i, p in enumerate(PROMPTS)]
+    batch = prepare(seqs, [len(p) for p in PROMPTS], BLOCK_SIZE, runner.max_model_len, runner.device)
+    with torch.inference_mode():
+        layers = runner.model(batch.input_ids, batch.positions, batch.meta)
+        runner.model.use_regions(Regions(attn_in, mlp_in, final_norm))
+        regions = runner.model(batch.input_ids, batch.positions, batch.meta)
+    assert torch.equal(layers, regions)
+
+
+def test_graph_watch_logs_each_compile(caplog: pytest.LogCaptureFixture) -> None:
+    watch = GraphWatch()
+    with caplog.at_level(logging.WARNING, logger="worker_svc.jit_watch"):
+        watch.after(SimpleNamespace(compile_id="0/3"))
+    assert watch.count == 1
+    assert "after start-up" in caplog.records[0].getMessage() and "0/3" in caplog.records[0].getMessage()
