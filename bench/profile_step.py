@@ -76,7 +76,7 @@ def profile(rank: int, args: argparse.Namespace) -> None:
         print(f"rank 0 of {args.tp}: model runner built in {time.perf_counter() - start:.1f} s", flush=True)
     for bs in batches:
         profile_batch(runner, rank, bs, blocks_per, args)
-    if rank == 0 and args.compile:
+    if rank == 0 and runner.compiled:
         print(f"torch.compile graphs compiled after start-up: {runner.graph_compiles.count}")
 
 
