@@ -3,14 +3,18 @@ like the eager layers, and nothing compiles after the runner's start-up."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tests.runner_utils import BLOCK_SIZE, PROMPTS, Blocks, generate, hf_greedy, hf_model, make_runner, new_seq, outputs
+from tests.test_tp import _free_port
 from worker_svc.batch import prepare
 from worker_svc.jit_watch import GraphWatch
 from worker_svc.model_runner import ModelRunner
@@ -57,6 +61,26 @@ def test_no_compile_after_start_up(compiled: ModelRunner) -> None:
     assert compiled.graph_compiles.count == 0
     for seq in seqs:
         compiled.release(seq)
+
+
+def _rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)  # two ranks on two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        runner = make_runner(Path(model_dir), rank, 2, compile=True)
+        blocks = Blocks()
+        seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW) for i, p in enumerate(PROMPTS)]
+        generate(runner, seqs, MAX_NEW, chunk=5)
+        Path(out, f"rank{rank}.json").write_text(json.dumps([outputs(s) for s in seqs]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_compiled_ranks_match_hf(tiny_model_dir: Path, reference: list[list[int]], tmp_path: Path) -> None:
+    # The all-reduces stay outside the compiled regions, so the sharded layers compile alike.
+    mp.spawn(_rank_main, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == reference
 
 
 def test_regions_as_written_equal_the_layers(tiny_model_dir: Path) -> None:
