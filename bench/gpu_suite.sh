@@ -52,9 +52,9 @@ step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --m
 # Online serving: Poisson arrivals of the standard prompts at several rates (bench/serve.py).
 step serve 400 python3 -m bench.serve --model bench/qwen3-0.6b --rates 8,16,32,64
 # torch.compile's regions (--compile) against our fused kernels, the same runs both ways (steps compile_*).
-step compile_profile_fused 200 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30 --no-compile
+step compile_profile_fused 200 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30
 step compile_profile 300 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30 --compile
-step compile_throughput_fused 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency --no-compile
+step compile_throughput_fused 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency
 step compile_throughput 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency --compile
 # Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="the worker's --compile")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -76,7 +76,7 @@ def profile(rank: int, args: argparse.Namespace) -> None:
         print(f"rank 0 of {args.tp}: model runner built in {time.perf_counter() - start:.1f} s", flush=True)
     for bs in batches:
         profile_batch(runner, rank, bs, blocks_per, args)
-    if rank == 0 and runner.compiled:
+    if rank == 0 and args.compile:
         print(f"torch.compile graphs compiled after start-up: {runner.graph_compiles.count}")
 
 

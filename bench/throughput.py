@@ -55,8 +55,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
     if args.enforce_eager:
         flags.append("--enforce-eager")
-    if args.compile is not None:
-        flags.append("--compile" if args.compile else "--no-compile")
+    if args.compile:
+        flags.append("--compile")
     if args.no_core_process:
         flags.append("--no-core-process")
     return flags
@@ -241,7 +241,7 @@ def add_server_args(p: argparse.ArgumentParser, max_num_batched_tokens: int, mod
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="the worker's --compile")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")
 

@@ -52,8 +52,8 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
                 cmd += [flag, str(value)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
-        if args.compile is not None:
-            cmd.append("--compile" if args.compile else "--no-compile")
+        if args.compile:
+            cmd.append("--compile")
         cmds.append(cmd)
         addrs.append(f"127.0.0.1:{port}")
     return cmds, addrs

@@ -40,7 +40,7 @@ def test_compiled_and_eager_greedy_match_hf(
 ) -> None:
     # chunk 3: prompts end their prefill at different steps, so steps mix chunks and decodes.
     eager = make_runner(tiny_model_dir, compile=False)
-    assert compiled.compiled and not eager.compiled
+    assert compiled.config.compile and not eager.config.compile
     for runner in (eager, compiled):
         blocks = Blocks()
         seqs = [new_seq(i, p, blocks, len(p) + MAX_NEW) for i, p in enumerate(PROMPTS)]

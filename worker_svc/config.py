@@ -39,9 +39,9 @@ class WorkerConfig:
     kv_cache_memory_gb: float = 1.0  # KV cache budget in GiB on cpu
     gpu_memory_utilization: float = 0.9  # share of the GPU this worker may fill on cuda
     enforce_eager: bool = False  # True: never capture CUDA graphs
-    # torch.compile the decoder layers' regions (models/regions.py) in place of our fused kernels;
-    # None: the faster on this device (model_runner.compile_default).
-    compile: bool | None = None
+    # torch.compile the decoder layers' regions (models/regions.py) in place of our fused kernels.
+    # Off: on the CPU it saved nothing (the matmuls are the step) and costs start-up time.
+    compile: bool = False
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     seed: int = 0

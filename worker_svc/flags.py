@@ -20,12 +20,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget on cpu")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the decoder layers in place of our fused kernels (default: the faster on the device)",
-    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers, not our fused kernels")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "flash-attn"))
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

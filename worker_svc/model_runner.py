@@ -63,8 +63,7 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
-        self.compiled = compile_default(config.device) if config.compile is None else config.compile
-        if self.compiled:
+        if config.compile:
             self.model.use_regions(Regions.compiled())
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
@@ -73,7 +72,7 @@ class ModelRunner:
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: DecodeGraphs | None = None  # captured once the cache exists
-        if self.compiled:
+        if config.compile:
             self._warm_up_compile()
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
@@ -88,7 +87,7 @@ class ModelRunner:
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             self.compiles.install()
         self.graph_compiles = GraphWatch()  # and so does a torch.compile one
-        if self.compiled:
+        if config.compile:
             self.graph_compiles.install()
 
     def run(self, seqs: list[SeqState], num_tokens: list[int]) -> list[Sampled]:
@@ -238,11 +237,6 @@ class ModelRunner:
             self.run(seqs, counts)
         for seq in (a, b, c):
             self.release(seq)
-
-
-def compile_default(device: str) -> bool:
-    """Whether --compile is on by default on this device: where it measured faster (docs/benchmarks.md)."""
-    return False
 
 
 def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:

@@ -90,7 +90,7 @@ def main() -> int:
     p.add_argument("--config", default="../shared/models/qwen3-0.6b/config.json")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="the worker's --compile")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     args = p.parse_args()
     ckpt = Path("/tmp/qwen3-0.6b-random")
     t0 = time.time()
