@@ -34,7 +34,7 @@ import numpy as np
 from bench.throughput import TEMPERATURE, add_server_args, model_dir, serve_flags, start_server
 from bench.workload import Job, standard
 from client import AsyncClient
-from client.cli import free_port
+from nanovllm_grpc.launch import free_port
 
 Stream = Callable[[Job], AsyncIterator[int]]  # a request's streamed messages, as their token counts
 
