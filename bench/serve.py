@@ -6,15 +6,17 @@
 
 At each rate the standard workload's requests (bench/workload.py: token-id prompts, temperature
 0.6, ignore_eos) are sent at Poisson arrival times (seed 0), all streamed: through the gRPC API, or
-as streamed /v1/completions with the openai package. Each rate's prompts start with their own
-first token, so no rate finds another's prompts in the prefix cache. First, a few requests one at
-a time (at most 256 output tokens each) give the idle time per output token (TPOT).
---max-prompt and --max-tokens shrink the workload for a quick run. Per rate it prints the time to first token
-(TTFT), the inter-token latency (ITL: the gaps between a request's streamed messages, one token
-each unless the server merges them), end-to-end latency (p50, p90, p99), the worst gap, and how
-busy the worker was (step time over wall time, from the server's Prometheus metrics, when known);
-then the highest rate whose p99 TTFT stays under 1 s, and, at the rate nearest 80% busy, p99 ITL
-against 3x the idle TPOT.
+as streamed /v1/completions with the openai package; `--text-with DIR` sends the prompts as text
+decoded with that tokenizer, for servers that take no token ids (the smg gateway). Each rate's
+prompts start with their own first token, so no rate finds another's prompts in the prefix cache.
+First, a few requests one at a time (at most 256 output tokens each) give the idle time per output
+token (TPOT); --max-prompt and --max-tokens shrink the workload for a quick run.
+
+Per rate it prints the time to first token (TTFT), the inter-token latency (ITL: the gaps between a
+request's streamed messages, one token each unless the server merges them), TPOT and end-to-end
+latency (p50, p90, p99), the worst gap, and how busy the worker was (step time over wall time, from
+the server's Prometheus metrics, when known); then the highest rate whose p99 TTFT stays under 1 s,
+and, at the rate nearest 80% busy, p99 ITL against 3x the idle TPOT.
 """
 
 from __future__ import annotations
@@ -36,7 +38,18 @@ from bench.workload import Job, standard
 from client import AsyncClient
 from nanovllm_grpc.launch import free_port
 
-Stream = Callable[[Job], AsyncIterator[int]]  # a request's streamed messages, as their token counts
+
+@dataclass(frozen=True)
+class Request:
+    """A job as sent: its token ids, or their text for servers that take no token-id prompts."""
+
+    prompt: list[int] | str
+    max_tokens: int
+
+
+# A request's stream: (tokens, whether they came as a message of their own) for each message; a
+# server that tells its token count only at the end (OpenAI's usage) adds the rest as no message.
+Stream = Callable[[Request], AsyncIterator[tuple[int, bool]]]
 
 
 @dataclass
@@ -65,25 +78,25 @@ def salted(job: Job, salt: int) -> Job:
     return Job([(job.prompt[0] + salt) % 10001, *job.prompt[1:]], job.max_tokens)
 
 
-async def trace(stream: Stream, job: Job) -> Trace:
+async def trace(stream: Stream, request: Request) -> Trace:
     t = Trace(time.perf_counter(), [], 0)
-    async for n in stream(job):
-        if n:
+    async for n, message in stream(request):
+        if n and message:
             t.arrivals.append(time.perf_counter())
-            t.tokens += n
+        t.tokens += n
     if not t.arrivals:
         raise RuntimeError("a request streamed no tokens")
     return t
 
 
-async def at_rate(stream: Stream, jobs: list[Job], rate: float, seed: int) -> tuple[list[Trace], float]:
-    """Sends the jobs at Poisson arrival times of `rate` a second; (traces, wall seconds)."""
+async def at_rate(stream: Stream, requests: list[Request], rate: float, seed: int) -> tuple[list[Trace], float]:
+    """Sends the requests at Poisson arrival times of `rate` a second; (traces, wall seconds)."""
     rng = random.Random(seed)
     start, due, tasks = time.perf_counter(), 0.0, []
-    for job in jobs:
+    for request in requests:
         due += rng.expovariate(rate)
         await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
-        tasks.append(asyncio.create_task(trace(stream, job)))
+        tasks.append(asyncio.create_task(trace(stream, request)))
     traces = await asyncio.gather(*tasks)
     return traces, time.perf_counter() - start
 
@@ -108,11 +121,11 @@ def step_seconds(url: str | None) -> float | None:
 
 
 def grpc_stream(client: AsyncClient) -> Stream:
-    async def stream(job: Job) -> AsyncIterator[int]:
+    async def stream(request: Request) -> AsyncIterator[tuple[int, bool]]:
         async for msg in client.generate(
-            job.prompt, max_tokens=job.max_tokens, temperature=TEMPERATURE, ignore_eos=True
+            request.prompt, max_tokens=request.max_tokens, temperature=TEMPERATURE, ignore_eos=True
         ):
-            yield len(msg.token_ids)
+            yield len(msg.token_ids), True
 
     return stream
 
@@ -123,27 +136,44 @@ async def openai_stream(url: str, model: str | None) -> Stream:
     client = AsyncOpenAI(base_url=url, api_key="none", timeout=600)
     name = model or (await client.models.list()).data[0].id
 
-    async def stream(job: Job) -> AsyncIterator[int]:
+    async def stream(request: Request) -> AsyncIterator[tuple[int, bool]]:
         chunks = await client.completions.create(
-            model=name, prompt=job.prompt, max_tokens=job.max_tokens, temperature=TEMPERATURE, stream=True,
-            extra_body={"ignore_eos": True},
+            model=name, prompt=request.prompt, max_tokens=request.max_tokens, temperature=TEMPERATURE, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         )  # fmt: skip
+        seen = 0
         async for chunk in chunks:
-            yield len(chunk.choices)  # a chunk per streamed message: its tokens are not counted apart
+            if chunk.choices:  # a token each, as far as the client can tell
+                seen += 1
+                yield 1, True
+            elif chunk.usage is not None:  # the last chunk: the true count
+                yield chunk.usage.completion_tokens - seen, False
 
     return stream
 
 
+def as_sent(tokenizer: str | None) -> Callable[[Job], Request]:
+    """Jobs as token ids, or as text decoded with the tokenizer in that directory (the server
+    tokenizes it again, which may not give back the same count)."""
+    if tokenizer is None:
+        return lambda job: Request(job.prompt, job.max_tokens)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return lambda job: Request(tok.decode(job.prompt), job.max_tokens)
+
+
 async def bench(stream: Stream, args: argparse.Namespace, metrics: str | None) -> None:
     jobs = [Job(j.prompt[: args.max_prompt], min(j.max_tokens, args.max_tokens)) for j in standard(args.num_requests)]
-    await trace(stream, Job(jobs[0].prompt[:16], 8))  # warm-up
-    idle = [await trace(stream, salted(Job(j.prompt, min(j.max_tokens, 256)), 1)) for j in jobs[: args.idle]]
+    send = as_sent(args.text_with)
+    await trace(stream, send(Job(jobs[0].prompt[:16], 8)))  # warm-up
+    idle = [await trace(stream, send(salted(Job(j.prompt, min(j.max_tokens, 256)), 1))) for j in jobs[: args.idle]]
     idle_tpot = statistics.median(t.tpot for t in idle)
     print(f"idle: TPOT {1e3 * idle_tpot:.2f} ms, TTFT {1e3 * statistics.median(t.ttft for t in idle):.1f} ms")
     rows = []
     for k, rate in enumerate(args.rates):
         before = step_seconds(metrics)
-        traces, wall = await at_rate(stream, [salted(j, 2 + k) for j in jobs], rate, args.seed)
+        traces, wall = await at_rate(stream, [send(salted(j, 2 + k)) for j in jobs], rate, args.seed)
         after = step_seconds(metrics)
         busy = (after - before) / wall if before is not None and after is not None else None
         gaps = [g for t in traces for g in t.gaps]
@@ -185,6 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", help="its Prometheus URL, for the worker's busy share")
     p.add_argument("--openai", help="an OpenAI-compatible server's base URL (http://HOST:PORT/v1)")
     p.add_argument("--served-model", help="model name for --openai (default: its first model)")
+    p.add_argument(
+        "--text-with", metavar="TOKENIZER_DIR", help="send text prompts decoded with this tokenizer (smg takes no ids)"
+    )
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     if not (args.model or args.addr or args.openai):

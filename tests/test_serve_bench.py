@@ -27,12 +27,12 @@ TINY = {
 def test_arrivals_are_poisson_at_the_rate() -> None:
     sent: list[float] = []
 
-    async def stream(job: Job) -> AsyncIterator[int]:
+    async def stream(request: serve.Request) -> AsyncIterator[tuple[int, bool]]:
         sent.append(asyncio.get_running_loop().time())
-        yield 1
+        yield 1, True
 
-    jobs = [Job([1], 1)] * 200
-    traces, wall = asyncio.run(serve.at_rate(stream, jobs, 400.0, seed=0))
+    requests = [serve.Request([1], 1)] * 200
+    traces, wall = asyncio.run(serve.at_rate(stream, requests, 400.0, seed=0))
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert len(traces) == 200 and all(t.tokens == 1 for t in traces)
     assert 0.7 / 400 < statistics.mean(gaps) < 1.4 / 400  # exponential gaps, mean 1 / rate
