@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,6 +98,35 @@ def test_regions_as_written_equal_the_layers(tiny_model_dir: Path) -> None:
         runner.model.use_regions(Regions(attn_in, mlp_in, final_norm))
         regions = runner.model(batch.input_ids, batch.positions, batch.meta)
     assert torch.equal(layers, regions)
+
+
+RESTART = """
+import json, sys
+from pathlib import Path
+from torch._dynamo.utils import counters
+from tests.runner_utils import make_runner
+make_runner(Path(sys.argv[1]), compile=True)
+print(json.dumps(counters["inductor"]))
+"""
+
+
+def test_a_restart_takes_the_compiled_regions_from_the_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Two worker starts with one inductor cache: the second compiles nothing, it loads every graph.
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", RESTART, str(tiny_model_dir)], env=env, capture_output=True, text=True,
+                check=True, timeout=240,
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    first, second = runs
+    assert first.get("fxgraph_cache_miss", 0) >= 3 and not first.get("fxgraph_cache_hit")
+    assert second.get("fxgraph_cache_hit") == first["fxgraph_cache_miss"] and not second.get("fxgraph_cache_miss")
 
 
 def test_graph_watch_logs_each_compile(caplog: pytest.LogCaptureFixture) -> None:
