@@ -32,6 +32,8 @@ from worker_svc.server import init_distributed
 
 def category(name: str) -> str:
     n = name.lower()
+    if n.startswith(("triton_poi_", "triton_red_", "triton_per_")):  # inductor's, with --compile
+        return "torch.compile's fused kernels (norms, rotary, silu, adds)"
     if "decode" in n or "prefill" in n or "store_kvcache" in n:
         return "attention (triton)"
     if "nccl" in n:
