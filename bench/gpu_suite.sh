@@ -8,7 +8,8 @@
 # decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and the
 # throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, and with an fp8 KV
-# cache), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
+# cache), online serving at several request rates (serve), --compile against our fused kernels
+# (compile_*), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
 # some of them by name (default: all). A failing step is reported and the rest still run; the exit
 # status is that of the last failure. docs/benchmarks.md says how to read the results.
 set -u
@@ -46,6 +47,13 @@ step timeline 300 python3 -m bench.timeline
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
+# Online serving: Poisson arrivals of the standard prompts at several rates (bench/serve.py).
+step serve 400 python3 -m bench.serve --model bench/qwen3-0.6b --rates 8,16,32,64
+# torch.compile's regions (--compile) against our fused kernels, the same runs both ways (steps compile_*).
+step compile_profile_fused 200 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30
+step compile_profile 300 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30 --compile
+step compile_throughput_fused 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency
+step compile_throughput 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency --compile
 # Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     step tp_profile_256 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30

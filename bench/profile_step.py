@@ -1,8 +1,9 @@
 """Where a decode step's time goes: one batch of the standard workload's shape, profiled.
 
-    PYTHONPATH=. python3 bench/profile_step.py [--batch 256] [--context 1024] [--tp 2]
+    PYTHONPATH=. python3 bench/profile_step.py [--batch 256[,64,1]] [--context 1024] [--tp 2] [--compile]
 
-Builds the worker's ModelRunner on dummy Qwen3-0.6B weights, puts `batch` sequences of `context`
+Builds the worker's ModelRunner on dummy Qwen3-0.6B weights (with --compile, its torch.compile
+regions in place of our fused kernels), and for each batch size puts `batch` sequences of `context`
 tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: back to back with
 the next step launched before the last is read (the host's share hidden), and one at a time (host +
 device), with a cProfile of the host's share. A torch profile of a few steps splits device time
@@ -31,6 +32,8 @@ from worker_svc.server import init_distributed
 
 def category(name: str) -> str:
     n = name.lower()
+    if n.startswith(("triton_poi_", "triton_red_", "triton_per_")):  # inductor's, with --compile
+        return "torch.compile's fused kernels (norms, rotary, silu, adds)"
     if "decode" in n or "prefill" in n or "store_kvcache" in n:
         return "attention (triton)"
     if "nccl" in n:
@@ -47,11 +50,12 @@ def category(name: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench/qwen3-0.6b")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", default="256", help="batch sizes, comma-separated: one runner profiles each")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -60,17 +64,26 @@ def main() -> None:
 
 
 def profile(rank: int, args: argparse.Namespace) -> None:
-    bs, ctx = args.batch, args.context
-    blocks_per = -(-(ctx + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
+    batches = [int(b) for b in args.batch.split(",")]
+    blocks_per = -(-(args.context + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
     config = WorkerConfig(
-        args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=bs * blocks_per,
-        tensor_parallel_size=args.tp,
+        args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=max(batches) * blocks_per,
+        tensor_parallel_size=args.tp, compile=args.compile,
     )  # fmt: skip
     if args.tp > 1:
         init_distributed(config, rank, "127.0.0.1", 29517)
+    start = time.perf_counter()
     runner = ModelRunner(config, rank, args.tp)
     if rank == 0:
-        print(f"rank 0 of {args.tp}: model runner built", flush=True)
+        print(f"rank 0 of {args.tp}: model runner built in {time.perf_counter() - start:.1f} s", flush=True)
+    for bs in batches:
+        profile_batch(runner, rank, bs, blocks_per, args)
+    if rank == 0 and args.compile:
+        print(f"torch.compile graphs compiled after start-up: {runner.graph_compiles.count}")
+
+
+def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args: argparse.Namespace) -> None:
+    ctx = args.context
     opts = SamplingOptions(temperature=0.6)
     seqs = [SeqState(i, [1] * ctx, ctx, 0, list(range(i * blocks_per, (i + 1) * blocks_per)), opts) for i in range(bs)]
     for i in range(0, bs, 8):  # prefill in groups to bound activation memory
@@ -110,9 +123,11 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     floor = (kv + weights) / bandwidth
+    for seq in seqs:
+        runner.release(seq)
     if rank:
         return
-    print(f"batch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
+    print(f"\nbatch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
     print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
     print(f"step, one at a time (host + device):          {1e3 * serial:.2f} ms")

@@ -55,6 +55,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
     if args.enforce_eager:
         flags.append("--enforce-eager")
+    if args.compile:
+        flags.append("--compile")
     if args.no_core_process:
         flags.append("--no-core-process")
     return flags
@@ -184,6 +186,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
             num_kv_blocks=args.num_kvcache_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
+            compile=args.compile,
             attention_backend=args.attention_backend,
             kv_cache_dtype=args.kv_cache_dtype,
         )
@@ -213,18 +216,16 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
         await engine.stop()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model dir; a dir with only config.json gets a synthetic tokenizer")
-    p.add_argument("--modes", default="full,inproc,latency")
+def add_server_args(p: argparse.ArgumentParser, max_num_batched_tokens: int, model_required: bool = True) -> None:
+    """The model and the settings of the server this benchmark starts (serve_flags passes them on)."""
+    p.add_argument(
+        "--model", required=model_required, help="model dir; a dir with only config.json gets a synthetic tokenizer"
+    )
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    # vLLM's default for offline runs (its LLM class) on an H100, the peer's setting on this workload;
-    # its API server and `nanovllm serve` default to 8192, for shorter steps while prompts arrive.
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-kvcache-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -233,8 +234,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # vLLM's default for offline runs (its LLM class) on an H100, the peer's setting on this workload;
+    # its API server and `nanovllm serve` default to 8192, for shorter steps while prompts arrive.
+    add_server_args(p, max_num_batched_tokens=16384)
+    p.add_argument("--modes", default="full,inproc,latency")
+    p.add_argument("--num-requests", type=int, default=256)
     return p.parse_args(argv)
 
 

@@ -54,6 +54,8 @@ class WorkerConfig:
     kv_cache_memory_gb: float = setting(1.0, "KV cache budget in GiB on cpu")
     gpu_memory_utilization: float = setting(0.9, "share of the GPU this worker may fill on cuda")
     enforce_eager: bool = setting(False, "never capture CUDA graphs")
+    # Off: on the CPU the compiled regions saved nothing (the matmuls are the step) and cost start-up time.
+    compile: bool = setting(False, "torch.compile the decoder layers (models/regions.py), not our fused kernels")
     attention_backend: str = setting("auto", "attention kernels", choices=ATTENTION_BACKENDS)
     tensor_parallel_size: int = setting(1, "ranks (one process each) that share the model")
     seed: int = setting(0, "sampling seed of requests that bring none")

@@ -1,4 +1,4 @@
-"""Reports Triton compilations that happen after the model runner's start-up.
+"""Reports Triton compilations, and torch.compile's graphs, made after the model runner's start-up.
 
 Start-up compiles every kernel variant it can foresee (prefill shapes, CUDA-graph capture). In a
 server, a variant first met later compiles inside some step, stalling every running request for
@@ -37,3 +37,21 @@ class CompileWatch:
 
         knobs.runtime.jit_cache_hook = self.before
         knobs.runtime.jit_post_compile_hook = self.after
+
+
+class GraphWatch:
+    """Counts and logs the graphs torch.compile (dynamo) compiles from its installation on: with
+    `--compile`, start-up compiles every region for every token count, so any later one means a
+    shape the warm-up missed, and a step that stalled for seconds."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def after(self, args: Any) -> None:
+        self.count += 1
+        log.warning("torch.compile compiled a graph after start-up (compile id %s)", args.compile_id)
+
+    def install(self) -> None:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.register_end_callback(self.after)

@@ -16,12 +16,13 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
-from worker_svc.jit_watch import CompileWatch
+from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.layers.parallel import all_gather
 from worker_svc.loader import fill_dummy, load_weights
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
+from worker_svc.models.regions import Regions
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
@@ -63,6 +64,8 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
+        if config.compile:
+            self.model.use_regions(Regions.compiled())
         self.sampler = Sampler(self.device, config.seed)
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.
@@ -70,6 +73,8 @@ class ModelRunner:
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: DecodeGraphs | None = None  # captured once the cache exists
+        if config.compile:
+            self._warm_up_compile()
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
@@ -82,6 +87,9 @@ class ModelRunner:
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             self.compiles.install()
+        self.graph_compiles = GraphWatch()  # and so does a torch.compile one
+        if config.compile:
+            self.graph_compiles.install()
 
     def run(self, seqs: list[SeqState], num_tokens: list[int]) -> list[Sampled]:
         """Computes num_tokens[i] more tokens of seqs[i] from seq.num_computed on, storing their K/V
@@ -200,6 +208,16 @@ class ModelRunner:
         ]
         self.run(seqs, lengths)
         for seq in seqs:
+            self.release(seq)
+
+    def _warm_up_compile(self) -> None:
+        """Steps of 1, 2 and 3 tokens, before the cache exists, so torch.compile compiles every region
+        now: once for one token (a size dynamo always specialises on) and, having seen the count vary,
+        once for any other count. Inductor keeps what it built in its cache on disk
+        (TORCHINDUCTOR_CACHE_DIR, else a folder in the temp dir): a restart only traces again."""
+        for n in (1, 2, 3):
+            seq = SeqState(0, [0] * n, n, 0, [0] * -(-n // self.block_size), SamplingOptions())
+            self.run([seq], [n])
             self.release(seq)
 
     def _compile_prefill(self) -> None:

@@ -90,6 +90,7 @@ def main() -> int:
     p.add_argument("--config", default="../shared/models/qwen3-0.6b/config.json")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="the worker's --compile")
     args = p.parse_args()
     ckpt = Path("/tmp/qwen3-0.6b-random")
     t0 = time.time()
@@ -109,7 +110,9 @@ def main() -> int:
     failed = False
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
-        config = WorkerConfig(str(ckpt), device="cuda", dtype=name, max_model_len=1024, num_kv_blocks=4096)
+        config = WorkerConfig(
+            str(ckpt), device="cuda", dtype=name, max_model_len=1024, num_kv_blocks=4096, compile=args.compile
+        )
         runner = ModelRunner(config)
         worst, floor = first_step_errors(runner, hf, prompts[:16])
         # bf16 is judged against transformers' own bf16 error; fp32 (TF32 inside attention) tightly.

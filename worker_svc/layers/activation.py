@@ -21,5 +21,10 @@ class SiluAndMul(nn.Module):
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The plain torch path: on the CPU, and the reference the kernel rounds like."""
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate, up] along the last dim, in plain torch."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

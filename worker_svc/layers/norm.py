@@ -33,9 +33,16 @@ class RMSNorm(nn.Module):
 
     def add_norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """add_norm in plain torch: the CPU path, and the reference the kernel rounds like."""
-        if residual is not None:
-            x = x + residual  # rounded to the model dtype: the residual stream is kept in it
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Cast back before the weight so low-precision runs round where the reference rounds.
-        return self.weight * x32.to(x.dtype), x
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) over the last dim, in plain torch."""
+    if residual is not None:
+        x = x + residual  # rounded to the model dtype: the residual stream is kept in it
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    # Cast back before the weight so low-precision runs round where the reference rounds.
+    return weight * x32.to(x.dtype), x

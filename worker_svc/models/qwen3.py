@@ -11,8 +11,9 @@ in a decode step on the Triton backend the attention kernel itself does all that
 (PagedAttention.attend_rope), saving that kernel's launch too.
 For a single row on CUDA (one sequence's decode) each norm and the SwiGLU gate run inside the
 matmul that follows them (layers/linear.py's norm_forward and act_forward).
-Module and parameter names follow the Hugging Face checkpoint, except the merged projections
-named in `packed_modules`.
+With `--compile` the layers run models/regions.py's torch functions, compiled, in place of all
+that (use_regions). Module and parameter names follow the Hugging Face checkpoint, except the
+merged projections named in `packed_modules`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.parallel import tp_size
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
 from worker_svc.models.arch import ModelArch
+from worker_svc.models.regions import Regions
 
 
 class Qwen3Attention(nn.Module):
@@ -123,6 +125,20 @@ class Qwen3DecoderLayer(nn.Module):
         hidden, residual = self.self_attn(hidden, residual, self.input_layernorm, positions, meta)
         return self.mlp(hidden, residual, self.post_attention_layernorm)
 
+    def forward_regions(
+        self, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata, fn: Regions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, with the work between attention and the row-parallel matmuls done by `fn`."""
+        a, norm = self.self_attn, self.input_layernorm
+        q, k, v, residual = fn.attn_in(
+            hidden, residual, norm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.q_norm.weight, a.k_norm.weight,
+            a.rotary.cos, a.rotary.sin, positions, norm.eps, a.num_heads, a.num_kv_heads,
+        )  # fmt: skip
+        hidden = a.o_proj(a.attn(q, k, v, meta).flatten(1))
+        norm = self.post_attention_layernorm
+        act, residual = fn.mlp_in(hidden, residual, norm.weight, self.mlp.gate_up_proj.weight, norm.eps)
+        return self.mlp.down_proj(act), residual
+
 
 class Qwen3Model(nn.Module):
     def __init__(self, arch: ModelArch, backend: AttentionBackend, max_positions: int) -> None:
@@ -131,9 +147,17 @@ class Qwen3Model(nn.Module):
         rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(arch, backend, rotary) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.regions: Regions | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.regions is not None:
+            # The first layer's add of a zero residual is exact, and keeps one signature for every
+            # layer: a None there would be a second graph to compile.
+            residual = torch.zeros_like(hidden)
+            for layer in self.layers:
+                hidden, residual = layer.forward_regions(hidden, residual, positions, meta, self.regions)
+            return self.regions.final_norm(hidden, residual, self.norm.weight, self.norm.eps)
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, positions, meta)
         return self.norm.add_norm(hidden, residual)[0]
@@ -160,6 +184,10 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of tokens input_ids [T] at positions [T]."""
         return self.model(input_ids, positions, meta)
+
+    def use_regions(self, regions: Regions | None) -> None:
+        """Runs every layer through `regions` (None: the layers' own forward)."""
+        self.model.regions = regions
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's share of the logits of the rows to sample (see ParallelLMHead)."""
