@@ -79,7 +79,7 @@ class AddSeq(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SeqSampling, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "removed", "added", "block_seq_ids", "block_ids", "seq_ids", "num_tokens")
+    __slots__ = ("step_id", "removed", "added", "block_seq_ids", "block_ids", "seq_ids", "num_tokens", "mask_seq_ids", "masks")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,8 @@ class StepRequest(_message.Message):
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MASK_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     removed: _containers.RepeatedScalarFieldContainer[int]
     added: _containers.RepeatedCompositeFieldContainer[AddSeq]
@@ -94,7 +96,9 @@ class StepRequest(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., removed: _Optional[_Iterable[int]] = ..., added: _Optional[_Iterable[_Union[AddSeq, _Mapping]]] = ..., block_seq_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., seq_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    mask_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    masks: bytes
+    def __init__(self, step_id: _Optional[int] = ..., removed: _Optional[_Iterable[int]] = ..., added: _Optional[_Iterable[_Union[AddSeq, _Mapping]]] = ..., block_seq_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., seq_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ..., mask_seq_ids: _Optional[_Iterable[int]] = ..., masks: _Optional[bytes] = ...) -> None: ...
 
 class SeqLogprobs(_message.Message):
     __slots__ = ("logprob", "top_ids", "top_logprobs")

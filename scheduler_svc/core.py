@@ -22,8 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
+from scheduler_svc.grammar import Grammars
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Rejected, StepOutputs, Update
 from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
 from scheduler_svc.sequence import Sequence
 from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
@@ -42,6 +43,7 @@ class CoreConfig:
     enable_prefix_caching: bool = True
     max_inflight_steps: int = 3
     connect_timeout: float = 600.0
+    tokenizer: str = ""  # the tokenizer's directory, whose vocabulary grammars compile against; "": none
 
     def __post_init__(self) -> None:
         if not self.worker_addresses:
@@ -73,6 +75,8 @@ class EngineCore:
         self._loop_task: asyncio.Task[None] | None = None
         self._sent: deque[float] = deque()
         self._last_done = 0.0
+        self.grammars: Grammars | None = None
+        self._compiling: dict[int, asyncio.Task[None]] = {}  # constrained seqs not queued yet
 
     async def start(self) -> CoreInfo:
         winfo = await self.workers.connect(self.config.connect_timeout)
@@ -89,6 +93,8 @@ class EngineCore:
             ),
             set(cfg.eos_token_ids),
         )
+        if cfg.tokenizer:
+            self.grammars = Grammars(cfg.tokenizer, winfo.vocab_size, cfg.eos_token_ids)
         self._loop_task = asyncio.create_task(self._loop())
         return CoreInfo(max_model_len, winfo.vocab_size, winfo.block_size, winfo.num_kv_blocks, winfo.world_size)
 
@@ -96,6 +102,10 @@ class EngineCore:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in self._compiling.values():
+            task.cancel()
+        if self.grammars is not None:
+            self.grammars.close()
         await self.workers.close()
 
     async def wait_dead(self) -> str:
@@ -109,10 +119,37 @@ class EngineCore:
         seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
         self.seqs[seq.seq_id] = seq
         self.num_added += 1
+        if msg.params.constraint is None:
+            self.scheduler.add(seq)
+            self._wake.set()
+        else:
+            self._compiling[seq.seq_id] = asyncio.create_task(self._constrain(seq))
+
+    async def _constrain(self, seq: Sequence) -> None:
+        """Queues a constrained seq once its grammar is compiled and its first mask computed."""
+        assert self.scheduler is not None and seq.params.constraint is not None
+        loop = asyncio.get_running_loop()
+        try:
+            if self.grammars is None:
+                raise InvalidRequest("this server has no tokenizer for structured output")
+            wake = lambda: loop.call_soon_threadsafe(self._wake.set)  # noqa: E731 (from a mask thread)
+            seq.grammar = await self.grammars.start(seq.params.constraint, wake)
+        except Exception as e:
+            if not isinstance(e, InvalidRequest):
+                log.exception("starting the grammar of seq %d failed", seq.seq_id)
+            self.seqs.pop(seq.seq_id, None)
+            self.emit(Rejected(seq.seq_id, str(e)))
+            return
+        finally:
+            self._compiling.pop(seq.seq_id, None)
         self.scheduler.add(seq)
         self._wake.set()
 
     def finish(self, msg: Finish) -> None:
+        if (task := self._compiling.pop(msg.seq_id, None)) is not None:
+            task.cancel()  # aborted before its grammar was ready: it was never queued
+            self.seqs.pop(msg.seq_id, None)
+            return
         seq = self.seqs.pop(msg.seq_id, None)
         if seq is not None and self.scheduler is not None and not seq.is_finished:
             self.scheduler.finish(seq, msg.reason)

@@ -23,7 +23,7 @@ from scheduler_svc.core import CoreConfig, EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Rejected, StepOutputs, Update
 from scheduler_svc.metrics import Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
@@ -74,6 +74,7 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             max_inflight_steps=config.max_inflight_steps,
             connect_timeout=config.connect_timeout,
+            tokenizer=config.model,
         )
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
@@ -227,6 +228,11 @@ class Engine:
                 self.metrics.step(event.step_seconds)
             self.stats = event.stats
             self._emit(event.updates)
+        elif isinstance(event, Rejected):
+            req = self.requests.pop(event.seq_id, None)
+            if req is not None:
+                req.finished = True
+                req.queue.put_nowait(InvalidRequest(event.why))
         elif isinstance(event, Dead):
             self._die(event.why)
 

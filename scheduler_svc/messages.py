@@ -2,8 +2,9 @@
 
 Frontend -> core: Add (a tokenized, validated request), Finish (aborted by its client, or ended by
 a stop string the frontend found). Core -> frontend: Started (the model's limits, once the workers
-are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), Dead (why the core
-stopped). In one process they are plain calls; core_process.py pickles them over a socket.
+are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), Rejected (a
+request whose constraint does not compile), Dead (why the core stopped). In one process they are
+plain calls; core_process.py pickles them over a socket.
 """
 
 from __future__ import annotations
@@ -82,8 +83,16 @@ class StepOutputs:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A request the core did not queue: its constraint does not compile (the library's message)."""
+
+    seq_id: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Dead:
     why: str
 
 
-Event = Started | StepOutputs | Dead
+Event = Started | StepOutputs | Rejected | Dead

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from proto import worker_pb2 as wpb
+from worker_svc.grammar_mask import Masks
 from worker_svc.model_runner import ModelRunner, Pending
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
@@ -117,7 +118,7 @@ class Executor:
                 if pending is not None and self.runner.needs_history(seqs):
                     yield from self._finish(pending)  # penalties need every token's value on the host
                     pending = None
-                handle = self.runner.launch(seqs, counts)
+                handle = self.runner.launch(seqs, counts, Masks.parse(list(req.mask_seq_ids), req.masks))
                 if pending is not None:
                     yield from self._finish(pending)
                 pending = (req.step_id, handle)
