@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_JSON_WHITESPACE = 16
 CACHE_SIZE = 128  # compiled grammars kept, least recently used dropped first
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+_PLAIN = re.compile(r"[ !#-\[\]-~]+|.", re.S)  # printable ASCII runs but " and \, or any one other character
 
 
 def message(e: Exception) -> str:
@@ -49,7 +50,7 @@ def to_grammar(xgr: Any, c: Constraint) -> Any:
     if c.kind == "grammar":
         return xgr.Grammar.from_ebnf(c.spec)
     if c.kind == "choice":
-        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(s) for s in c.spec))
+        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_literal(s) for s in c.spec))
     tag = json.loads(c.spec)
     if isinstance(tag, dict) and "structures" in tag:  # the older format: tags opened by triggers
         items = [
@@ -58,6 +59,13 @@ def to_grammar(xgr: Any, c: Constraint) -> Any:
         ]
         return xgr.Grammar.from_structural_tag(items, tag.get("triggers", []))
     return xgr.Grammar.from_structural_tag(c.spec)
+
+
+def _literal(text: str) -> str:
+    """text as a sequence of EBNF string literals, each character other than printable ASCII in a
+    literal of its own: xgrammar reads an escape's hex digits greedily, and keeps a non-ASCII
+    character as one, so "ïc" in one literal would be U+0EFC."""
+    return "(" + " ".join(json.dumps(p, ensure_ascii=False) for p in _PLAIN.findall(text)) + ")"
 
 
 class GrammarState:
