@@ -1,4 +1,5 @@
 import random
+from collections import deque
 
 import pytest
 
@@ -179,3 +180,57 @@ def test_randomised_mixed_workload_against_reference() -> None:
     run(s, w, depth=2)
     check_all(seqs, ms)
     assert s.blocks.num_free == 40 and s.blocks.num_hits > 0
+
+
+class FakeGrammar:
+    """Allows every token and completes after `length` of them; `ready` is set by the test."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.accepted: list[int] = []
+        self.ready = True
+
+    def mask(self) -> bytes:
+        return b""
+
+    def accept(self, token_id: int) -> FinishReason | None:
+        self.accepted.append(token_id)
+        return FinishReason.STOP if len(self.accepted) == self.length else None
+
+
+def test_a_constrained_sequence_never_has_a_token_in_flight_and_the_others_keep_theirs() -> None:
+    s, w = make()
+    plain = [add(s, i, p, 20) for i, p in enumerate(prompts(3))]
+    constrained = [add(s, 10 + i, p, 20) for i, p in enumerate(prompts(2, seed=1))]
+    for seq, length in zip(constrained, (5, 8), strict=True):
+        seq.grammar = FakeGrammar(length)
+    inflight: deque = deque()
+    most = dict.fromkeys(range(3), 0)
+    while s.has_work() or inflight:
+        while len(inflight) < 3 and (batch := s.schedule()) is not None:
+            for seq in batch.seqs:
+                assert seq.grammar is None or seq.num_inflight <= 1, "a constrained seq sampled with a token in flight"
+            for seq in plain:
+                most[seq.seq_id] = max(most[seq.seq_id], seq.num_inflight)
+            inflight.append((batch, w.step(batch)))
+        batch, sampled = inflight.popleft()
+        s.postprocess(batch, sampled)
+    assert all(n == 3 for n in most.values())  # the plain ones still overlap three steps
+    check_all(plain, [20] * 3)
+    for seq, length in zip(constrained, (5, 8), strict=True):
+        assert seq.output_ids == reference(seq.token_ids[: seq.num_prompt_tokens], length, {EOS})[:length]
+        assert seq.grammar.accepted == seq.output_ids and seq.finish_reason is FinishReason.STOP
+
+
+def test_a_constrained_sequence_waits_for_its_mask() -> None:
+    s, w = make()
+    seq = add(s, 0, [1, 2, 3], 4)
+    seq.grammar = grammar = FakeGrammar(4)
+    grammar.ready = False
+    assert s.schedule() is None  # its prompt would sample at once: not before the mask is ready
+    grammar.ready = True
+    s.postprocess(batch := s.schedule(), w.step(batch))
+    grammar.ready = False  # accepting the token started the next mask
+    assert s.schedule() is None
+    grammar.ready = True
+    assert s.schedule().seqs == [seq]
