@@ -8,6 +8,7 @@ full:    `nanovllm serve` (scheduler + worker processes) and an asyncio gRPC cli
 inproc:  the same engine, scheduler and model runner in this process, no gRPC (bench/local_worker.py).
 latency: one request at a time (256 prompt + 512 output tokens, greedy) through gRPC: time to first
          token, time per output token, and ms per output token including prefill.
+json:    as full, with --json-share of the requests constrained by a JSON schema (bench/structured.py).
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")
+    p.add_argument("--json-share", type=float, default=0.1, help="json mode: share of requests with a JSON schema")
     return p.parse_args(argv)
 
 
@@ -252,7 +254,7 @@ def main() -> None:
     jobs = standard(args.num_requests)
     total_prompt = sum(len(j.prompt) for j in jobs)
     results: dict[str, float] = {}
-    if "full" in modes or "latency" in modes:
+    if "full" in modes or "latency" in modes or "json" in modes:
         proc, addr = start_server(model, 50151, serve_flags(args))
         try:
             if "full" in modes:
@@ -265,6 +267,12 @@ def main() -> None:
                 print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
                 busy = ", ".join(f"{k} {(after[k] - before[k]) / secs:.0%}" for k in before)
                 print(f"full stack: CPU busy (of one core) {busy}", flush=True)
+            if "json" in modes:
+                from bench.structured import mixed
+
+                for k, v in asyncio.run(mixed(addr, jobs, args.json_share)).items():
+                    results[k] = v
+                    print(f"json share {k}: {v:,.3f}", flush=True)
             if "latency" in modes:
                 for k, v in asyncio.run(latency(addr)).items():
                     results[k] = v
@@ -279,6 +287,8 @@ def main() -> None:
     print(f"\nworkload: {len(jobs)} requests, {total_prompt} prompt tokens, {sum(j.max_tokens for j in jobs)} output")
     for k, v in results.items():
         print(f"{k:>28}: {v:,.3f}")
+    if "full_tok_s" in results and "json_tok_s" in results:
+        print(f"{'json share / plain':>28}: {results['json_tok_s'] / results['full_tok_s']:.3f}")
     if "full_tok_s" in results and "inproc_tok_s" in results:
         print(f"{'full / in-process':>28}: {results['full_tok_s'] / results['inproc_tok_s']:.3f}")
 
