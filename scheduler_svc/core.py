@@ -15,6 +15,7 @@ finished at step N may already be in the steps after it; those extra tokens are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -129,10 +130,14 @@ class EngineCore:
         """Queues a constrained seq once its grammar is compiled and its first mask computed."""
         assert self.scheduler is not None and seq.params.constraint is not None
         loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # called on a mask thread: the next mask is ready
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to wake
+                loop.call_soon_threadsafe(self._wake.set)
+
         try:
             if self.grammars is None:
                 raise InvalidRequest("this server has no tokenizer for structured output")
-            wake = lambda: loop.call_soon_threadsafe(self._wake.set)  # noqa: E731 (from a mask thread)
             seq.grammar = await self.grammars.start(seq.params.constraint, wake)
         except Exception as e:
             if not isinstance(e, InvalidRequest):
