@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from client import Client
-from proto import generate_pb2 as pb
+from client.types import Output
 from tests.service import Service
 from tests.test_e2e import collect, make_prompts, run_concurrently
 
@@ -63,7 +63,7 @@ KINDS = {
     "json_schema": ({"json_schema": json.dumps(SCHEMA)}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
     "regex": ({"regex": REGEX}, lambda t: re.fullmatch(REGEX, t) is not None),
     "grammar": ({"grammar": EBNF}, valid_ebnf),
-    "choice": ({"choice": pb.ChoiceConstraint(choices=CHOICES)}, lambda t: t in CHOICES),
+    "choice": ({"choice": CHOICES}, lambda t: t in CHOICES),
     "json_object": ({"json_object": True}, lambda t: isinstance(json.loads(t), dict)),
     "structural_tag": ({"structural_tag": json.dumps(TAG)}, valid_tag),
 }
@@ -76,7 +76,7 @@ def service(tiny_model_dir):
     svc.stop()
 
 
-def generate(addr: str, prompt, **kw) -> tuple[list[int], str, pb.GenerateResponse]:
+def generate(addr: str, prompt, **kw) -> tuple[list[int], str, Output]:
     with Client(addr) as c:
         ids, text, msgs = collect(c, prompt, timeout=120, **kw)
     return ids, text, msgs[-1]
@@ -102,7 +102,7 @@ def test_every_sampled_output_is_valid(service, kind) -> None:
 
     in_threads(one, 20)
     assert len(results) == 20
-    finished = [text for _, text, last in results.values() if last.finish_reason == pb.FINISH_REASON_STOP]
+    finished = [text for _, text, last in results.values() if last.finish_reason == "stop"]
     # Any JSON object has free-form keys and strings, which random weights may not close within
     # max_tokens; every other kind here bounds its output.
     assert len(finished) >= (10 if kind == "json_object" else 20), [t for _, t, _ in results.values()]
@@ -123,7 +123,7 @@ def test_greedy_constrained_output_is_the_same_alone_batched_preempted_and_chunk
         assert tight.engine.core.scheduler.num_preemptions > 0
     finally:
         tight.stop()
-    chunked = Service(tiny_model_dir, engine={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
+    chunked = Service(tiny_model_dir, scheduler={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
     try:
         assert run_concurrently(chunked.addr, prompts, max_tokens=120, temperature=0.0, **schema) == alone
     finally:
@@ -156,7 +156,7 @@ def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(service)
         ({"json_schema": '{"type": "nope"}'}, 'Unsupported type "nope"'),
         ({"grammar": "root ::= missing"}, 'Rule "missing" is not defined'),
         ({"structural_tag": '{"type": "structural_tag", "format": {"type": "bogus"}}'}, "bogus"),
-        ({"choice": pb.ChoiceConstraint(choices=[])}, "at least one choice"),
+        ({"choice": ["yes", ""]}, "no empty one"),
         ({"regex": "[a-z]+", "min_tokens": 2}, "min_tokens"),
     ],
 )
@@ -169,10 +169,10 @@ def test_a_constraint_that_does_not_compile_is_invalid_argument(service, fields,
 
 
 def test_structured_output_with_the_core_in_its_own_process(tiny_model_dir) -> None:
-    svc = Service(tiny_model_dir, engine={"core_process": True}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": True}, num_kv_blocks=256, block_size=16)
     try:
         _, text, last = generate(svc.addr, "Hello", max_tokens=300, seed=1, json_schema=json.dumps(SCHEMA))
-        assert last.finish_reason == pb.FINISH_REASON_STOP
+        assert last.finish_reason == "stop"
         jsonschema.validate(json.loads(text), SCHEMA)
         with pytest.raises(grpc.RpcError) as err:
             generate(svc.addr, "Hello", regex="a(b")

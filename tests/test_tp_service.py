@@ -24,8 +24,7 @@ import jsonschema
 import pytest
 
 from client import Client
-from client.cli import free_port
-from proto import generate_pb2 as pb
+from nanovllm_grpc.launch import free_port
 from tests import test_structured
 
 MAX_TOKENS = 16
@@ -235,7 +234,7 @@ def test_structured_output_tp2_matches_tp1(servers: tuple[str, str]) -> None:
     def one(addr: str, prompt: str | list[int]) -> tuple[list[int], str]:
         with Client(addr) as client:
             msgs = list(client.generate(prompt, max_tokens=380, temperature=0.0, json_schema=schema, timeout=60))
-        assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert msgs[-1].finish_reason == "stop"
         return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
 
     outputs = [[one(addr, p) for p in PROMPTS] for addr in servers]
