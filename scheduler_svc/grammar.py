@@ -130,16 +130,18 @@ class Grammars:
         """A matcher at the start of the constraint, its first mask computed; InvalidRequest with
         xgrammar's message when the constraint does not compile."""
         future = self.cache.get(constraint)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
             future = self.compiles.submit(self._compile, constraint)
             self.cache[constraint] = future
             while len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(constraint)
         try:
-            compiled = await asyncio.wrap_future(future)
+            # Shielded: a request aborted meanwhile must not cancel a compile that others share.
+            compiled = await asyncio.shield(asyncio.wrap_future(future))
         except Exception as e:
-            self.cache.pop(constraint, None)
+            if self.cache.get(constraint) is future:
+                del self.cache[constraint]
             raise InvalidRequest(f"the {constraint.kind} constraint does not compile: {message(e)}") from e
         xgr = self._compiler.result()[0]
         return await asyncio.wrap_future(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -53,6 +54,27 @@ def test_a_constraint_compiles_once_and_its_matcher_walks_to_the_end(tiny_model_
             with pytest.raises(InvalidRequest, match=r"^the regex constraint does not compile: Regex parsing error"):
                 await grammars.start(Constraint("regex", "a(b"), woken.set)
             assert list(grammars.cache) == [c]  # the failure is not kept
+        finally:
+            grammars.close()
+
+    asyncio.run(go())
+
+
+def test_an_abort_during_a_shared_compile_leaves_it_to_the_others(tiny_model_dir) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    async def go() -> None:
+        grammars = Grammars(str(tiny_model_dir), len(tok), frozenset({tok.eos_token_id}))
+        try:
+            c = Constraint("json_schema", '{"type": "object", "properties": {"n": {"type": "integer"}}}')
+            for _ in range(2):  # both compile threads busy: the compile waits in the queue, cancellable
+                grammars.compiles.submit(time.sleep, 0.3)
+            aborted = asyncio.ensure_future(grammars.start(c, lambda: None))
+            other = asyncio.ensure_future(grammars.start(c, lambda: None))
+            await asyncio.sleep(0)  # both wait on the one compile
+            aborted.cancel()
+            state = await asyncio.wait_for(other, 60)
+            assert state.ready and aborted.cancelled()
         finally:
             grammars.close()
 
