@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,3 +72,14 @@ def test_node_json_messages_and_chat(node, service) -> None:
 def test_node_reports_grpc_errors(node, service) -> None:
     out = run(node, "--addr", service.addr, "--prompt", "hi", "--temperature=-1")
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "temperature" in out.stderr
+
+
+def test_node_sends_a_constraint(node, service) -> None:
+    regex = "[a-z]{2,4}-[0-9]"
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--max-tokens", "30", "--seed", "3", "--regex", regex)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(regex, out.stdout.strip()), out.stdout
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--choice", "yes", "--choice", "no")
+    assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stdout + out.stderr
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--regex", "a", "--choice", "b")
+    assert out.returncode == 2 and "at most one constraint" in out.stderr

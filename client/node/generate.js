@@ -31,6 +31,13 @@ const OPTIONS = {
   timeout: { type: "string" }, // seconds: the call's deadline
   "tls-ca": { type: "string" }, // PEM CA certificate: connect with TLS
   json: { type: "boolean", default: false }, // one JSON object per streamed message
+  // Structured output, at most one: every token keeps the output valid, and it ends once complete.
+  "json-schema": { type: "string" }, // a JSON schema, as JSON text
+  regex: { type: "string" }, // the whole output matches it
+  grammar: { type: "string" }, // EBNF, in xgrammar's dialect (root ::= ...)
+  "structural-tag": { type: "string" }, // xgrammar's structural tag, as JSON text
+  "json-object": { type: "boolean", default: false }, // any JSON object
+  choice: { type: "string", multiple: true }, // exactly one of these strings
   help: { type: "boolean", default: false },
 };
 
@@ -61,6 +68,17 @@ function request(args) {
     if (Number.isNaN(value)) throw new Error(`--${flag} must be a number, got ${args[flag]}`);
     req.sampling[field] = value;
   }
+  const constraints = { "json-schema": "json_schema", regex: "regex", grammar: "grammar" };
+  constraints["structural-tag"] = "structural_tag";
+  const given = Object.keys(constraints).filter((k) => args[k] !== undefined);
+  if (args["json-object"]) given.push("json-object");
+  if (args.choice) given.push("choice");
+  if (given.length > 1) throw new Error(`give at most one constraint, got --${given.join(", --")}`);
+  for (const [flag, field] of Object.entries(constraints)) {
+    if (args[flag] !== undefined) req.sampling[field] = args[flag];
+  }
+  if (args["json-object"]) req.sampling.json_object = true;
+  if (args.choice) req.sampling.choice = { choices: args.choice };
   return req;
 }
 
