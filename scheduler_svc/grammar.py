@@ -25,9 +25,6 @@ from scheduler_svc.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
-# Whitespace characters allowed between JSON tokens: enough for pretty-printed JSON a few levels
-# deep, and a bound on the runs of blank lines that models sometimes fall into under a grammar.
-MAX_JSON_WHITESPACE = 16
 # Compiled grammars kept, least recently used dropped first: about 3 MB each for Qwen3's vocabulary.
 CACHE_SIZE = 64
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
@@ -42,10 +39,12 @@ def message(e: Exception) -> str:
 
 def to_grammar(xgr: Any, c: Constraint) -> Any:
     """The constraint as an xgrammar Grammar; raises xgrammar's error when it does not parse."""
+    # JSON as json.dumps writes it, ", " and ": " between items and no other whitespace: the form
+    # models learned, and no room for the runs of blank lines they can fall into under a grammar.
     if c.kind == "json_schema":
-        return xgr.Grammar.from_json_schema(c.spec, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        return xgr.Grammar.from_json_schema(c.spec, any_whitespace=False)
     if c.kind == "json_object":
-        return xgr.Grammar.from_json_schema('{"type": "object"}', max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
     if c.kind == "regex":
         return xgr.Grammar.from_regex(c.spec)
     if c.kind == "grammar":
