@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Flushed, StepOutputs, Update
 from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
 from scheduler_svc.sequence import Sequence
 from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
@@ -107,6 +107,8 @@ class EngineCore:
     def add(self, msg: Add) -> None:
         assert self.scheduler is not None, "start() first"
         seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
+        if msg.leader is not None:
+            seq.leader = self.seqs.get(msg.leader)
         self.seqs[seq.seq_id] = seq
         self.num_added += 1
         self.scheduler.add(seq)
@@ -117,6 +119,13 @@ class EngineCore:
         if seq is not None and self.scheduler is not None and not seq.is_finished:
             self.scheduler.finish(seq, msg.reason)
             self._wake.set()  # its removal goes to the workers with the next step
+
+    def flush(self) -> None:
+        """Empties the prefix cache unless a block is in use; answers Flushed, with the Cleared event."""
+        assert self.scheduler is not None, "start() first"
+        ok = self.scheduler.blocks.reset()
+        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events()))
+        self.emit(Flushed(ok))
 
     def stats(self) -> CoreStats:
         sched = self.scheduler
@@ -154,14 +163,14 @@ class EngineCore:
                     # per-token cost and need not delay the worker. A stop string the frontend
                     # finds ends its sequence a step or two later; those tokens are dropped.
                     reported = self.stats()
-                    self.emit(StepOutputs(*ready, reported))
+                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events()))
                     ready = None
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
-                    if (now := self.stats()) != reported:  # e.g. an abort since: idle gauges stay true
+                    if (now := self.stats()) != reported or sched.blocks.events:  # e.g. an abort since
                         reported = now
-                        self.emit(StepOutputs([], 0.0, now))
+                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events()))
                     self._wake.clear()
                     await self._wake.wait()
                     continue

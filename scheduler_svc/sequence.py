@@ -44,6 +44,9 @@ class Sequence:
     # The worker holds state for this sequence (added and not yet removed).
     on_worker: bool = False
     finish_reason: FinishReason | None = None
+    # Another sample of the same prompt, added just before this one: this one waits for its
+    # prompt blocks to be cached, so that the n samples of a request share them.
+    leader: Sequence | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -64,6 +67,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def prompt_cached(self) -> bool:
+        """Whether its prompt's full blocks are in the prefix cache (or never will be: it finished)."""
+        return self.num_output_tokens > 0 or self.is_finished
 
     def can_grow(self) -> bool:
         """Whether another decode step may be scheduled without passing max_len."""
