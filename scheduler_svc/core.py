@@ -72,6 +72,7 @@ class EngineCore:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._sent: deque[float] = deque()
+        self._queued: list[float] = []  # queue times of the sequences first scheduled since the last StepOutputs
         self._last_done = 0.0
 
     async def start(self) -> CoreInfo:
@@ -107,6 +108,7 @@ class EngineCore:
     def add(self, msg: Add) -> None:
         assert self.scheduler is not None, "start() first"
         seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
+        seq.arrival = time.monotonic()
         if msg.leader is not None:
             seq.leader = self.seqs.get(msg.leader)
         self.seqs[seq.seq_id] = seq
@@ -157,20 +159,23 @@ class EngineCore:
                         break
                     await self.workers.send(to_step_request(batch, sched.eos_token_ids))
                     self._sent.append(time.perf_counter())
+                    if batch.added:
+                        now = time.monotonic()
+                        self._queued += [now - s.arrival for s in batch.added if s.epoch == 0]
                     inflight.append(batch)
                 if ready is not None:
                     # Outputs go after the next step is on its way: streaming them is the largest
                     # per-token cost and need not delay the worker. A stop string the frontend
                     # finds ends its sequence a step or two later; those tokens are dropped.
                     reported = self.stats()
-                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events()))
+                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events(), self._take_queued()))
                     ready = None
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
                     if (now := self.stats()) != reported or sched.blocks.events:  # e.g. an abort since
                         reported = now
-                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events()))
+                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -189,6 +194,10 @@ class EngineCore:
         except Exception as e:  # a bug here must not hang clients: fail them loudly
             log.exception("engine loop crashed")
             self._die(f"engine loop crashed: {e!r}")
+
+    def _take_queued(self) -> tuple[float, ...]:
+        queued, self._queued = tuple(self._queued), []
+        return queued
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []

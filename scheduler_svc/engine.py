@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
@@ -82,6 +83,7 @@ class Engine:
         """`workers` replaces the gRPC worker group (the in-process benchmark passes its own; the
         core then runs in this process)."""
         self.config = config
+        self.model_name = config.model_name or Path(config.model).name
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
         core_config = CoreConfig(
@@ -216,12 +218,13 @@ class Engine:
                 if isinstance(item, BaseException):
                     reason = "error"
                     raise item
-                last = time.monotonic()
+                now = time.monotonic()
                 if not first:
-                    first = last
+                    first = last = now
                     self.metrics.first_token(arrival, first, len(prompt))
                 streamed += len(item.token_ids)
-                self.metrics.streamed(len(item.token_ids))
+                self.metrics.streamed(len(item.token_ids), now - last)
+                last = now
                 if item.finish_reason is not None:
                     reason = item.finish_reason.value
                     pending -= 1
@@ -293,6 +296,8 @@ class Engine:
         if isinstance(event, StepOutputs):
             if event.step_seconds:
                 self.metrics.step(event.step_seconds)
+            if event.queued:
+                self.metrics.queued(event.queued)
             self.stats = event.stats
             if event.kv:
                 self.kv.publish(event.kv)

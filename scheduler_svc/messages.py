@@ -88,6 +88,7 @@ class StepOutputs:
     step_seconds: float  # the step's worker time: from its send, or the previous result if later (0: no step)
     stats: CoreStats
     kv: tuple[KvEvent, ...] = ()  # what the prefix cache stored and evicted since the last StepOutputs
+    queued: tuple[float, ...] = ()  # seconds from Add to first scheduled, of the sequences first scheduled since
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class Sequence:
     # Another sample of the same prompt, added just before this one: this one waits for its
     # prompt blocks to be cached, so that the n samples of a request share them.
     leader: Sequence | None = None
+    arrival: float = 0.0  # when the core got its Add (time.monotonic)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -91,7 +91,7 @@ class SchedulerServer:
         self.engine = Engine(config)
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
-        vpbg.add_VllmEngineServicer_to_server(VllmEngineServicer(self.engine, config.model_name), self.server)
+        vpbg.add_VllmEngineServicer_to_server(VllmEngineServicer(self.engine), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = (GENERATION, VLLM_ENGINE, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -35,9 +35,9 @@ def _version() -> str:
 
 
 class VllmEngineServicer(vpbg.VllmEngineServicer):
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.model_name = engine.model_name
         self.model_dir = engine.config.model
         self.started = time.time()
         self.config = json.loads((Path(self.model_dir) / "config.json").read_text())
