@@ -220,10 +220,10 @@ class Engine:
                     raise item
                 now = time.monotonic()
                 if not first:
-                    first = last = now
+                    first = now
                     self.metrics.first_token(arrival, first, len(prompt))
                 streamed += len(item.token_ids)
-                self.metrics.streamed(len(item.token_ids), now - last)
+                self.metrics.streamed(len(item.token_ids), now - last if last else None)
                 last = now
                 if item.finish_reason is not None:
                     reason = item.finish_reason.value

@@ -105,10 +105,13 @@ class Metrics:
         self.vllm[0].observe(now - arrival)
         self.prompt_tokens += prompt_tokens
 
-    def streamed(self, num_tokens: int, gap: float) -> None:
-        """`gap`: seconds since the request's previous message (0 for its first)."""
+    def streamed(self, num_tokens: int, gap: float | None) -> None:
+        """`gap`: seconds since the request's previous message; None for its first, whose later
+        tokens (if it carries several) came with the first one."""
         self.generation_tokens += num_tokens
-        if gap and num_tokens:
+        if gap is None:
+            self.vllm[1].observe(0.0, num_tokens - 1)
+        else:
             self.vllm[1].observe(gap / num_tokens, num_tokens)
 
     def finish(self, reason: str, arrival: float, first: float, last: float, num_tokens: int) -> None:
