@@ -110,8 +110,8 @@ class Metrics:
         tokens (if it carries several) came with the first one."""
         self.generation_tokens += num_tokens
         if gap is None:
-            self.vllm[1].observe(0.0, num_tokens - 1)
-        else:
+            self.vllm[1].observe(0.0, max(num_tokens - 1, 0))
+        elif num_tokens:  # an aborted request's last message may carry none
             self.vllm[1].observe(gap / num_tokens, num_tokens)
 
     def finish(self, reason: str, arrival: float, first: float, last: float, num_tokens: int) -> None:
