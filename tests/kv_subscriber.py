@@ -50,12 +50,15 @@ class KvSubscriber:
         else:
             self.live.clear()
 
+    def blocks(self) -> dict[int, tuple[int | None, tuple[int, ...]]]:
+        with self.lock:
+            return dict(self.live)
+
     def wait_for(self, cached: dict[int, int], timeout: float = 10.0) -> None:
         """Until the live blocks are exactly `cached`'s hashes; each block's tokens must hash to its hash."""
         deadline = time.monotonic() + timeout
         while True:
-            with self.lock:
-                live = dict(self.live)
+            live = self.blocks()
             if set(live) == set(cached):
                 break
             assert time.monotonic() < deadline, f"events: {len(live)} blocks; block manager: {len(cached)}"

@@ -132,7 +132,7 @@ def test_cache_aware_routing_follows_kv_events(replicas, model_dir, tmp_path) ->
         for sub, svc in zip(subs, replicas, strict=True):
             sub.wait_for(cached_state(svc))
         before = [hits(s) for s in replicas]
-        holder = max(range(2), key=lambda i: len(subs[i].live))
+        holder = max(range(2), key=lambda i: len(subs[i].blocks()))
         for i in range(1, 5):
             api.completions.create(model=MODEL, prompt=shared + str(i), max_tokens=2, temperature=0)
         after = [hits(s) for s in replicas]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 
@@ -159,3 +160,26 @@ def test_info_loads_health_and_tokenizer(service, stub, tiny_model_dir) -> None:
     names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"} <= names
     assert not any(n.endswith(".safetensors") for n in names)
+
+
+def test_samples_kv_events_and_flush_through_the_core_process(tiny_model_dir) -> None:
+    """The same over the core's own process: Add with a leader, StepOutputs with KV events, Flush."""
+    svc = Service(tiny_model_dir, engine={"core_process": True}, num_kv_blocks=64, block_size=16)
+    sub = KvSubscriber(svc.addr)
+    try:
+        with grpc.insecure_channel(svc.addr) as ch:
+            stub = vpbg.VllmEngineStub(ch)
+            prompt = list(range(3, 40))  # two full blocks
+            msgs = list(stub.Generate(request(prompt=prompt, stream=False, max_tokens=3, n=2, temperature=0.0)))
+            assert sorted(m.complete.index for m in msgs) == [0, 1]
+            assert sorted(m.complete.cached_tokens for m in msgs) == [0, 32]  # the second shared the first's
+            deadline = time.monotonic() + 10
+            while len(sub.blocks()) < 2:
+                assert time.monotonic() < deadline, sub.blocks()
+                time.sleep(0.02)
+            assert [tokens for _, tokens in sub.blocks().values()] == [tuple(prompt[:16]), tuple(prompt[16:32])]
+            assert stub.FlushCache(cpb.FlushCacheRequest(timeout_s=5)).success
+            sub.wait_for({})
+    finally:
+        sub.close()
+        svc.stop()
