@@ -173,7 +173,7 @@ class EngineCore:
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
-                    if (now := self.stats()) != reported or sched.blocks.events:  # e.g. an abort since
+                    if (now := self.stats()) != reported or sched.blocks.events:  # an abort or an eviction since
                         reported = now
                         self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
                     self._wake.clear()

@@ -80,11 +80,11 @@ class Metrics:
         self.step_time = histogram(
             "step_duration", "Worker time of one step, send or previous result to result.", STEP_BUCKETS
         )
-        self.vllm = (
-            Buckets("vllm:time_to_first_token_seconds", "From arrival to the first token.", TTFT_BUCKETS),
-            Buckets("vllm:inter_token_latency_seconds", "Between a request's successive tokens.", TPOT_BUCKETS),
-            Buckets("vllm:e2e_request_latency_seconds", "From arrival to the last token.", E2E_BUCKETS),
-            Buckets("vllm:request_queue_time_seconds", "From arrival in the core to first scheduled.", QUEUE_BUCKETS),
+        self.vllm_ttft = Buckets("vllm:time_to_first_token_seconds", "From arrival to the first token.", TTFT_BUCKETS)
+        self.vllm_itl = Buckets("vllm:inter_token_latency_seconds", "Between successive tokens.", TPOT_BUCKETS)
+        self.vllm_e2e = Buckets("vllm:e2e_request_latency_seconds", "From arrival to the last token.", E2E_BUCKETS)
+        self.vllm_queue = Buckets(
+            "vllm:request_queue_time_seconds", "From arrival in the core to first scheduled.", QUEUE_BUCKETS
         )
         self.registry.register(_StateCollector(self))
         self.registry.register(_VllmCollector(self))
@@ -96,13 +96,13 @@ class Metrics:
     def queued(self, seconds: tuple[float, ...]) -> None:
         """Queue times of the requests the core scheduled for the first time."""
         for q in seconds:
-            self.vllm[3].observe(q)
+            self.vllm_queue.observe(q)
 
     # ---- a request's hooks, called from its own coroutine ----
 
     def first_token(self, arrival: float, now: float, prompt_tokens: int) -> None:
         self.ttft.observe(now - arrival)
-        self.vllm[0].observe(now - arrival)
+        self.vllm_ttft.observe(now - arrival)
         self.prompt_tokens += prompt_tokens
 
     def streamed(self, num_tokens: int, gap: float | None) -> None:
@@ -110,15 +110,15 @@ class Metrics:
         tokens (if it carries several) came with the first one."""
         self.generation_tokens += num_tokens
         if gap is None:
-            self.vllm[1].observe(0.0, max(num_tokens - 1, 0))
+            self.vllm_itl.observe(0.0, max(num_tokens - 1, 0))
         elif num_tokens:  # an aborted request's last message may carry none
-            self.vllm[1].observe(gap / num_tokens, num_tokens)
+            self.vllm_itl.observe(gap / num_tokens, num_tokens)
 
     def finish(self, reason: str, arrival: float, first: float, last: float, num_tokens: int) -> None:
         """`first`/`last`: when the first and last tokens were streamed (0 when none was)."""
         self.finished[reason] += 1
         self.e2e.observe(time.monotonic() - arrival)
-        self.vllm[2].observe(time.monotonic() - arrival)
+        self.vllm_e2e.observe(time.monotonic() - arrival)
         if num_tokens > 1:
             self.tpot.observe((last - first) / (num_tokens - 1))
 
@@ -179,7 +179,7 @@ class _VllmCollector(Collector):
         m = self.metrics
         engine, model = m.engine, m.engine.model_name
         info = engine.info
-        for b in m.vllm:
+        for b in (m.vllm_ttft, m.vllm_itl, m.vllm_e2e, m.vllm_queue):
             yield b.family(model)
         if info is None:
             return
