@@ -118,7 +118,6 @@ class VllmEngineServicer(vpbg.VllmEngineServicer):
             server_type="nanovllm-grpc",
             data_parallel_size=1,
             block_size=info.block_size,
-            model_dtype=str(self.config.get("torch_dtype", "")),
             max_num_seqs=self.engine.config.max_num_seqs,
         )
 
