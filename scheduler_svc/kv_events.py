@@ -45,10 +45,14 @@ class KvBatch:
 
 
 class KvLog:
-    def __init__(self, history: int = 4096, queue_size: int = 4096) -> None:
+    def __init__(self, history: int = 1 << 16, queue_size: int = 4096) -> None:
+        """`history`: events kept for replay (a prefill-heavy step may store a thousand blocks, so
+        whole batches are kept while their events fit); `queue_size`: batches a subscriber may lag."""
         self.sequence = 0  # of the last batch published
         self.live: dict[int, BlockStored] = {}  # insertion order: a parent before its children
-        self.history: deque[KvBatch] = deque(maxlen=history)
+        self.history: deque[KvBatch] = deque()
+        self.max_history = history
+        self.num_history = 0  # events in self.history
         self.queue_size = queue_size
         self.subscribers: set[asyncio.Queue[KvBatch | None]] = set()
 
@@ -63,6 +67,9 @@ class KvLog:
             else:
                 self.live.clear()
         self.history.append(batch)
+        self.num_history += len(events)
+        while self.num_history > self.max_history and len(self.history) > 1:
+            self.num_history -= len(self.history.popleft().events)
         for q in list(self.subscribers):
             if q.qsize() >= self.queue_size:
                 self.subscribers.discard(q)

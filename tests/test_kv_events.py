@@ -21,7 +21,7 @@ def test_snapshot_holds_the_live_blocks_parents_first() -> None:
 
 
 def test_subscribe_from_zero_replay_and_live_batches() -> None:
-    log = KvLog(history=2)
+    log = KvLog(history=2)  # events
     first, q = log.subscribe(0)
     assert [b.sequence for b in first] == [0] and first[0].events == (CacheCleared(),)
     for e in (A, B, C):
@@ -31,7 +31,7 @@ def test_subscribe_from_zero_replay_and_live_batches() -> None:
     assert [b.sequence for b in replay] == [2, 3]
     assert log.subscribe(4)[0] == []  # caught up: live batches only
     with pytest.raises(ReplayExpired):
-        log.subscribe(1)  # no longer in the history of 2
+        log.subscribe(1)  # no longer in the history of 2 events
     with pytest.raises(InvalidRequest):
         log.subscribe(9)
 
