@@ -137,7 +137,7 @@ async def grpc_latency(addr: str, jobs: list[TextJob]) -> dict[str, float]:
 
 def start_gateway(addr: str, model: str, port: int) -> subprocess.Popen:
     cmd = ["smg", "launch", "--worker-urls", f"grpc://{addr}", "--model-path", model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--log-level", "warn"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warn"]  # its default policy: cache_aware
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until it has registered the worker
