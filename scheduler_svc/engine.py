@@ -14,60 +14,25 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
-from scheduler_svc.core import CoreConfig, EngineCore
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.core import EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
 from scheduler_svc.kv_events import KvLog
 from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Flushed, StepOutputs, Update
-from scheduler_svc.metrics import Metrics
+from scheduler_svc.metrics import Load, Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import WorkerGroup
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # directory holding the tokenizer (and config.json)
-    worker_addresses: tuple[str, ...]
-    model_name: str = ""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # None: the worker's
-    enable_prefix_caching: bool = True
-    max_inflight_steps: int = 3
-    max_queued_requests: int = 0  # 0: unbounded
-    # Tokens per streamed message (the first and last go out at once). Each message costs both
-    # ends tens of microseconds of Python gRPC, so with hundreds of streams a few tokens a message
-    # keep the scheduler process and its clients from becoming the bottleneck.
-    stream_interval: int = 1
-    # The engine core (scheduling, worker streams) in a process of its own, so that streaming
-    # and scheduling do not share one Python thread.
-    core_process: bool = True
-    connect_timeout: float = 600.0
-
-    def __post_init__(self) -> None:  # the core's settings are checked by CoreConfig
-        if self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
-
-
-@dataclass(frozen=True)
-class Load:
-    """The engine's load as of the core's last step, for the gateway and the metrics."""
-
-    running: int
-    waiting: int
-    used_blocks: int  # referenced by a sequence (cached free blocks are not counted)
-    hit_rate: float
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -79,29 +44,19 @@ def sample_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, workers: WorkerGroup | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, workers: WorkerGroup | None = None) -> None:
         """`workers` replaces the gRPC worker group (the in-process benchmark passes its own; the
         core then runs in this process)."""
         self.config = config
-        self.model_name = config.model_name or Path(config.model).name
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
-        core_config = CoreConfig(
-            worker_addresses=config.worker_addresses,
-            eos_token_ids=frozenset(self.eos_token_ids),
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            max_inflight_steps=config.max_inflight_steps,
-            connect_timeout=config.connect_timeout,
-        )
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
+        eos = frozenset(self.eos_token_ids)
         self.core: EngineCore | ProcessCore = (
-            ProcessCore(core_config, self._on_event)
+            ProcessCore(config.core, config.workers, eos, self._on_event)
             if config.core_process
-            else EngineCore(core_config, self._on_event, workers)
+            else EngineCore(config.core, workers or config.workers, eos, self._on_event)
         )
         self.info: CoreInfo | None = None
         self.stats: CoreStats | None = None  # as of the last step
@@ -111,7 +66,7 @@ class Engine:
         self._flushed: asyncio.Future[bool] | None = None
         self.dead: str | None = None
         self.draining = False
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.load, config.model_name, config.core.enable_prefix_caching)
         self.num_added = 0
         self._ids = itertools.count()
         self._dead: asyncio.Future[str] | None = None
@@ -129,10 +84,12 @@ class Engine:
             return self.num_added
         return self.stats.waiting + self.num_added - self.stats.num_added
 
-    def load(self) -> Load:
-        assert self.info is not None, "start() first"
+    def load(self) -> Load | None:
+        """What the metrics and the status line read; None until the workers are ready."""
+        if self.info is None:
+            return None
         stats = self.stats or CoreStats(0, 0, 0, self.info.num_blocks, 0, 0, 0)  # no step yet
-        return Load(stats.running, self.num_waiting(), self.info.num_blocks - stats.blocks_free, stats.hit_rate)
+        return Load(self.info, stats, self.num_waiting())
 
     # ---- requests ----
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler_svc.messages import CoreStats
+from scheduler_svc.messages import CoreInfo, CoreStats
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from scheduler_svc.engine import Engine
 
 # "error": the request failed after it was queued (a worker died, or the drain timed out).
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -61,9 +60,22 @@ class Buckets:
         return f
 
 
+@dataclass(frozen=True)
+class Load:
+    """The engine's state as the metrics and the status line read it."""
+
+    info: CoreInfo
+    stats: CoreStats  # as of the core's last step
+    waiting: int  # requests queued, counting those the core has not seen yet
+
+
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, load: Callable[[], Load | None], model_name: str = "", prefix_caching: bool = True) -> None:
+        """`load`: the engine's state now; None until its workers are ready. `model_name` labels the
+        `vllm:` metrics; `prefix_caching` is reported in vllm:cache_config_info."""
+        self.load = load
+        self.model_name = model_name
+        self.prefix_caching = prefix_caching
         self.registry = CollectorRegistry()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -126,7 +138,10 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics over HTTP on a background thread; returns the bound port."""
-        self._http, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         return self._http.server_port
 
     def close(self) -> None:
@@ -152,12 +167,11 @@ class _StateCollector(Collector):
         yield requests
         yield CounterMetricFamily("nanovllm_prompt_tokens", "Prompt tokens of requests that started.", m.prompt_tokens)
         yield CounterMetricFamily("nanovllm_generation_tokens", "Output tokens streamed.", m.generation_tokens)
-        info = m.engine.info
-        if info is None:
+        load = m.load()
+        if load is None:
             return
-        stats = m.engine.stats or CoreStats(0, 0, 0, info.num_blocks, 0, 0, 0)  # no step yet
-        waiting = m.engine.num_waiting()
-        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", waiting)
+        info, stats = load.info, load.stats
+        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", load.waiting)
         yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", stats.running)
         used = info.num_blocks - stats.blocks_free
         yield GaugeMetricFamily("nanovllm_kv_blocks_used", "KV blocks referenced by a sequence.", used)
@@ -177,32 +191,32 @@ class _VllmCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        engine, model = m.engine, m.engine.model_name
-        info = engine.info
+        model = m.model_name
         for b in (m.vllm_ttft, m.vllm_itl, m.vllm_e2e, m.vllm_queue):
             yield b.family(model)
-        if info is None:
+        load = m.load()
+        if load is None:
             return
-        load, stats = engine.load(), engine.stats
+        info, stats = load.info, load.stats
 
         def family(kind: type, name: str, doc: str, value: float) -> Metric:
             f = kind(name, doc, labels=["model_name"])
             f.add_metric([model], value)
             return f
 
-        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Requests running.", load.running)
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Requests running.", stats.running)
         yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting.", load.waiting)
-        usage = load.used_blocks / info.num_blocks
+        usage = (info.num_blocks - stats.blocks_free) / info.num_blocks
         yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", usage)
-        queries, hits = (stats.prefix_queries, stats.prefix_hits) if stats is not None else (0, 0)
         bs = info.block_size
-        yield family(CounterMetricFamily, "vllm:prefix_cache_queries", "Prompt tokens looked up.", queries * bs)
-        yield family(CounterMetricFamily, "vllm:prefix_cache_hits", "Prompt tokens found cached.", hits * bs)
+        queries, hits = stats.prefix_queries * bs, stats.prefix_hits * bs
+        yield family(CounterMetricFamily, "vllm:prefix_cache_queries", "Prompt tokens looked up.", queries)
+        yield family(CounterMetricFamily, "vllm:prefix_cache_hits", "Prompt tokens found cached.", hits)
         labels = {
             "model_name": model,
             "block_size": str(bs),
             "num_gpu_blocks": str(info.num_blocks),
-            "enable_prefix_caching": str(engine.config.enable_prefix_caching),
+            "enable_prefix_caching": str(m.prefix_caching),
         }
         config = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration.", labels=list(labels))
         config.add_metric(list(labels.values()), 1.0)

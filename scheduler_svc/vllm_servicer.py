@@ -37,7 +37,7 @@ def _version() -> str:
 class VllmEngineServicer(vpbg.VllmEngineServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.model_name = engine.model_name
+        self.model_name = engine.config.model_name
         self.model_dir = engine.config.model
         self.started = time.time()
         self.config = json.loads((Path(self.model_dir) / "config.json").read_text())
@@ -118,12 +118,15 @@ class VllmEngineServicer(vpbg.VllmEngineServicer):
             server_type="nanovllm-grpc",
             data_parallel_size=1,
             block_size=info.block_size,
-            max_num_seqs=self.engine.config.max_num_seqs,
+            max_num_seqs=self.engine.config.core.max_num_seqs or 0,  # 0: unknown (the workers' limit)
         )
 
     async def GetLoads(self, request: vpb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> vpb.GetLoadsResponse:
-        info = self._info()
+        self._info()
         load = self.engine.load()
+        assert load is not None
+        info, stats = load.info, load.stats
+        used = info.num_blocks - stats.blocks_free  # blocks a sequence holds; cached free ones are not load
         return vpb.GetLoadsResponse(
             timestamp=datetime.now(timezone.utc).isoformat(),
             version=_version(),
@@ -131,14 +134,14 @@ class VllmEngineServicer(vpbg.VllmEngineServicer):
             loads=[
                 vpb.SchedulerLoad(
                     dp_rank=0,
-                    num_running_reqs=load.running,
+                    num_running_reqs=stats.running,
                     num_waiting_reqs=load.waiting,
-                    num_total_reqs=load.running + load.waiting,
-                    num_used_tokens=load.used_blocks * info.block_size,
+                    num_total_reqs=stats.running + load.waiting,
+                    num_used_tokens=used * info.block_size,
                     max_total_num_tokens=info.num_blocks * info.block_size,
-                    token_usage=load.used_blocks / info.num_blocks,
-                    cache_hit_rate=load.hit_rate,
-                    max_running_requests=self.engine.config.max_num_seqs,
+                    token_usage=used / info.num_blocks,
+                    cache_hit_rate=stats.hit_rate,
+                    max_running_requests=self.engine.config.core.max_num_seqs or 0,
                 )
             ],
         )

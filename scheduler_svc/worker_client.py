@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import grpc
 
+from nanovllm_grpc.process import STEP_STREAM_OPTIONS
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.messages import Sample
 from scheduler_svc.scheduler import Batch
 from scheduler_svc.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sample:
-    token_id: int
-    logprob: float | None = None
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
@@ -92,8 +85,7 @@ class WorkerGroup:
         if not addresses:
             raise ValueError("at least one worker address is needed")
         self.addresses = addresses
-        options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.channels = [grpc.aio.insecure_channel(a, options=STEP_STREAM_OPTIONS) for a in addresses]
         self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
         self.calls: list[grpc.aio.StreamStreamCall] = []
         self.info: wpb.WorkerInfo | None = None
@@ -105,18 +97,26 @@ class WorkerGroup:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         infos = []
+        log.info("waiting for %d worker(s): %s", len(self.addresses), ", ".join(self.addresses))
         for addr, stub in zip(self.addresses, self.stubs, strict=True):
+            said = loop.time()
             while True:
                 try:
                     info = await stub.Describe(wpb.DescribeRequest(), timeout=5.0, wait_for_ready=True)
                     if info.ready:
                         break
+                    why = "loading its model"
                 except grpc.aio.AioRpcError as e:
                     if loop.time() > deadline:
                         raise WorkerUnavailable(f"worker {addr} did not answer: {e.details()}") from e
+                    why = "not answering yet"
                 if loop.time() > deadline:
                     raise WorkerUnavailable(f"worker {addr} did not become ready in {timeout:.0f} s")
+                if loop.time() - said > 30:
+                    log.info("still waiting for worker %s: %s", addr, why)
+                    said = loop.time()
                 await asyncio.sleep(0.2)
+            log.info("worker %s is ready (rank %d of %d)", addr, info.rank, info.world_size)
             infos.append(info)
         ranks = sorted(i.rank for i in infos)
         if ranks != list(range(len(infos))) or any(i.world_size != len(infos) for i in infos):

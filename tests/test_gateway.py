@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def replicas(model_dir) -> Iterator[list[Service]]:
-    svcs = [Service(model_dir, serve={"metrics_port": 0}, num_kv_blocks=96, block_size=16) for _ in range(2)]
+    svcs = [Service(model_dir, scheduler={"metrics_port": 0}, num_kv_blocks=96, block_size=16) for _ in range(2)]
     yield svcs
     for s in svcs:
         if s.loop.thread.is_alive():

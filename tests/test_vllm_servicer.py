@@ -164,7 +164,7 @@ def test_info_loads_health_and_tokenizer(service, stub, tiny_model_dir) -> None:
 
 def test_samples_kv_events_and_flush_through_the_core_process(tiny_model_dir) -> None:
     """The same over the core's own process: Add with a leader, StepOutputs with KV events, Flush."""
-    svc = Service(tiny_model_dir, engine={"core_process": True}, num_kv_blocks=64, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": True}, num_kv_blocks=64, block_size=16)
     sub = KvSubscriber(svc.addr)
     try:
         with grpc.insecure_channel(svc.addr) as ch:
