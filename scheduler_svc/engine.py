@@ -33,6 +33,7 @@ from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import WorkerGroup
 
 log = logging.getLogger(__name__)
+FLUSH_ANSWER_TIMEOUT = 30.0  # seconds; the core answers a Flush at once, unless it is dead
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -224,7 +225,7 @@ class Engine:
             return False, f"{len(self.requests)} requests still running after {timeout:g} s; nothing flushed"
         self._flushed = loop.create_future()
         self.core.flush()
-        if not await asyncio.wait_for(self._flushed, self.config.connect_timeout):
+        if not await asyncio.wait_for(self._flushed, FLUSH_ANSWER_TIMEOUT):
             return False, "a request started meanwhile and holds KV blocks; nothing flushed"
         return True, "prefix cache flushed"
 

@@ -109,3 +109,16 @@ def test_gateway_args_parse_with_smgs_own_parser() -> None:
     parsed = launch.parse_router_args(args)
     assert parsed.service_discovery and parsed.selector == {"app.kubernetes.io/name": "nanovllm"}
     assert (parsed.service_discovery_namespace, parsed.service_discovery_port) == ("default", 50051)
+
+
+def test_replica_commands_parse_with_the_services_own_flags() -> None:
+    from scheduler_svc.server import parser as scheduler_flags
+    from worker_svc.server import parser as worker_flags
+
+    replicas = one("Deployment", "nanovllm")
+    w, s = container(replicas, "worker")["command"], container(replicas, "scheduler")["command"]
+    assert w[:3] == ["python", "-m", "worker_svc"] and s[:3] == ["python", "-m", "scheduler_svc"]
+    worker, scheduler = worker_flags().parse_args(w[3:]), scheduler_flags().parse_args(s[3:])
+    assert (worker.model, worker.host, worker.port) == ("/model", "0.0.0.0", 50061)
+    assert (scheduler.model, scheduler.port, scheduler.metrics_port) == ("/model", 50051, 8000)
+    assert scheduler.workers == ("127.0.0.1:50061",)

@@ -206,7 +206,7 @@ def test_samples_wait_for_the_leaders_prompt_blocks_and_share_them() -> None:
     assert [q.num_cached_tokens for q in seqs] == [0, 12, 12]
     assert (s.blocks.num_queries, s.blocks.num_hits) == (9, 6)
     check_all(seqs, [5, 5, 5])
-    assert s.blocks.num_free == s.config.num_blocks
+    assert s.blocks.num_free == s.num_blocks
 
 
 def test_samples_do_not_wait_without_prefix_caching_or_for_a_finished_leader() -> None:
