@@ -24,7 +24,19 @@ from collections.abc import Callable
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
 from scheduler_svc.grammar import Grammars
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Rejected, Sample, StepOutputs, Update
+from scheduler_svc.messages import (
+    Add,
+    CoreInfo,
+    CoreStats,
+    Dead,
+    Event,
+    Finish,
+    Flushed,
+    Rejected,
+    Sample,
+    StepOutputs,
+    Update,
+)
 from scheduler_svc.scheduler import Batch, Scheduler
 from scheduler_svc.sequence import Sequence
 from scheduler_svc.worker_client import WorkerGroup, from_step_result, to_step_request
@@ -57,6 +69,7 @@ class EngineCore:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._sent: deque[float] = deque()
+        self._queued: list[float] = []  # queue times of the sequences first scheduled since the last StepOutputs
         self._last_done = 0.0
         self.grammars: Grammars | None = None
         self._compiling: dict[int, asyncio.Task[None]] = {}  # constrained seqs not queued yet
@@ -90,6 +103,9 @@ class EngineCore:
     def add(self, msg: Add) -> None:
         assert self.scheduler is not None, "start() first"
         seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
+        seq.arrival = time.monotonic()
+        if msg.leader is not None:
+            seq.leader = self.seqs.get(msg.leader)
         self.seqs[seq.seq_id] = seq
         self.num_added += 1
         if msg.params.constraint is None:
@@ -132,6 +148,13 @@ class EngineCore:
             self.scheduler.finish(seq, msg.reason)
             self._wake.set()  # its removal goes to the workers with the next step
 
+    def flush(self) -> None:
+        """Empties the prefix cache unless a block is in use; answers Flushed, with the Cleared event."""
+        assert self.scheduler is not None, "start() first"
+        ok = self.scheduler.blocks.reset()
+        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events()))
+        self.emit(Flushed(ok))
+
     def stats(self) -> CoreStats:
         sched = self.scheduler
         assert sched is not None, "start() first"
@@ -162,20 +185,23 @@ class EngineCore:
                         break
                     await self.workers.send(to_step_request(batch, sched.eos_token_ids))
                     self._sent.append(time.perf_counter())
+                    if batch.added:
+                        now = time.monotonic()
+                        self._queued += [now - s.arrival for s in batch.added if s.epoch == 0]
                     inflight.append(batch)
                 if ready is not None:
                     # Outputs go after the next step is on its way: streaming them is the largest
                     # per-token cost and need not delay the worker. A stop string the frontend
                     # finds ends its sequence a step or two later; those tokens are dropped.
                     reported = self.stats()
-                    self.emit(StepOutputs(*ready, reported))
+                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events(), self._take_queued()))
                     ready = None
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
-                    if (now := self.stats()) != reported:  # e.g. an abort since: idle gauges stay true
+                    if (now := self.stats()) != reported or sched.blocks.events:  # an abort or an eviction since
                         reported = now
-                        self.emit(StepOutputs([], 0.0, now))
+                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -194,6 +220,10 @@ class EngineCore:
         except Exception as e:  # a bug here must not hang clients: fail them loudly
             log.exception("engine loop crashed")
             self._die(f"engine loop crashed: {e!r}")
+
+    def _take_queued(self) -> tuple[float, ...]:
+        queued, self._queued = tuple(self._queued), []
+        return queued
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []

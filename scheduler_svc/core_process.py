@@ -27,7 +27,7 @@ from nanovllm_grpc.process import settle_heap
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.core import EngineCore
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Started
+from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Flush, Started
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
@@ -115,7 +115,10 @@ class ProcessCore:
     def finish(self, msg: Finish) -> None:
         self._send(msg)
 
-    def _send(self, msg: Add | Finish) -> None:
+    def flush(self) -> None:
+        self._send(Flush())
+
+    def _send(self, msg: Add | Finish | Flush) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(_frame(msg))
 
@@ -191,5 +194,7 @@ async def _apply(reader: asyncio.StreamReader, core: EngineCore) -> None:
                 core.add(msg)
             elif isinstance(msg, Finish):
                 core.finish(msg)
+            elif isinstance(msg, Flush):
+                core.flush()
             else:
                 raise TypeError(f"unexpected message from the frontend: {msg!r}")

@@ -86,6 +86,10 @@ class Scheduler:
             i += 1
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.leader is not None:
+                if self.config.enable_prefix_caching and not seq.leader.prompt_cached:
+                    break  # admitted once the leader's prompt blocks are cached: it then shares them
+                seq.leader = None
             hit = self.blocks.match(seq)
             start = len(hit) * self.block_size
             n = min(seq.num_tokens - start, budget)

@@ -63,6 +63,10 @@ class Sequence:
     # Structured output: it samples only with a mask computed from all its known tokens, so it
     # never has a sampled token in flight.
     grammar: Grammar | None = None
+    # Another sample of the same prompt, added just before this one: this one waits for its
+    # prompt blocks to be cached, so that the n samples of a request share them.
+    leader: Sequence | None = None
+    arrival: float = 0.0  # when the core got its Add (time.monotonic)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -87,6 +91,11 @@ class Sequence:
     def can_sample(self) -> bool:
         """Whether a step may sample this seq's next token now (always, unless it is constrained)."""
         return self.grammar is None or (self.num_inflight == 0 and self.grammar.ready)
+
+    @property
+    def prompt_cached(self) -> bool:
+        """Whether its prompt's full blocks are in the prefix cache (or never will be: it finished)."""
+        return self.num_output_tokens > 0 or self.is_finished
 
     def can_grow(self) -> bool:
         """Whether another decode step may be scheduled without passing max_len."""

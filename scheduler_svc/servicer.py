@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
@@ -46,7 +47,8 @@ def to_params(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def to_constraint(msg: pb.SamplingParams) -> Constraint | None:
+def to_constraint(msg: pb.SamplingParams | vpb.SamplingParams) -> Constraint | None:
+    """The `constraint` oneof, which nanovllm.v1 and vllm.grpc.engine spell alike."""
     kind = msg.WhichOneof("constraint")
     if kind is None or (kind == "json_object" and not msg.json_object):
         return None

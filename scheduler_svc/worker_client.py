@@ -68,6 +68,8 @@ def _sampling(seq: Sequence, eos_token_ids: set[int]) -> wpb.SeqSampling:
         min_tokens=p.min_tokens,
         min_tokens_banned_ids=sorted(banned) if p.min_tokens else [],
         logprobs=p.logprobs,
+        logit_bias_ids=[t for t, _ in p.logit_bias],
+        logit_bias_values=[b for _, b in p.logit_bias],
     )
 
 

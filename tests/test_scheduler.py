@@ -235,3 +235,42 @@ def test_a_constrained_sequence_waits_for_its_mask() -> None:
     assert s.schedule() is None
     grammar.ready = True
     assert s.schedule().seqs == [seq]
+
+
+def add_samples(s: Scheduler, prompt: list[int], n: int, max_tokens: int) -> list[Sequence]:
+    """A request's n samples as the core adds them: each after the first led by the first."""
+    seqs = [add(s, 100 + i, prompt, max_tokens) for i in range(n)]
+    for seq in seqs[1:]:
+        seq.leader = seqs[0]
+    return seqs
+
+
+def test_samples_wait_for_the_leaders_prompt_blocks_and_share_them() -> None:
+    s, w = make()
+    prompt = prompts(1, lo=13, hi=13)[0]  # three full blocks of 4 and one token
+    seqs = add_samples(s, prompt, 3, 5)
+    first = s.schedule()
+    assert first is not None and first.seqs == [seqs[0]]  # the others wait for its prompt to be cached
+    first_out = w.step(first)
+    ahead = s.schedule()  # the leader's next token, sent before its first is back: the others still wait
+    assert ahead is not None and ahead.seqs == [seqs[0]]
+    ahead_out = w.step(ahead)
+    s.postprocess(first, first_out)
+    s.postprocess(ahead, ahead_out)
+    run(s, w)
+    assert [q.num_cached_tokens for q in seqs] == [0, 12, 12]
+    assert (s.blocks.num_queries, s.blocks.num_hits) == (9, 6)
+    check_all(seqs, [5, 5, 5])
+    assert s.blocks.num_free == s.num_blocks
+
+
+def test_samples_do_not_wait_without_prefix_caching_or_for_a_finished_leader() -> None:
+    s, _ = make(enable_prefix_caching=False)
+    seqs = add_samples(s, prompts(1, lo=13, hi=13)[0], 2, 5)
+    batch = s.schedule()
+    assert batch is not None and batch.seqs == seqs
+    s, _ = make()
+    seqs = add_samples(s, prompts(1, lo=13, hi=13)[0], 2, 5)
+    s.finish(seqs[0], FinishReason.ABORT)  # aborted before its prefill
+    batch = s.schedule()
+    assert batch is not None and batch.seqs == [seqs[1]] and seqs[1].leader is None

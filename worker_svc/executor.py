@@ -83,6 +83,8 @@ def to_state(msg: wpb.AddSeq) -> SeqState:
             min_tokens=s.min_tokens,
             min_tokens_banned_ids=list(s.min_tokens_banned_ids),
             logprobs=s.logprobs,
+            logit_bias_ids=list(s.logit_bias_ids),
+            logit_bias_values=list(s.logit_bias_values),
         ),
     )
 
