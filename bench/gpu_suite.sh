@@ -7,8 +7,8 @@
 # sweep is left out, being slow), decode attention by batch and row order (bench_decode.py), the
 # decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and the
 # throughput benchmark (full stack, in-process, single-request latency; the full stack again with
-# four tokens a streamed message, with the engine core in the scheduler process, and with an fp8 KV
-# cache), online serving at several request rates (serve), --compile against our fused kernels
+# four tokens a streamed message, with the engine core in the scheduler process, with 10% of the
+# requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving at several request rates (serve), --compile against our fused kernels
 # (compile_*), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
 # some of them by name (default: all). A failing step is reported and the rest still run; the exit
 # status is that of the last failure. docs/benchmarks.md says how to read the results.
@@ -46,6 +46,7 @@ step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes
 step timeline 300 python3 -m bench.timeline
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
+step throughput_json 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,json
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
 # Online serving: Poisson arrivals of the standard prompts at several rates (bench/serve.py).
 step serve 400 python3 -m bench.serve --model bench/qwen3-0.6b --rates 8,16,32,64

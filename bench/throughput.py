@@ -8,6 +8,7 @@ full:    `nanovllm serve` (scheduler + worker processes) and an asyncio gRPC cli
 inproc:  the same engine, scheduler and model runner in this process, no gRPC (bench/local_worker.py).
 latency: one request at a time (256 prompt + 512 output tokens, greedy) through gRPC: time to first
          token, time per output token, and ms per output token including prefill.
+json:    as full, with --json-share of the requests constrained by a JSON schema (bench/structured.py).
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_server_args(p, max_num_batched_tokens=16384)
     p.add_argument("--modes", default="full,inproc,latency")
     p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--json-share", type=float, default=0.1, help="json mode: share of requests with a JSON schema")
     return p.parse_args(argv)
 
 
@@ -256,7 +258,7 @@ def main() -> None:
     jobs = standard(args.num_requests)
     total_prompt = sum(len(j.prompt) for j in jobs)
     results: dict[str, float] = {}
-    if "full" in modes or "latency" in modes:
+    if "full" in modes or "latency" in modes or "json" in modes:
         proc, addr = start_server(model, 50151, serve_flags(args))
         try:
             if "full" in modes:
@@ -269,6 +271,12 @@ def main() -> None:
                 print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
                 busy = ", ".join(f"{k} {(after[k] - before[k]) / secs:.0%}" for k in before)
                 print(f"full stack: CPU busy (of one core) {busy}", flush=True)
+            if "json" in modes:
+                from bench.structured import mixed
+
+                for k, v in asyncio.run(mixed(addr, jobs, args.json_share)).items():
+                    results[k] = v
+                    print(f"json share {k}: {v:,.3f}", flush=True)
             if "latency" in modes:
                 for k, v in asyncio.run(latency(addr)).items():
                     results[k] = v
@@ -281,6 +289,8 @@ def main() -> None:
         results["inproc_tok_s"] = n / secs
         print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
     print(f"\nworkload: {len(jobs)} requests, {total_prompt} prompt tokens, {sum(j.max_tokens for j in jobs)} output")
+    if "full_tok_s" in results and "json_tok_s" in results:
+        results["json share / plain"] = results["json_tok_s"] / results["full_tok_s"]
     if "full_tok_s" in results and "inproc_tok_s" in results:
         results["full / in-process"] = results["full_tok_s"] / results["inproc_tok_s"]
     print_results(results)

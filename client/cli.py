@@ -49,6 +49,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "min_tokens": args.min_tokens,
         "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
+        "json_schema": args.json_schema,
+        "regex": args.regex,
+        "grammar": args.grammar,
+        "structural_tag": args.structural_tag,
+        "json_object": args.json_object,
+        "choice": args.choice or (),
     }
     try:
         prompt = token_ids(args.prompt_token_ids) if args.prompt_token_ids is not None else args.prompt
@@ -127,6 +133,13 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens whatever the model says")
     g.add_argument("--logprobs", type=int, help="top logprobs per token, with --json (default: 0, none)")
     g.add_argument("--json", action="store_true", help="one JSON object per streamed message")
+    c = g.add_mutually_exclusive_group()  # structured output: every token keeps the output valid
+    c.add_argument("--json-schema", help="the output is JSON valid against this schema (JSON text)")
+    c.add_argument("--regex", help="the whole output matches this regular expression")
+    c.add_argument("--grammar", help="the output follows this EBNF grammar (xgrammar's dialect: root ::= ...)")
+    c.add_argument("--structural-tag", help="xgrammar's structural tag (JSON text)")
+    c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    c.add_argument("--choice", nargs="+", help="the output is exactly one of these strings")
     g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up (default: 0)")
     g.set_defaults(func=cmd_generate)
 

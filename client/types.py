@@ -12,6 +12,7 @@ INT32 = (-(2**31), 2**31 - 1)
 UINT64 = (0, 2**64 - 1)
 # What the wire can carry; the server checks the rest and answers INVALID_ARGUMENT.
 _RANGES = {"max_tokens": UINT32, "top_k": INT32, "seed": UINT64, "min_tokens": UINT32, "logprobs": UINT32}
+_CONSTRAINTS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
 FINISH_REASONS = {
     pb.FINISH_REASON_UNSPECIFIED: None,
     pb.FINISH_REASON_STOP: "stop",
@@ -45,10 +46,22 @@ class Sampling:
     min_tokens: int | None = None  # no EOS or stop token before this many [0]
     ignore_eos: bool = False  # generate max_tokens whatever the model says
     logprobs: int | None = None  # top logprobs returned per token [0: none]
+    # Structured output, at most one: every token keeps the output valid, and it ends once complete.
+    json_schema: str | None = None  # a JSON schema, as JSON text
+    regex: str | None = None  # the whole output matches it
+    grammar: str | None = None  # EBNF, in xgrammar's dialect (root ::= ...)
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
+    json_object: bool = False  # any JSON object
+    choice: Sequence[str] = ()  # exactly one of these strings
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if isinstance(self.choice, str):
+            raise ValueError("sampling.choice is a sequence of strings, got one string")
+        constraints = [name for name in _CONSTRAINTS if getattr(self, name)]
+        if len(constraints) > 1:
+            raise ValueError(f"set at most one constraint, got {', '.join(constraints)}")
         for name, bounds in _RANGES.items():
             if (value := getattr(self, name)) is not None:
                 check_range(f"sampling.{name}", value, bounds)
@@ -56,8 +69,13 @@ class Sampling:
             check_range("sampling.stop_token_ids", t, UINT32)
 
     def to_proto(self) -> pb.SamplingParams:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("json_object", "choice")}
+        msg = pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        if self.json_object:
+            msg.json_object = True
+        if self.choice:
+            msg.choice.choices.extend(self.choice)
+        return msg
 
 
 @dataclass(frozen=True)

@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/generate.proto\x12\x0bnanovllm.v1\"\x80\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.nanovllm.v1.ChatMessage\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.nanovllm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x19.nanovllm.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.nanovllm.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.nanovllm.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xde\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.nanovllm.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.nanovllm.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.nanovllm.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xea\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.nanovllm.v1.GenerateRequest\x1a\x1d.nanovllm.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.nanovllm.v1.TokenizeRequest\x1a\x1d.nanovllm.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .nanovllm.v1.GetModelInfoRequest\x1a\x16.nanovllm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/generate.proto\x12\x0bnanovllm.v1\"\xab\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0f \x01(\tH\x00\x12\x0f\n\x05regex\x18\x10 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x11 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x12/\n\x06\x63hoice\x18\x14 \x01(\x0b\x32\x1d.nanovllm.v1.ChoiceConstraintH\x00\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"#\n\x10\x43hoiceConstraint\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.nanovllm.v1.ChatMessage\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.nanovllm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x19.nanovllm.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.nanovllm.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.nanovllm.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xde\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.nanovllm.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.nanovllm.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.nanovllm.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xea\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.nanovllm.v1.GenerateRequest\x1a\x1d.nanovllm.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.nanovllm.v1.TokenizeRequest\x1a\x1d.nanovllm.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .nanovllm.v1.GetModelInfoRequest\x1a\x16.nanovllm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1631
-  _globals['_FINISHREASON']._serialized_end=1751
+  _globals['_FINISHREASON']._serialized_start=1839
+  _globals['_FINISHREASON']._serialized_end=1959
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=550
-  _globals['_TOKENIDS']._serialized_start=552
-  _globals['_TOKENIDS']._serialized_end=575
-  _globals['_CHATMESSAGE']._serialized_start=577
-  _globals['_CHATMESSAGE']._serialized_end=621
-  _globals['_CHATMESSAGES']._serialized_start=623
-  _globals['_CHATMESSAGES']._serialized_end=681
-  _globals['_GENERATEREQUEST']._serialized_start=684
-  _globals['_GENERATEREQUEST']._serialized_end=881
-  _globals['_TOPLOGPROB']._serialized_start=883
-  _globals['_TOPLOGPROB']._serialized_end=930
-  _globals['_TOKENLOGPROB']._serialized_start=932
-  _globals['_TOKENLOGPROB']._serialized_end=1019
-  _globals['_USAGE']._serialized_start=1021
-  _globals['_USAGE']._serialized_end=1108
-  _globals['_GENERATERESPONSE']._serialized_start=1111
-  _globals['_GENERATERESPONSE']._serialized_end=1333
-  _globals['_TOKENIZEREQUEST']._serialized_start=1335
-  _globals['_TOKENIZEREQUEST']._serialized_end=1394
-  _globals['_TOKENIZERESPONSE']._serialized_start=1396
-  _globals['_TOKENIZERESPONSE']._serialized_end=1433
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1435
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1456
-  _globals['_MODELINFO']._serialized_start=1459
-  _globals['_MODELINFO']._serialized_end=1629
-  _globals['_GENERATION']._serialized_start=1754
-  _globals['_GENERATION']._serialized_end=1988
+  _globals['_SAMPLINGPARAMS']._serialized_end=721
+  _globals['_CHOICECONSTRAINT']._serialized_start=723
+  _globals['_CHOICECONSTRAINT']._serialized_end=758
+  _globals['_TOKENIDS']._serialized_start=760
+  _globals['_TOKENIDS']._serialized_end=783
+  _globals['_CHATMESSAGE']._serialized_start=785
+  _globals['_CHATMESSAGE']._serialized_end=829
+  _globals['_CHATMESSAGES']._serialized_start=831
+  _globals['_CHATMESSAGES']._serialized_end=889
+  _globals['_GENERATEREQUEST']._serialized_start=892
+  _globals['_GENERATEREQUEST']._serialized_end=1089
+  _globals['_TOPLOGPROB']._serialized_start=1091
+  _globals['_TOPLOGPROB']._serialized_end=1138
+  _globals['_TOKENLOGPROB']._serialized_start=1140
+  _globals['_TOKENLOGPROB']._serialized_end=1227
+  _globals['_USAGE']._serialized_start=1229
+  _globals['_USAGE']._serialized_end=1316
+  _globals['_GENERATERESPONSE']._serialized_start=1319
+  _globals['_GENERATERESPONSE']._serialized_end=1541
+  _globals['_TOKENIZEREQUEST']._serialized_start=1543
+  _globals['_TOKENIZEREQUEST']._serialized_end=1602
+  _globals['_TOKENIZERESPONSE']._serialized_start=1604
+  _globals['_TOKENIZERESPONSE']._serialized_end=1641
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1643
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1664
+  _globals['_MODELINFO']._serialized_start=1667
+  _globals['_MODELINFO']._serialized_end=1837
+  _globals['_GENERATION']._serialized_start=1962
+  _globals['_GENERATION']._serialized_end=2196
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from array import array
 
 import xxhash
 
+from scheduler_svc.kv_events import BlockRemoved, BlockStored, CacheCleared, KvEvent
 from scheduler_svc.sequence import Sequence
 
 
@@ -41,6 +42,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_queries = 0  # prompt blocks looked up in the prefix cache
         self.num_hits = 0
+        # What the prefix cache stored and evicted since the core last took them (kv_events.py).
+        self.events: list[KvEvent] = []
 
     @property
     def num_free(self) -> int:
@@ -106,6 +109,7 @@ class BlockManager:
         if block.hash is not None:  # evict its old contents from the prefix cache
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
+                self.events.append(BlockRemoved(block.hash))
             block.hash = None
         block.ref_count = 1
         return block_id
@@ -122,12 +126,29 @@ class BlockManager:
         if upto <= seq.num_committed_blocks:
             return
         hashes = self.hashes(seq)
+        bs = self.block_size
         for i in range(seq.num_committed_blocks, upto):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and hashes[i] not in self.cached:
                 block.hash = hashes[i]
                 self.cached[hashes[i]] = block.block_id
+                parent = hashes[i - 1] if i else None
+                self.events.append(BlockStored(hashes[i], parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
         seq.num_committed_blocks = upto
+
+    def reset(self) -> bool:
+        """Forgets every cached prefix, as long as no block is in use; returns whether it did."""
+        if any(b.ref_count for b in self.blocks):
+            return False
+        for b in self.blocks:
+            b.hash = None
+        self.cached.clear()
+        self.events.append(CacheCleared())
+        return True
+
+    def take_events(self) -> tuple[KvEvent, ...]:
+        events, self.events = tuple(self.events), []
+        return events
 
     def release(self, seq: Sequence) -> None:
         """Drops seq's references. Tail blocks are freed first so they are evicted first."""

@@ -15,14 +15,28 @@ finished at step N may already be in the steps after it; those extra tokens are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
 from scheduler_svc.config import CoreConfig
-from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Sample, StepOutputs, Update
+from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
+from scheduler_svc.grammar import Grammars
+from scheduler_svc.messages import (
+    Add,
+    CoreInfo,
+    CoreStats,
+    Dead,
+    Event,
+    Finish,
+    Flushed,
+    Rejected,
+    Sample,
+    StepOutputs,
+    Update,
+)
 from scheduler_svc.scheduler import Batch, Scheduler
 from scheduler_svc.sequence import Sequence
 from scheduler_svc.worker_client import WorkerGroup, from_step_result, to_step_request
@@ -38,9 +52,13 @@ class EngineCore:
         workers: WorkerGroup | tuple[str, ...],
         eos_token_ids: frozenset[int],
         emit: Callable[[Event], None],
+        tokenizer: str | None = None,
     ) -> None:
-        """`workers`: the workers' addresses, or a group of this process's own (the in-process benchmark's)."""
+        """`workers`: the workers' addresses, or a group of this process's own (the in-process benchmark's).
+        `tokenizer`: the directory of the tokenizer whose vocabulary grammars compile against (None: no
+        structured output)."""
         self.config = config
+        self.tokenizer = tokenizer
         self.emit = emit
         self.eos_token_ids = eos_token_ids
         self.workers = WorkerGroup(list(workers)) if isinstance(workers, tuple) else workers
@@ -51,12 +69,17 @@ class EngineCore:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._sent: deque[float] = deque()
+        self._queued: list[float] = []  # queue times of the sequences first scheduled since the last StepOutputs
         self._last_done = 0.0
+        self.grammars: Grammars | None = None
+        self._compiling: dict[int, asyncio.Task[None]] = {}  # constrained seqs not queued yet
 
     async def start(self) -> CoreInfo:
         winfo = await self.workers.connect(CONNECT_TIMEOUT)
         self.config = config = self.config.within(winfo.max_num_seqs, winfo.max_num_batched_tokens, winfo.max_model_len)
         self.scheduler = Scheduler(config, winfo.num_kv_blocks, winfo.block_size, set(self.eos_token_ids))
+        if self.tokenizer:
+            self.grammars = Grammars(self.tokenizer, winfo.vocab_size, self.eos_token_ids)
         self._loop_task = asyncio.create_task(self._loop())
         max_model_len = config.max_model_len or winfo.max_model_len
         return CoreInfo(max_model_len, winfo.vocab_size, winfo.block_size, winfo.num_kv_blocks, winfo.world_size)
@@ -65,6 +88,10 @@ class EngineCore:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in self._compiling.values():
+            task.cancel()
+        if self.grammars is not None:
+            self.grammars.close()
         await self.workers.close()
 
     async def wait_dead(self) -> str:
@@ -76,16 +103,57 @@ class EngineCore:
     def add(self, msg: Add) -> None:
         assert self.scheduler is not None, "start() first"
         seq = Sequence(msg.seq_id, list(msg.prompt), msg.params, max_len=len(msg.prompt) + msg.params.max_tokens)
+        seq.arrival = time.monotonic()
+        if msg.leader is not None:
+            seq.leader = self.seqs.get(msg.leader)
         self.seqs[seq.seq_id] = seq
         self.num_added += 1
+        if msg.params.constraint is None:
+            self.scheduler.add(seq)
+            self._wake.set()
+        else:
+            self._compiling[seq.seq_id] = asyncio.create_task(self._constrain(seq))
+
+    async def _constrain(self, seq: Sequence) -> None:
+        """Queues a constrained seq once its grammar is compiled and its first mask computed."""
+        assert self.scheduler is not None and seq.params.constraint is not None
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # called on a mask thread: the next mask is ready
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to wake
+                loop.call_soon_threadsafe(self._wake.set)
+
+        try:
+            if self.grammars is None:
+                raise InvalidRequest("this server has no tokenizer for structured output")
+            seq.grammar = await self.grammars.start(seq.params.constraint, wake)
+        except Exception as e:
+            if not isinstance(e, InvalidRequest):
+                log.exception("starting the grammar of seq %d failed", seq.seq_id)
+            self.seqs.pop(seq.seq_id, None)
+            self.emit(Rejected(seq.seq_id, str(e)))
+            return
+        finally:
+            self._compiling.pop(seq.seq_id, None)
         self.scheduler.add(seq)
         self._wake.set()
 
     def finish(self, msg: Finish) -> None:
+        if (task := self._compiling.pop(msg.seq_id, None)) is not None:
+            task.cancel()  # aborted before its grammar was ready: it was never queued
+            self.seqs.pop(msg.seq_id, None)
+            return
         seq = self.seqs.pop(msg.seq_id, None)
         if seq is not None and self.scheduler is not None and not seq.is_finished:
             self.scheduler.finish(seq, msg.reason)
             self._wake.set()  # its removal goes to the workers with the next step
+
+    def flush(self) -> None:
+        """Empties the prefix cache unless a block is in use; answers Flushed, with the Cleared event."""
+        assert self.scheduler is not None, "start() first"
+        ok = self.scheduler.blocks.reset()
+        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events()))
+        self.emit(Flushed(ok))
 
     def stats(self) -> CoreStats:
         sched = self.scheduler
@@ -117,20 +185,23 @@ class EngineCore:
                         break
                     await self.workers.send(to_step_request(batch, sched.eos_token_ids))
                     self._sent.append(time.perf_counter())
+                    if batch.added:
+                        now = time.monotonic()
+                        self._queued += [now - s.arrival for s in batch.added if s.epoch == 0]
                     inflight.append(batch)
                 if ready is not None:
                     # Outputs go after the next step is on its way: streaming them is the largest
                     # per-token cost and need not delay the worker. A stop string the frontend
                     # finds ends its sequence a step or two later; those tokens are dropped.
                     reported = self.stats()
-                    self.emit(StepOutputs(*ready, reported))
+                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events(), self._take_queued()))
                     ready = None
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
-                    if (now := self.stats()) != reported:  # e.g. an abort since: idle gauges stay true
+                    if (now := self.stats()) != reported or sched.blocks.events:  # an abort or an eviction since
                         reported = now
-                        self.emit(StepOutputs([], 0.0, now))
+                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -149,6 +220,10 @@ class EngineCore:
         except Exception as e:  # a bug here must not hang clients: fail them loudly
             log.exception("engine loop crashed")
             self._die(f"engine loop crashed: {e!r}")
+
+    def _take_queued(self) -> tuple[float, ...]:
+        queued, self._queued = tuple(self._queued), []
+        return queued
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []

@@ -27,7 +27,7 @@ from nanovllm_grpc.process import settle_heap
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.core import EngineCore
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Started
+from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Flush, Started
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
@@ -48,9 +48,14 @@ class ProcessCore:
     """The frontend's handle on a core process: EngineCore's add/finish/stop, over the socket."""
 
     def __init__(
-        self, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], emit: Callable[[Event], None]
+        self,
+        config: CoreConfig,
+        workers: tuple[str, ...],
+        eos_token_ids: frozenset[int],
+        emit: Callable[[Event], None],
+        tokenizer: str | None = None,
     ) -> None:
-        self.args = (config, workers, eos_token_ids)  # the core process's, after the socket's path
+        self.args = (config, workers, eos_token_ids, tokenizer)  # the core process's, after the socket's path
         self.emit = emit
         self.proc: multiprocessing.process.BaseProcess | None = None
         self._dir: Path | None = None
@@ -110,7 +115,10 @@ class ProcessCore:
     def finish(self, msg: Finish) -> None:
         self._send(msg)
 
-    def _send(self, msg: Add | Finish) -> None:
+    def flush(self) -> None:
+        self._send(Flush())
+
+    def _send(self, msg: Add | Finish | Flush) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(_frame(msg))
 
@@ -131,19 +139,23 @@ class ProcessCore:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def main(path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int]) -> None:
+def main(
+    path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], tokenizer: str | None
+) -> None:
     """The core process: connects back to the frontend, then to the workers, then steps."""
     # Ctrl-C (or a SIGTERM to the process group) reaches this process too; the frontend drains
     # and then closes the socket, which is this process's signal to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
-    asyncio.run(_serve(path, config, workers, eos_token_ids))
+    asyncio.run(_serve(path, config, workers, eos_token_ids, tokenizer))
 
 
-async def _serve(path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int]) -> None:
+async def _serve(
+    path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], tokenizer: str | None
+) -> None:
     reader, writer = await asyncio.open_unix_connection(path)
-    core = EngineCore(config, workers, eos_token_ids, lambda event: writer.write(_frame(event)))
+    core = EngineCore(config, workers, eos_token_ids, lambda event: writer.write(_frame(event)), tokenizer)
     try:
         # The frontend sends nothing before Started, so a read that returns while the workers load
         # means it is gone (EOF): stop then, rather than wait out the connect timeout as an orphan.
@@ -182,5 +194,7 @@ async def _apply(reader: asyncio.StreamReader, core: EngineCore) -> None:
                 core.add(msg)
             elif isinstance(msg, Finish):
                 core.finish(msg)
+            elif isinstance(msg, Flush):
+                core.flush()
             else:
                 raise TypeError(f"unexpected message from the frontend: {msg!r}")

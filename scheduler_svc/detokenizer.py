@@ -16,8 +16,11 @@ REPLACEMENT = "\ufffd"
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...], skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
@@ -27,10 +30,10 @@ class Detokenizer:
         self.sent = 0  # characters of self.text already streamed
         self.stopped_on: str | None = None
         self.backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer of a fast one
-        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self.backend is not None else None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str | None:
         """Takes one completion token; returns the stop string if it ends the text."""

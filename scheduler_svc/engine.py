@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
@@ -23,7 +24,8 @@ from scheduler_svc.core import EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.kv_events import KvLog
+from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Flushed, Rejected, StepOutputs, Update
 from scheduler_svc.metrics import Load, Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
@@ -31,6 +33,15 @@ from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import WorkerGroup
 
 log = logging.getLogger(__name__)
+FLUSH_ANSWER_TIMEOUT = 30.0  # seconds; the core answers a Flush at once, unless it is dead
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of a seeded request draws from a seed of its own, so the n samples differ
+    and each is reproducible; unseeded samples already differ (the worker seeds by sequence)."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + index * 0x9E3779B97F4A7C15) % 2**64)
 
 
 class Engine:
@@ -44,17 +55,19 @@ class Engine:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
         eos = frozenset(self.eos_token_ids)
         self.core: EngineCore | ProcessCore = (
-            ProcessCore(config.core, config.workers, eos, self._on_event)
+            ProcessCore(config.core, config.workers, eos, self._on_event, config.model)
             if config.core_process
-            else EngineCore(config.core, workers or config.workers, eos, self._on_event)
+            else EngineCore(config.core, workers or config.workers, eos, self._on_event, config.model)
         )
         self.info: CoreInfo | None = None
         self.stats: CoreStats | None = None  # as of the last step
-        self.requests: dict[int, Request] = {}
-        self.by_request_id: dict[str, Request] = {}
+        self.requests: dict[int, Request] = {}  # by seq_id: one per sample
+        self.by_request_id: dict[str, list[Request]] = {}
+        self.kv = KvLog()  # the prefix cache's events, for SubscribeKvEvents
+        self._flushed: asyncio.Future[bool] | None = None
         self.dead: str | None = None
         self.draining = False
-        self.metrics = Metrics(self.load)
+        self.metrics = Metrics(self.load, config.model_name, config.core.enable_prefix_caching)
         self.num_added = 0
         self._ids = itertools.count()
         self._dead: asyncio.Future[str] | None = None
@@ -104,6 +117,9 @@ class Engine:
         bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
+        bad = next((t for t, _ in params.logit_bias if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.logit_bias has token id {bad}, out of range [0, {info.vocab_size})")
         total = len(prompt) + params.max_tokens
         if total > info.max_model_len:
             raise InvalidRequest(
@@ -118,7 +134,8 @@ class Engine:
             )
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
-        """Streams one request's outputs; closing the iterator early aborts the request."""
+        """Streams one request's outputs, each tagged with its sample's index (params.n samples);
+        closing the iterator early aborts the request."""
         if self.dead is not None:
             raise WorkerUnavailable(self.dead)
         if self.draining:
@@ -131,47 +148,86 @@ class Engine:
             raise Overloaded(f"{queued} requests are already queued (limit {limit}); retry later")
         if request_id in self.by_request_id:
             raise InvalidRequest(f"request_id {request_id!r} is already in use")
-        req = Request(request_id, next(self._ids), len(prompt), Detokenizer(self.tokenizer, params.stop))
-        self.requests[req.seq_id] = req
-        self.by_request_id[request_id] = req
-        self.num_added += 1
-        self.core.add(Add(req.seq_id, list(prompt), params))
-        reason, first, last, streamed = "abort", 0.0, 0.0, 0
+        queue: asyncio.Queue[Output | BaseException] = asyncio.Queue()
+        samples = []
+        for i in range(params.n):
+            detok = Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+            req = Request(request_id, next(self._ids), len(prompt), detok, index=i, queue=queue)
+            self.requests[req.seq_id] = req
+            samples.append(req)
+            leader = samples[0].seq_id if i else None
+            self.core.add(Add(req.seq_id, list(prompt), sample_params(params, i), leader))
+        self.by_request_id[request_id] = samples
+        self.num_added += params.n
+        reason, first, last, streamed, pending = "abort", 0.0, 0.0, 0, params.n
+        arrival = samples[0].arrival
+        carry: Output | BaseException | None = None
         try:
-            while True:
-                item = await req.queue.get()
-                while not req.queue.empty() and isinstance(item, Output) and item.finish_reason is None:
-                    nxt = req.queue.get_nowait()  # coalesce what piled up into one message
-                    if isinstance(nxt, BaseException):
-                        item = nxt
+            while pending:
+                item = carry if carry is not None else await queue.get()
+                carry = None
+                while isinstance(item, Output) and item.finish_reason is None and not queue.empty():
+                    nxt = queue.get_nowait()  # coalesce what piled up into one message
+                    if isinstance(nxt, Output) and nxt.index == item.index:
+                        item.merge(nxt)
+                    else:
+                        carry = nxt
                         break
-                    item.merge(nxt)
                 if isinstance(item, BaseException):
                     reason = "error"
                     raise item
-                last = time.monotonic()
+                now = time.monotonic()
                 if not first:
-                    first = last
-                    self.metrics.first_token(req.arrival, first, req.num_prompt_tokens)
+                    first = now
+                    self.metrics.first_token(arrival, first, len(prompt))
                 streamed += len(item.token_ids)
-                self.metrics.streamed(len(item.token_ids))
+                self.metrics.streamed(len(item.token_ids), now - last if last else None)
+                last = now
                 if item.finish_reason is not None:
                     reason = item.finish_reason.value
+                    pending -= 1
                 yield item
-                if item.finish_reason is not None:
-                    return
         finally:
-            self.metrics.finish(reason, req.arrival, first, last, streamed)
+            self.metrics.finish(reason, arrival, first, last, streamed)
             self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        req = self.by_request_id.pop(request_id, None)
-        if req is None:
-            return
-        self.requests.pop(req.seq_id, None)
-        if not req.finished and self.dead is None:
+        for req in self.by_request_id.pop(request_id, ()):
+            self.requests.pop(req.seq_id, None)
+            if not req.finished and self.dead is None:
+                req.finished = True
+                self.core.finish(Finish(req.seq_id, FinishReason.ABORT))
+
+    def cancel(self, request_id: str) -> None:
+        """Ends a request from outside its stream (the gateway's Abort): each unfinished sample's
+        stream ends at once with finish reason abort; unknown or finished ids are ignored."""
+        for req in self.by_request_id.get(request_id, ()):
+            if req.finished:
+                continue
             req.finished = True
-            self.core.finish(Finish(req.seq_id, FinishReason.ABORT))
+            self.requests.pop(req.seq_id, None)
+            if self.dead is None:
+                self.core.finish(Finish(req.seq_id, FinishReason.ABORT))
+            out = req.held or Output(req.index)
+            req.held = None
+            out.finish_reason = FinishReason.ABORT
+            out.prompt_tokens = req.num_prompt_tokens
+            out.completion_tokens = req.num_output_tokens
+            req.queue.put_nowait(out)
+
+    async def flush_cache(self, timeout: float) -> tuple[bool, str]:
+        """Empties the prefix cache once no request runs, waiting up to `timeout` s for that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.requests and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # an admin call: a poll is simpler than an event per request
+        if self.requests:
+            return False, f"{len(self.requests)} requests still running after {timeout:g} s; nothing flushed"
+        self._flushed = loop.create_future()
+        self.core.flush()
+        if not await asyncio.wait_for(self._flushed, FLUSH_ANSWER_TIMEOUT):
+            return False, "a request started meanwhile and holds KV blocks; nothing flushed"
+        return True, "prefix cache flushed"
 
     async def wait_dead(self) -> str:
         """Returns why, once the core has stopped for good (a worker died, or a bug)."""
@@ -198,8 +254,20 @@ class Engine:
         if isinstance(event, StepOutputs):
             if event.step_seconds:
                 self.metrics.step(event.step_seconds)
+            if event.queued:
+                self.metrics.queued(event.queued)
             self.stats = event.stats
+            if event.kv:
+                self.kv.publish(event.kv)
             self._emit(event.updates)
+        elif isinstance(event, Rejected):
+            req = self.requests.pop(event.seq_id, None)
+            if req is not None:
+                req.finished = True
+                req.queue.put_nowait(InvalidRequest(event.why))
+        elif isinstance(event, Flushed):
+            if self._flushed is not None and not self._flushed.done():
+                self._flushed.set_result(event.ok)
         elif isinstance(event, Dead):
             self._die(event.why)
 
@@ -215,7 +283,7 @@ class Engine:
                 finish_reason = FinishReason.STOP
                 self.core.finish(Finish(seq_id, FinishReason.STOP))
             final = finish_reason is not None
-            out = Output(token_ids=[token], text=req.detok.delta(final))
+            out = Output(req.index, [token], req.detok.delta(final))
             if sample is not None:
                 out.logprobs.append(sample)
             if final:

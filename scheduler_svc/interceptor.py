@@ -1,6 +1,7 @@
-"""The one error boundary: maps exceptions raised by the Generation handlers to gRPC status codes.
+"""The one error boundary: maps exceptions raised by the public handlers (nanovllm.v1 Generation and
+vllm.grpc.engine.VllmEngine) to gRPC status codes.
 
-Only the public API is wrapped: health and reflection come from grpcio and set their own statuses.
+Only the public APIs are wrapped: health and reflection come from grpcio and set their own statuses.
 """
 
 from __future__ import annotations
@@ -10,19 +11,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from proto import generate_pb2 as pb
-from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
+from scheduler_svc.errors import (
+    InvalidRequest,
+    Overloaded,
+    ReplayExpired,
+    ShuttingDown,
+    SubscriberLagged,
+    Unsupported,
+    WorkerUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS = {
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ReplayExpired: grpc.StatusCode.OUT_OF_RANGE,
+    SubscriberLagged: grpc.StatusCode.DATA_LOSS,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WorkerUnavailable: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
-PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Generation'].full_name}/"
+SERVICES = ((pb.DESCRIPTOR, "Generation"), (vpb.DESCRIPTOR, "VllmEngine"))
+PREFIXES = tuple(f"/{d.services_by_name[name].full_name}/" for d, name in SERVICES)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -40,7 +54,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(PREFIX):
+        if handler is None or not details.method.startswith(PREFIXES):
             return handler
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary

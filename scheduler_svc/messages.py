@@ -1,15 +1,18 @@
 """The messages between the scheduler's frontend and its engine core, one type per event.
 
 Frontend -> core: Add (a tokenized, validated request), Finish (aborted by its client, or ended by
-a stop string the frontend found). Core -> frontend: Started (the model's limits, once the workers
-are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), Dead (why the core
-stopped). In one process they are plain calls; core_process.py pickles them over a socket.
+a stop string the frontend found), Flush (empty the prefix cache). Core -> frontend: Started (the
+model's limits, once the workers are ready), StepOutputs (each step's sampled tokens, the
+scheduler's counts and the prefix cache's events), Flushed, Rejected (a request whose constraint
+does not compile), Dead (why the core stopped). In one process they are plain calls;
+core_process.py pickles them over a socket.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_svc.kv_events import KvEvent
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 
@@ -51,6 +54,7 @@ class Add:
     seq_id: int
     prompt: list[int]
     params: SamplingParams
+    leader: int | None = None  # the first sample's seq_id, for the other samples of an n > 1 request
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class Finish:
 
     seq_id: int
     reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Empties the prefix cache if no block is in use; answered with Flushed."""
 
 
 # ---- messages: core -> frontend ----
@@ -88,6 +97,21 @@ class StepOutputs:
     updates: list[Update]
     step_seconds: float  # the step's worker time: from its send, or the previous result if later (0: no step)
     stats: CoreStats
+    kv: tuple[KvEvent, ...] = ()  # what the prefix cache stored and evicted since the last StepOutputs
+    queued: tuple[float, ...] = ()  # seconds from Add to first scheduled, of the sequences first scheduled since
+
+
+@dataclass(frozen=True)
+class Flushed:
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request the core did not queue: its constraint does not compile (the library's message)."""
+
+    seq_id: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -95,4 +119,4 @@ class Dead:
     why: str
 
 
-Event = Started | StepOutputs | Dead
+Event = Started | StepOutputs | Flushed | Rejected | Dead

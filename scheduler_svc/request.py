@@ -17,6 +17,7 @@ from scheduler_svc.worker_client import Sample
 class Output:
     """What one streamed message carries."""
 
+    index: int = 0  # which of the request's n samples
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[Sample] = field(default_factory=list)
@@ -36,12 +37,14 @@ class Output:
 
 @dataclass(eq=False)
 class Request:
-    """The frontend's side of a request: its stream, its text so far; the core holds its tokens."""
+    """The frontend's side of one sample of a request: its text so far; the core holds its tokens.
+    The n samples of a request share its queue."""
 
     request_id: str
     seq_id: int
     num_prompt_tokens: int
     detok: Detokenizer
+    index: int = 0
     num_output_tokens: int = 0
     finished: bool = False  # the core has finished it, or will at the Finish sent for it
     queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)

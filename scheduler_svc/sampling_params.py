@@ -7,6 +7,31 @@ from dataclasses import dataclass
 from scheduler_svc.errors import InvalidRequest
 
 MAX_LOGPROBS = 20
+CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what every generated token must keep possible (compiled by grammar.py).
+
+    `spec` is the schema, regex, EBNF or structural tag text; the choices for "choice"; "" for
+    "json_object". Hashable, so that compiled grammars are cached by it."""
+
+    kind: str
+    spec: str | tuple[str, ...] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InvalidRequest(f"constraint kind must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if self.kind == "choice":
+            if not (isinstance(self.spec, tuple) and self.spec and all(self.spec)):
+                raise InvalidRequest("sampling.choice needs at least one choice and no empty one")
+        elif self.kind != "json_object" and not (isinstance(self.spec, str) and self.spec.strip()):
+            raise InvalidRequest(f"sampling.{self.kind} is empty")
+
+
+MAX_N = 16  # samples of one prompt
+MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,10 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int = 0
+    constraint: Constraint | None = None
+    n: int = 1  # samples of the prompt, sharing its KV blocks
+    skip_special_tokens: bool = True  # in the text stop strings are matched against
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, limit: str, value: object) -> None:
@@ -41,9 +70,15 @@ class SamplingParams:
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
         check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
+        check(1 <= self.n <= MAX_N, "n", f"in [1, {MAX_N}]", self.n)
+        check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries", "more")
+        bad = [b for _, b in self.logit_bias if not -100.0 <= b <= 100.0]
+        check(not bad, "logit_bias", "values in [-100, 100]", bad[:1])
         check(all(s for s in self.stop), "stop", "non-empty strings", list(self.stop))
         check(len(self.stop) <= 16, "stop", "at most 16 strings", len(self.stop))
         check(all(len(s) <= 256 for s in self.stop), "stop", "strings of at most 256 characters", "longer")
+        # The grammar may allow nothing but EOS when min_tokens would still ban it.
+        check(self.constraint is None or not self.min_tokens, "min_tokens", "0 with a constraint", self.min_tokens)
 
     @property
     def greedy(self) -> bool:

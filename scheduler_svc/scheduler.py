@@ -67,6 +67,9 @@ class Scheduler:
                 i += 1  # its last token is in flight and will finish it
                 continue
             n = min(todo, budget)
+            if n == todo and not seq.can_sample():
+                i += 1  # constrained: its mask waits for its last token
+                continue
             new = self.blocks.grow(seq, seq.num_computed + n)
             while new is None:
                 victim = self.running[-1]
@@ -83,9 +86,15 @@ class Scheduler:
             i += 1
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.leader is not None:
+                if self.config.enable_prefix_caching and not seq.leader.prompt_cached:
+                    break  # admitted once the leader's prompt blocks are cached: it then shares them
+                seq.leader = None
             hit = self.blocks.match(seq)
             start = len(hit) * self.block_size
             n = min(seq.num_tokens - start, budget)
+            if n == seq.num_tokens - start and not seq.can_sample():
+                break  # preempted while its mask was being computed: ready in a moment
             need = self.blocks.blocks_for(start + n) - len(hit)
             if self.blocks.admit_cost(hit, need) > self.blocks.num_free:
                 break
@@ -136,7 +145,8 @@ class Scheduler:
             seq.token_ids.append(sampled[seq.seq_id])
             self.blocks.commit(seq)
             updated.append(seq)
-            reason = self._check_stop(seq)
+            reason = seq.grammar.accept(seq.token_ids[-1]) if seq.grammar is not None else None
+            reason = reason or self._check_stop(seq)
             if reason is not None:
                 self.finish(seq, reason)
         for seq, sample in zip(batch.seqs, batch.samples, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from scheduler_svc.sampling_params import SamplingParams
 
@@ -18,6 +19,21 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+
+
+class Grammar(Protocol):
+    """A constrained sequence's grammar state (grammar.GrammarState), as the scheduler uses it."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the mask for the next token is computed."""
+        ...
+
+    def mask(self) -> bytes: ...
+
+    def accept(self, token_id: int) -> FinishReason | None:
+        """Advances past a sampled token; a reason when that ends the sequence."""
+        ...
 
 
 @dataclass(eq=False)
@@ -44,6 +60,13 @@ class Sequence:
     # The worker holds state for this sequence (added and not yet removed).
     on_worker: bool = False
     finish_reason: FinishReason | None = None
+    # Structured output: it samples only with a mask computed from all its known tokens, so it
+    # never has a sampled token in flight.
+    grammar: Grammar | None = None
+    # Another sample of the same prompt, added just before this one: this one waits for its
+    # prompt blocks to be cached, so that the n samples of a request share them.
+    leader: Sequence | None = None
+    arrival: float = 0.0  # when the core got its Add (time.monotonic)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -64,6 +87,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    def can_sample(self) -> bool:
+        """Whether a step may sample this seq's next token now (always, unless it is constrained)."""
+        return self.grammar is None or (self.num_inflight == 0 and self.grammar.ready)
+
+    @property
+    def prompt_cached(self) -> bool:
+        """Whether its prompt's full blocks are in the prefix cache (or never will be: it finished)."""
+        return self.num_output_tokens > 0 or self.is_finished
 
     def can_grow(self) -> bool:
         """Whether another decode step may be scheduled without passing max_len."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpbg
 
 from nanovllm_grpc import __version__
 from nanovllm_grpc.process import settle_heap
@@ -26,10 +28,12 @@ from scheduler_svc.errors import WorkerUnavailable
 from scheduler_svc.interceptor import ErrorInterceptor
 from scheduler_svc.servicer import GenerationServicer
 from scheduler_svc.status import StatusLog
+from scheduler_svc.vllm_servicer import VllmEngineServicer
 
 log = logging.getLogger("scheduler")
 
 GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+VLLM_ENGINE = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name  # what gateways such as SMG speak
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -44,9 +48,11 @@ class SchedulerServer:
         self.engine = Engine(config)
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
+        vpbg.add_VllmEngineServicer_to_server(VllmEngineServicer(self.engine), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((GENERATION, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        services = (GENERATION, VLLM_ENGINE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self.server)
         self._status: asyncio.Task[None] | None = None
 
     async def start(self) -> int:

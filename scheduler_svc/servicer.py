@@ -6,13 +6,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
 from scheduler_svc.engine import Engine
 from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
 from scheduler_svc.request import Output
-from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.sampling_params import Constraint, SamplingParams
 from scheduler_svc.sequence import FinishReason
 
 FINISH = {
@@ -38,8 +39,22 @@ _OPTIONAL = (
 def to_params(msg: pb.SamplingParams) -> SamplingParams:
     kwargs: dict = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
     return SamplingParams(
-        stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        constraint=to_constraint(msg),
+        **kwargs,
     )
+
+
+def to_constraint(msg: pb.SamplingParams | vpb.SamplingParams) -> Constraint | None:
+    """The `constraint` oneof, which nanovllm.v1 and vllm.grpc.engine spell alike."""
+    kind = msg.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return Constraint(kind, tuple(msg.choice.choices))
+    return Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def to_response(request_id: str, out: Output) -> pb.GenerateResponse:

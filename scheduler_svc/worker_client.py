@@ -32,6 +32,10 @@ def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
         block_seq_ids=[s for s, _ in batch.new_blocks],
         block_ids=[b for _, b in batch.new_blocks],
     )
+    constrained = [s for s, sample in zip(batch.seqs, batch.samples, strict=True) if sample and s.grammar is not None]
+    if constrained:
+        req.mask_seq_ids.extend(s.seq_id for s in constrained)
+        req.masks = b"".join(s.grammar.mask() for s in constrained)  # type: ignore[union-attr]
     if batch.added:
         n_of = {s.seq_id: n for s, n in zip(batch.seqs, batch.num_tokens, strict=True)}
         for seq in batch.added:
@@ -64,6 +68,8 @@ def _sampling(seq: Sequence, eos_token_ids: set[int]) -> wpb.SeqSampling:
         min_tokens=p.min_tokens,
         min_tokens_banned_ids=sorted(banned) if p.min_tokens else [],
         logprobs=p.logprobs,
+        logit_bias_ids=[t for t, _ in p.logit_bias],
+        logit_bias_values=[b for _, b in p.logit_bias],
     )
 
 

@@ -1,4 +1,5 @@
 from scheduler_svc.block_manager import BlockManager, chain_hash
+from scheduler_svc.kv_events import BlockRemoved, BlockStored, CacheCleared
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import Sequence
 
@@ -97,3 +98,25 @@ def test_prefix_caching_off() -> None:
     a.num_computed = 3
     bm.commit(a)
     assert bm.match(seq([1, 2, 3], sid=1)) == [] and not bm.cached
+
+
+def test_events_name_stored_blocks_with_parent_and_tokens_then_evictions() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    seq = Sequence(0, list(range(9)), SamplingParams(), 12)
+    bm.admit(seq, bm.match(seq))
+    bm.grow(seq, 9)
+    seq.num_computed = 9
+    bm.commit(seq)
+    h = seq.block_hashes
+    assert bm.take_events() == (
+        BlockStored(h[0], None, (0, 1, 2, 3)),
+        BlockStored(h[1], h[0], (4, 5, 6, 7)),
+    )
+    assert not bm.reset()  # blocks in use: nothing flushed
+    bm.release(seq)
+    other = Sequence(1, [50] * 9, SamplingParams(), 12)
+    bm.admit(other, bm.match(other))
+    bm.grow(other, 9)  # takes the free block, then the two cached ones, tail first
+    assert bm.take_events() == (BlockRemoved(h[1]), BlockRemoved(h[0]))
+    bm.release(other)
+    assert bm.reset() and bm.take_events() == (CacheCleared(),) and not bm.cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,22 @@ def test_generate_reports_bad_input(server) -> None:
         timeout=60,
     )
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "temperature" in out.stderr
+
+
+def test_generate_with_a_constraint(server) -> None:
+    addr, *_ = server
+    for flags, valid in (
+        (["--regex", "[0-9]{3}-[a-z]{2}"], lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+        (["--choice", "yes", "no"], lambda t: t in ("yes", "no")),
+    ):
+        out = subprocess.run(
+            nanovllm() + ["generate", "--addr", addr, "--prompt", "Hi", "--max-tokens", "40", "--seed", "1", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert valid(out.stdout.strip()), out.stdout
 
 
 def test_status_line_while_busy(server) -> None:

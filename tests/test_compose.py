@@ -23,8 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import yaml
+from openai import OpenAI
 
 from client import Client
 
@@ -38,6 +40,8 @@ VARS = {
     "NANOVLLM_WORKER_ARGS": "--kv-cache-memory-gb 0.02",
     # One running sequence, so the drain test has a queued request too.
     "NANOVLLM_SCHEDULER_ARGS": "--max-num-seqs 1 --log-interval 1",
+    "NANOVLLM_OPENAI_PORT": "51236",
+    "NANOVLLM_GATEWAY_ARGS": "--log-level warn",
 }
 LONG = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}
 
@@ -126,6 +130,17 @@ def test_wiring(services, tiny_model_dir) -> None:
         assert flag(svc["healthcheck"]["test"], "--addr") == f"127.0.0.1:{flag(words, '--port')}"
 
 
+def test_gateway_wiring(services) -> None:
+    gateway, scheduler = services["gateway"], services["scheduler"]
+    g, s = argv(gateway["command"]), argv(scheduler["command"])
+    assert argv(gateway["entrypoint"]) == ["python3", "-m", "smg.launch_router"]
+    # It reaches the scheduler's public port by service name, once the scheduler is healthy.
+    assert flag(g, "--worker-urls") == f"grpc://scheduler:{flag(s, '--port')}"
+    assert gateway["depends_on"]["scheduler"]["condition"] == "service_healthy"
+    assert flag(g, "--host") == "0.0.0.0" and ports(gateway) == {flag(g, "--port"): "51236"}
+    assert "volumes" not in gateway  # the tokenizer comes from the scheduler (GetTokenizer)
+
+
 class Container:
     """One service run as a local process on its own loopback address."""
 
@@ -152,7 +167,7 @@ class Container:
         return {**os.environ, **{k: str(v) for k, v in env.items()}}
 
     def start(self) -> None:
-        words = [self.local(w) for w in argv(self.svc["command"])]
+        words = [self.local(w) for w in argv(self.svc.get("entrypoint", [])) + argv(self.svc["command"])]
         words[0] = sys.executable if words[0] == "python" else words[0]  # the image's interpreter
         self.proc = subprocess.Popen(words, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self.env())
 
@@ -201,6 +216,35 @@ def test_generation_streams_through_the_stack(stack) -> None:
     assert (
         'nanovllm_requests_total{finish_reason="length"} 1.0' in urllib.request.urlopen(url, timeout=10).read().decode()
     )
+
+
+def test_openai_api_through_the_gateway_service(stack, services, tmp_path) -> None:
+    """The gateway service's own command, with the official openai client; it loads the tokenizer
+    from the scheduler, so the first requests may come before it is ready."""
+    if shutil.which("smg") is None:
+        pytest.skip("needs the smg gateway (pip install smg; .ci/run installs it)")
+    _, scheduler = stack
+    gateway = Container("gateway", services["gateway"], scheduler.hosts, tmp_path)
+    gateway.start()
+    try:
+        api = OpenAI(base_url=f"http://{gateway.address()}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:  # the model's name is the last part of --model: /model in a container, a temp dir here
+                model = api.models.list().data[0].id
+                out = api.completions.create(model=model, prompt="The quick", max_tokens=4, temperature=0)
+                break
+            except (openai.APIConnectionError, openai.APIStatusError, IndexError):
+                assert gateway.proc is not None and gateway.proc.poll() is None, gateway.log.read_text()
+                assert time.time() < deadline, gateway.log.read_text()
+                time.sleep(0.25)
+        assert out.usage.completion_tokens + (out.choices[0].finish_reason == "stop") >= 1
+        chat = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert chat.choices[0].message.role == "assistant"
+    finally:
+        assert gateway.proc is not None
+        gateway.proc.kill()
+        gateway.proc.wait(timeout=10)
 
 
 def test_sigterm_drains_in_flight_requests_then_both_exit(stack) -> None:

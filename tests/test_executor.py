@@ -40,7 +40,7 @@ class FakeRunner:
     def release(self, seq: SeqState) -> None:
         pass
 
-    def launch(self, seqs: list[SeqState], counts: list[int]) -> Pending:
+    def launch(self, seqs: list[SeqState], counts: list[int], masks: object = None) -> Pending:
         self.launched += 1
         self.log.append(f"launch {self.launched}")
         self.done.append(FakeDone())

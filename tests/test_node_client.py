@@ -151,3 +151,14 @@ def test_node_takes_the_python_clis_generate_flags(node) -> None:
     assert python_help.returncode == 0 and node_help.returncode == 0, python_help.stderr + node_help.stderr
     missing = set(flags.findall(python_help.stdout)) - set(flags.findall(node_help.stdout))
     assert missing == {"--tls", "--tls-server-name", "--wait"}
+
+
+def test_node_sends_a_constraint(node, service) -> None:
+    regex = "[a-z]{2,4}-[0-9]"
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--max-tokens", "30", "--seed", "3", "--regex", regex)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(regex, out.stdout.strip()), out.stdout
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--choice", "yes", "--choice", "no")
+    assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stdout + out.stderr
+    out = run(node, "--addr", service.addr, "--prompt", "Hi", "--regex", "a", "--choice", "b")
+    assert out.returncode == 2 and "at most one constraint" in out.stderr

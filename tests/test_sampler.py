@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker_svc.sampler import Sampler, apply_min_p, apply_min_tokens, apply_penalties, apply_top_k_top_p, report
+from worker_svc.sampler import (
+    Sampler,
+    apply_logit_bias,
+    apply_min_p,
+    apply_min_tokens,
+    apply_penalties,
+    apply_top_k_top_p,
+    report,
+)
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 CPU = torch.device("cpu")
@@ -137,6 +145,22 @@ def test_min_tokens_bans_stop_ids_until_enough_outputs() -> None:
     assert masked.tolist() == [[0.0, -math.inf, 4.0, -math.inf]]
     assert sample(logits, [seq(opts, out=(2,))]) == [2]
     assert sample(logits, [seq(opts, out=(2, 2))]) == [1]  # min_tokens reached
+
+
+def test_logit_bias_adds_to_its_own_row_only() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    best = logits.argmax(-1).tolist()
+    pushed = SamplingOptions(temperature=0, logit_bias_ids=[7, best[1]], logit_bias_values=[100.0, -100.0])
+    banned = SamplingOptions(temperature=0, logit_bias_ids=[best[1]], logit_bias_values=[-100.0])
+    rows = [seq(SamplingOptions(temperature=0)), seq(banned), seq(pushed)]
+    got = sample(logits, rows)
+    assert got[0] == best[0]
+    assert got[1] == logits[1].clone().index_fill_(0, torch.tensor([best[1]]), -1e9).argmax().item()
+    assert got[2] == 7
+    work = logits.clone()
+    apply_logit_bias(work, rows)
+    assert torch.equal(work[0], logits[0])
+    assert work[2, 7] == logits[2, 7] + 100.0 and work[1, best[1]] == logits[1, best[1]] - 100.0
 
 
 def test_logprobs_come_from_the_raw_logits() -> None:

@@ -235,22 +235,25 @@ def test_sampler_seeded_token_ignores_the_rest_of_the_batch() -> None:
 
 @needs_interpreter
 def test_sampler_settings_on_the_kernel_path() -> None:
-    logits = torch.randn(5, 600, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    logits = torch.randn(6, 600, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     order = logits.float().argsort(-1, descending=True)
     best, second = order[:, 0].tolist(), order[:, 1].tolist()
     banned = SamplingOptions(temperature=0, min_tokens=2, min_tokens_banned_ids=[best[2]])
+    biased = SamplingOptions(temperature=0, logit_bias_ids=[int(order[5, 300])], logit_bias_values=[100.0])
     seqs = [
         seq(SamplingOptions(temperature=0, logprobs=3)),
         seq(SamplingOptions(top_k=1)),
         seq(banned, out=(9,)),  # one output of the two min_tokens: its best token is banned
         seq(SamplingOptions(top_k=2, temperature=5.0)),
         seq(SamplingOptions(top_p=1e-6)),
+        seq(biased),  # a token from the middle of the row, pushed to the top
     ]
     tokens, logprobs = Sampler(CPU, 0, kernel=True).sample(logits, seqs)
     got = report(seqs, tokens.tolist(), logprobs)
     assert [s.token_id for s in got[:3]] == [best[0], best[1], second[2]]
     assert got[3].token_id in (best[3], second[3])
     assert got[4].token_id == best[4]
+    assert got[5].token_id == order[5, 300]
     raw = logits[0].float().log_softmax(-1)  # logprobs from the raw logits, in float32
     assert got[0].logprob == pytest.approx(raw[best[0]].item())
     assert got[0].top_ids == order[0, :3].tolist()

@@ -1,4 +1,5 @@
 import random
+from collections import deque
 
 import pytest
 
@@ -180,3 +181,96 @@ def test_randomised_mixed_workload_against_reference() -> None:
     run(s, w, depth=2)
     check_all(seqs, ms)
     assert s.blocks.num_free == 40 and s.blocks.num_hits > 0
+
+
+class FakeGrammar:
+    """Allows every token and completes after `length` of them; `ready` is set by the test."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.accepted: list[int] = []
+        self.ready = True
+
+    def mask(self) -> bytes:
+        return b""
+
+    def accept(self, token_id: int) -> FinishReason | None:
+        self.accepted.append(token_id)
+        return FinishReason.STOP if len(self.accepted) == self.length else None
+
+
+def test_a_constrained_sequence_never_has_a_token_in_flight_and_the_others_keep_theirs() -> None:
+    s, w = make()
+    plain = [add(s, i, p, 20) for i, p in enumerate(prompts(3))]
+    constrained = [add(s, 10 + i, p, 20) for i, p in enumerate(prompts(2, seed=1))]
+    for seq, length in zip(constrained, (5, 8), strict=True):
+        seq.grammar = FakeGrammar(length)
+    inflight: deque = deque()
+    most = dict.fromkeys(range(3), 0)
+    while s.has_work() or inflight:
+        while len(inflight) < 3 and (batch := s.schedule()) is not None:
+            for seq in batch.seqs:
+                assert seq.grammar is None or seq.num_inflight <= 1, "a constrained seq sampled with a token in flight"
+            for seq in plain:
+                most[seq.seq_id] = max(most[seq.seq_id], seq.num_inflight)
+            inflight.append((batch, w.step(batch)))
+        batch, sampled = inflight.popleft()
+        s.postprocess(batch, sampled)
+    assert all(n == 3 for n in most.values())  # the plain ones still overlap three steps
+    check_all(plain, [20] * 3)
+    for seq, length in zip(constrained, (5, 8), strict=True):
+        assert seq.output_ids == reference(seq.token_ids[: seq.num_prompt_tokens], length, {EOS})[:length]
+        assert seq.grammar.accepted == seq.output_ids and seq.finish_reason is FinishReason.STOP
+
+
+def test_a_constrained_sequence_waits_for_its_mask() -> None:
+    s, w = make()
+    seq = add(s, 0, [1, 2, 3], 4)
+    seq.grammar = grammar = FakeGrammar(4)
+    grammar.ready = False
+    assert s.schedule() is None  # its prompt would sample at once: not before the mask is ready
+    grammar.ready = True
+    s.postprocess(batch := s.schedule(), w.step(batch))
+    grammar.ready = False  # accepting the token started the next mask
+    assert s.schedule() is None
+    grammar.ready = True
+    assert s.schedule().seqs == [seq]
+
+
+def add_samples(s: Scheduler, prompt: list[int], n: int, max_tokens: int) -> list[Sequence]:
+    """A request's n samples as the core adds them: each after the first led by the first."""
+    seqs = [add(s, 100 + i, prompt, max_tokens) for i in range(n)]
+    for seq in seqs[1:]:
+        seq.leader = seqs[0]
+    return seqs
+
+
+def test_samples_wait_for_the_leaders_prompt_blocks_and_share_them() -> None:
+    s, w = make()
+    prompt = prompts(1, lo=13, hi=13)[0]  # three full blocks of 4 and one token
+    seqs = add_samples(s, prompt, 3, 5)
+    first = s.schedule()
+    assert first is not None and first.seqs == [seqs[0]]  # the others wait for its prompt to be cached
+    first_out = w.step(first)
+    ahead = s.schedule()  # the leader's next token, sent before its first is back: the others still wait
+    assert ahead is not None and ahead.seqs == [seqs[0]]
+    ahead_out = w.step(ahead)
+    s.postprocess(first, first_out)
+    s.postprocess(ahead, ahead_out)
+    run(s, w)
+    assert [q.num_cached_tokens for q in seqs] == [0, 12, 12]
+    assert (s.blocks.num_queries, s.blocks.num_hits) == (9, 6)
+    check_all(seqs, [5, 5, 5])
+    assert s.blocks.num_free == s.num_blocks
+
+
+def test_samples_do_not_wait_without_prefix_caching_or_for_a_finished_leader() -> None:
+    s, _ = make(enable_prefix_caching=False)
+    seqs = add_samples(s, prompts(1, lo=13, hi=13)[0], 2, 5)
+    batch = s.schedule()
+    assert batch is not None and batch.seqs == seqs
+    s, _ = make()
+    seqs = add_samples(s, prompts(1, lo=13, hi=13)[0], 2, 5)
+    s.finish(seqs[0], FinishReason.ABORT)  # aborted before its prefill
+    batch = s.schedule()
+    assert batch is not None and batch.seqs == [seqs[1]] and seqs[1].leader is None

@@ -5,6 +5,7 @@ at start. Every process runs for real: `nanovllm serve`, or `python -m worker_sv
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 
 from client import Client
+from tests import test_structured
 from tests.polling import free_port, wait_until
 
 pytestmark = pytest.mark.slow  # TP groups of real processes over gloo
@@ -229,3 +232,19 @@ def test_serve_exits_when_tp_size_does_not_divide_heads(tiny_model_dir: Path) ->
     finally:
         proc.kill()
     assert "num_attention_heads (4) is not divisible by tensor_parallel_size (3)" in proc.output
+
+
+def test_structured_output_tp2_matches_tp1(servers: tuple[str, str]) -> None:
+    """Each rank masks its own vocabulary shard before the logits are joined: the same valid output."""
+    schema = json.dumps(test_structured.SCHEMA)
+
+    def one(addr: str, prompt: str | list[int]) -> tuple[list[int], str]:
+        with Client(addr) as client:
+            msgs = list(client.generate(prompt, max_tokens=380, temperature=0.0, json_schema=schema, timeout=60))
+        assert msgs[-1].finish_reason == "stop"
+        return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
+
+    outputs = [[one(addr, p) for p in PROMPTS] for addr in servers]
+    assert outputs[0] == outputs[1]
+    for _, text in outputs[1]:
+        jsonschema.validate(json.loads(text), test_structured.SCHEMA)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from proto import worker_pb2 as wpb
+from worker_svc.grammar_mask import Masks
 from worker_svc.model_runner import ModelRunner, Pending
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
@@ -82,6 +83,8 @@ def to_state(msg: wpb.AddSeq) -> SeqState:
             min_tokens=s.min_tokens,
             min_tokens_banned_ids=list(s.min_tokens_banned_ids),
             logprobs=s.logprobs,
+            logit_bias_ids=list(s.logit_bias_ids),
+            logit_bias_values=list(s.logit_bias_values),
         ),
     )
 
@@ -117,7 +120,7 @@ class Executor:
                 if pending is not None and self.runner.needs_history(seqs):
                     yield from self._finish(pending)  # penalties need every token's value on the host
                     pending = None
-                handle = self.runner.launch(seqs, counts)
+                handle = self.runner.launch(seqs, counts, Masks.parse(list(req.mask_seq_ids), req.masks))
                 if pending is not None:
                     yield from self._finish(pending)
                 pending = (req.step_id, handle)

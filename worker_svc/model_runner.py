@@ -16,6 +16,7 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
+from worker_svc.grammar_mask import Masks, apply_masks
 from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.layers.parallel import all_gather
@@ -100,9 +101,10 @@ class ModelRunner:
         """
         return self.collect(self.launch(seqs, num_tokens))
 
-    def launch(self, seqs: list[SeqState], num_tokens: list[int]) -> Pending:
+    def launch(self, seqs: list[SeqState], num_tokens: list[int], masks: Masks | None = None) -> Pending:
         """Queues a step on the device and returns without waiting for it. The sampled tokens stay
-        on the device (a later step's decode reads them there) until `collect` brings them over."""
+        on the device (a later step's decode reads them there) until `collect` brings them over.
+        `masks`: the grammar bitmasks of constrained seqs that sample in this step."""
         if not seqs:
             return Pending([], None, None, None)
         for seq in seqs:
@@ -123,7 +125,7 @@ class ModelRunner:
             if not batch.samplers:
                 return Pending([], None, None, None)
             sampling = [seqs[i] for i in batch.samplers]
-            tokens, logprobs = self._sample(hidden[batch.sample_rows], sampling)
+            tokens, logprobs = self._sample(hidden[batch.sample_rows], sampling, masks)
             self.last_tokens[batch.sample_slots] = tokens
             host_tokens = to_host(tokens)
             host_logprobs = logprobs.to_host() if logprobs is not None else None
@@ -135,9 +137,13 @@ class ModelRunner:
             seq.num_pending += 1
         return Pending(sampling, host_tokens, host_logprobs, done)
 
-    def _sample(self, hidden: torch.Tensor, seqs: list[SeqState]) -> tuple[torch.Tensor, Logprobs | None]:
+    def _sample(
+        self, hidden: torch.Tensor, seqs: list[SeqState], masks: Masks | None
+    ) -> tuple[torch.Tensor, Logprobs | None]:
         """Tokens for the rows `hidden` of seqs, the same on every rank; logprobs on rank 0."""
         logits = self.model.compute_logits(hidden)
+        if masks is not None:  # every rank masks its own vocabulary shard, before either draw
+            apply_masks(logits, seqs, masks, self.model.lm_head.start)
         if self.world_size == 1:
             return self.sampler.sample(logits, seqs)
         head = self.model.lm_head

@@ -1,6 +1,6 @@
 """Turns the logits of the sequences that sample this step into tokens, with per-seq settings.
 
-Order, as in vLLM: repetition penalty, presence/frequency penalties, min_tokens masking,
+Order: logit bias, repetition penalty, presence/frequency penalties, min_tokens masking,
 temperature (0: greedy), top-k, top-p, min-p, then one random draw per token. Every stage is
 skipped when no seq in the batch uses it, since this runs every decode step.
 
@@ -105,6 +105,7 @@ class Sampler:
             return self.kernel(logits, temps, seeds_dev)
         filtered = [o.temperature > 0 and _filters(o, vocab) for o in opts]
         work = logits.to(torch.float32, copy=True)  # keep the raw logits intact for the logprobs
+        apply_logit_bias(work, seqs)
         apply_penalties(work, seqs)
         apply_min_tokens(work, seqs)
         # Rows with top-k/top-p/min-p are filtered at their temperature, then drawn at T = 1. The
@@ -140,8 +141,9 @@ class Sampler:
     def _sample_torch(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
         work = logits
-        if any(penalised(o) for o in opts) or any(_min_tokens_active(s) for s in seqs):
+        if any(penalised(o) or o.logit_bias_ids for o in opts) or any(_min_tokens_active(s) for s in seqs):
             work = logits.clone()  # keep the raw logits intact for the logprobs
+            apply_logit_bias(work, seqs)
             apply_penalties(work, seqs)
             apply_min_tokens(work, seqs)
         tokens = work.argmax(dim=-1)
@@ -176,7 +178,9 @@ class Sampler:
 def _plain(seq: SeqState, vocab: int) -> bool:
     """Whether the seq's row goes to the one-pass kernel as the model's logits, with no torch stage."""
     o = seq.sampling
-    return not ((o.temperature > 0 and _filters(o, vocab)) or penalised(o) or _min_tokens_active(seq))
+    return not (
+        (o.temperature > 0 and _filters(o, vocab)) or penalised(o) or _min_tokens_active(seq) or o.logit_bias_ids
+    )
 
 
 def _filters(o: SamplingOptions, vocab: int) -> bool:
@@ -234,6 +238,14 @@ def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
     sub -= per_row([s.sampling.frequency_penalty for s in picked]) * counts
     sub -= per_row([s.sampling.presence_penalty for s in picked]) * (counts > 0)
     logits[rows] = sub
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[SeqState]) -> None:
+    """In place: adds each seq's logit_bias to its row."""
+    ids = [s.sampling.logit_bias_ids for s in seqs]
+    if any(ids):
+        values = [v for s in seqs for v in s.sampling.logit_bias_values]
+        logits.index_put_(_scatter_index(ids, logits.device), _tensor(values, logits.device), accumulate=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, seqs: list[SeqState]) -> None:

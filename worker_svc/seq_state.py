@@ -18,6 +18,8 @@ class SamplingOptions:
     min_tokens: int = 0
     min_tokens_banned_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
     logprobs: int = 0  # how many top logprobs to return; 0: none
+    logit_bias_ids: list[int] = field(default_factory=list)
+    logit_bias_values: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,13 @@ const FLAGS = {
   timeout: { type: "string", help: "seconds: the call's deadline (default: none)" },
   "tls-ca": { type: "string", help: "connect with TLS, trusting this PEM CA certificate" },
   json: { type: "boolean", default: false, help: "one JSON object per streamed message, as nanovllm generate --json" },
+  // Structured output, at most one: every token keeps the output valid, and it ends once complete.
+  "json-schema": { type: "string", help: "a JSON schema, as JSON text: the output is valid against it" },
+  regex: { type: "string", help: "the whole output matches this regex" },
+  grammar: { type: "string", help: "EBNF in xgrammar's dialect (root ::= ...)" },
+  "structural-tag": { type: "string", help: "xgrammar's structural tag, as JSON text" },
+  "json-object": { type: "boolean", default: false, help: "the output is any JSON object" },
+  choice: { type: "string", multiple: true, help: "the output is exactly one of these strings" },
   help: { type: "boolean", default: false, help: "show this help" },
 };
 const OPTIONS = Object.fromEntries(Object.entries(FLAGS).map(([name, { help, ...option }]) => [name, option]));
@@ -130,6 +137,17 @@ function request(args) {
     if (!Number.isFinite(value)) throw new Error(`--${flag} must be a number, got ${JSON.stringify(args[flag])}`);
     req.sampling[field] = value;
   }
+  const constraints = { "json-schema": "json_schema", regex: "regex", grammar: "grammar" };
+  constraints["structural-tag"] = "structural_tag";
+  const given = Object.keys(constraints).filter((k) => args[k] !== undefined);
+  if (args["json-object"]) given.push("json-object");
+  if (args.choice) given.push("choice");
+  if (given.length > 1) throw new Error(`give at most one constraint, got --${given.join(", --")}`);
+  for (const [flag, field] of Object.entries(constraints)) {
+    if (args[flag] !== undefined) req.sampling[field] = args[flag];
+  }
+  if (args["json-object"]) req.sampling.json_object = true;
+  if (args.choice) req.sampling.choice = { choices: args.choice };
   return req;
 }
 
