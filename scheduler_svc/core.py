@@ -80,6 +80,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, winfo.num_kv_blocks, winfo.block_size, set(self.eos_token_ids))
         if self.tokenizer:
             self.grammars = Grammars(self.tokenizer, winfo.vocab_size, self.eos_token_ids)
+            await self.grammars.ready()
         self._loop_task = asyncio.create_task(self._loop())
         max_model_len = config.max_model_len or winfo.max_model_len
         return CoreInfo(max_model_len, winfo.vocab_size, winfo.block_size, winfo.num_kv_blocks, winfo.world_size)

@@ -109,11 +109,16 @@ class Grammars:
         self.compiles = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
         self.fills = ThreadPoolExecutor(fill_threads, thread_name_prefix="grammar-mask")
         self.cache: OrderedDict[Constraint, Future[Any]] = OrderedDict()
-        # Importing xgrammar (it imports torch) and reading the vocabulary take seconds: begun now,
-        # they overlap the model's loading, and the first compile waits for them.
+        # Importing xgrammar (it imports torch) and reading the vocabulary take seconds on a thread
+        # that holds the GIL for most of them: `ready` waits for it before the core serves, so that
+        # it never competes with the step loop.
         self._compiler: Future[tuple[Any, Any]] = self.compiles.submit(
             self._make_compiler, tokenizer_dir, vocab_size, eos_token_ids
         )
+
+    async def ready(self) -> None:
+        """Returns once the vocabulary is read and the compiler made (or raises why not)."""
+        await asyncio.wrap_future(self._compiler)
 
     @staticmethod
     def _make_compiler(tokenizer_dir: str, vocab_size: int, eos_token_ids: frozenset[int]) -> tuple[Any, Any]:
