@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import common_pb2 as cpb
@@ -154,24 +155,37 @@ def start_gateway(addr: str, model: str, port: int) -> subprocess.Popen:
     raise SystemExit("smg did not register the server in 120 s")
 
 
+def as_text(tok: Any, ids: list[int], n: int) -> str:
+    """Text that the model's tokenizer encodes to about `n` tokens, decoded from a prefix of `ids`.
+    The decoded ids do not re-encode to themselves (a byte-level BPE splits the text at spaces and
+    merges in its own order), so the prefix is found by bisection on the encoded length."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode(tok.decode(ids[:mid]), add_special_tokens=False)) <= n:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tok.decode(ids[:lo])
+
+
 def text_jobs(args: argparse.Namespace, model: str) -> list[TextJob]:
-    """The standard jobs as text, cut down by the smoke-test flags (ids folded into the vocabulary)."""
+    """The standard jobs as text of about their prompt's length in tokens, cut down by the smoke-test
+    flags (ids folded into the vocabulary)."""
     tok = AutoTokenizer.from_pretrained(model)
     vocab = len(tok)
-    return [
-        TextJob(
-            tok.decode([t % vocab for t in j.prompt[: args.prompt_tokens]]),
-            min(j.max_tokens, args.max_tokens or j.max_tokens),
-        )
-        for j in standard()[: args.num_requests]
-    ]
+    jobs = []
+    for j in standard()[: args.num_requests]:
+        ids = [t % vocab for t in j.prompt[: args.prompt_tokens]]
+        jobs.append(TextJob(as_text(tok, ids, len(ids)), min(j.max_tokens, args.max_tokens or j.max_tokens)))
+    return jobs
 
 
 def latency_jobs(args: argparse.Namespace, model: str) -> list[TextJob]:
     """bench.throughput.latency's requests: three new 256-token prompts, 512 output tokens each."""
     tok = AutoTokenizer.from_pretrained(model)
     n = min(256, args.prompt_tokens or 256)
-    prompts = [tok.decode([(1000 + 300 * r + i) % len(tok) for i in range(n)]) for r in range(3)]
+    prompts = [as_text(tok, [(1000 + 300 * r + i) % len(tok) for i in range(n)], n) for r in range(3)]
     return [TextJob(p, min(512, args.max_tokens or 512)) for p in prompts]
 
 
