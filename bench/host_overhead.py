@@ -69,6 +69,9 @@ class InstantWorker:
         await asyncio.sleep(0)
         return wpb.StepResult.FromString(res.SerializeToString())
 
+    async def wait(self, wake: asyncio.Event) -> None:
+        await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
+
     async def close(self) -> None:
         return None
 

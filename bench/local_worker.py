@@ -1,6 +1,6 @@
 """The worker without gRPC: the same Executor and model runner in this process, on a thread.
 
-It has the scheduler-side WorkerGroup interface (connect, send, receive, close, info), so the
+It has the scheduler-side WorkerGroup interface (connect, send, receive, wait, close, info), so the
 in-process benchmark runs the very same engine loop as the service; only the transport differs.
 """
 
@@ -62,6 +62,9 @@ class LocalWorker:
         if isinstance(item, BaseException):
             raise item
         return item
+
+    async def wait(self, wake: asyncio.Event) -> None:
+        await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
 
     async def close(self) -> None:
         self._requests.put(END)

@@ -35,12 +35,17 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion-ordered dict as an LRU set: the front is the least recently freed block.
-        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_queries = 0  # prompt blocks looked up in the prefix cache
         self.num_hits = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Every block free and nothing cached: the workers' KV cache is gone (a rank restarted).
+        The sequences must have dropped their block tables (Scheduler.reset does)."""
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        # Insertion-ordered dict as an LRU set: the front is the least recently freed block.
+        self.free: dict[int, None] = dict.fromkeys(range(self.num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free(self) -> int:

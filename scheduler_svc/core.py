@@ -10,6 +10,13 @@ one Python thread.
 The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1 (and
 N+2) before step N's tokens return, so the worker never waits on a round trip. A sequence that
 finished at step N may already be in the steps after it; those extra tokens are dropped.
+
+A worker is only a cache plus compute: when a rank fails (its stream ends, keepalive or the step
+deadline gives up on it) the core keeps every request, drops the steps in flight (their tokens were
+never streamed), sends the running sequences back to waiting, forgets the KV cache, and reconnects
+to the same addresses until the whole group is back; then the sequences are recomputed from their
+known tokens, as after a preemption. Past `worker_recovery_timeout` it drops every request (the
+frontend fails them) and goes on reconnecting.
 """
 
 from __future__ import annotations
@@ -22,10 +29,23 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proto import worker_pb2 as wpb
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.messages import (
+    Add,
+    CoreInfo,
+    CoreStats,
+    Dead,
+    Event,
+    Finish,
+    RecoveryFailed,
+    StepOutputs,
+    Update,
+    WorkersBack,
+    WorkersLost,
+)
 from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
-from scheduler_svc.sequence import Sequence
+from scheduler_svc.sequence import FinishReason, Sequence
 from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
 
 log = logging.getLogger(__name__)
@@ -42,10 +62,16 @@ class CoreConfig:
     enable_prefix_caching: bool = True
     max_inflight_steps: int = 3
     connect_timeout: float = 600.0
+    # Generous: a step that meets a new kernel variant compiles it first, for seconds on a GPU.
+    worker_step_timeout: float = 120.0
+    worker_recovery_timeout: float = 300.0  # a GPU worker reloads its weights and recaptures its graphs
 
     def __post_init__(self) -> None:
         if not self.worker_addresses:
             raise ValueError("worker_addresses is empty")
+        for name in ("connect_timeout", "worker_step_timeout", "worker_recovery_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
             raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
 
@@ -64,7 +90,9 @@ class EngineCore:
         """`workers` replaces the gRPC worker group (the in-process benchmark passes its own)."""
         self.config = config
         self.emit = emit
-        self.workers = workers or WorkerGroup(list(config.worker_addresses))
+        self.recoverable = workers is None
+        self.workers = workers or self._group()
+        self.winfo: wpb.WorkerInfo | None = None
         self.scheduler: Scheduler | None = None
         self.seqs: dict[int, Sequence] = {}
         self.num_added = 0
@@ -75,7 +103,7 @@ class EngineCore:
         self._last_done = 0.0
 
     async def start(self) -> CoreInfo:
-        winfo = await self.workers.connect(self.config.connect_timeout)
+        winfo = self.winfo = await self.workers.connect(self.config.connect_timeout)
         cfg = self.config
         max_model_len = min(cfg.max_model_len or winfo.max_model_len, winfo.max_model_len)
         self.scheduler = Scheduler(
@@ -135,6 +163,22 @@ class EngineCore:
     # ---- the step loop ----
 
     async def _loop(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._step()
+                except WorkerUnavailable as e:
+                    if not self.recoverable:
+                        raise
+                    await self._recover(str(e))
+        except WorkerUnavailable as e:
+            self._die(str(e))
+        except Exception as e:  # a bug here must not hang clients: fail them loudly
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {e!r}")
+
+    async def _step(self) -> None:
+        """Steps until a worker fails."""
         assert self.scheduler is not None
         sched = self.scheduler
         inflight: deque[Batch] = deque()
@@ -163,7 +207,7 @@ class EngineCore:
                         reported = now
                         self.emit(StepOutputs([], 0.0, now))
                     self._wake.clear()
-                    await self._wake.wait()
+                    await self.workers.wait(self._wake)  # a rank that fails while idle ends it too
                     continue
                 res = await self.workers.receive()
                 now = time.perf_counter()
@@ -175,11 +219,49 @@ class EngineCore:
                 samples = from_step_result(res)
                 updated = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()})
                 ready = self._updates(updated, samples), took
-        except WorkerUnavailable as e:
-            self._die(str(e))
-        except Exception as e:  # a bug here must not hang clients: fail them loudly
-            log.exception("engine loop crashed")
-            self._die(f"engine loop crashed: {e!r}")
+        except WorkerUnavailable:
+            if ready is not None:  # tokens the scheduler has appended: they must be streamed
+                self.emit(StepOutputs(*ready, self.stats()))
+            raise
+
+    async def _recover(self, why: str) -> None:
+        """Holds every request until the whole group is back, then resumes them (see the docstring)."""
+        assert self.scheduler is not None and self.winfo is not None
+        lost = time.monotonic()
+        resumed = self.scheduler.reset()
+        self._sent.clear()
+        log.warning("lost the worker group (%s); %d running requests resume when it is back", why, len(resumed))
+        self.emit(WorkersLost(why))
+        await self.workers.close()
+        timeout: float | None = self.config.worker_recovery_timeout
+        while True:
+            self.workers = self._group()
+            try:
+                winfo = await self.workers.connect(timeout)
+                break
+            except WorkerUnavailable as e:
+                await self.workers.close()
+                if timeout is None:
+                    raise
+                timeout = None  # from now on, reconnect for as long as it takes
+                self._drop_all(f"the workers were not back within {self.config.worker_recovery_timeout:g} s: {e}")
+        if (got := _limits(winfo)) != (had := _limits(self.winfo)):
+            raise WorkerUnavailable(f"the workers came back with other limits: {got} instead of {had}")
+        took = time.monotonic() - lost
+        held = sum(1 for seq in resumed if not seq.is_finished)
+        log.warning("the worker group is back after %.1f s; resuming %d requests", took, held)
+        self.emit(WorkersBack(held, took))
+
+    def _drop_all(self, why: str) -> None:
+        assert self.scheduler is not None
+        log.error("failing %d requests: %s", len(self.seqs), why)
+        for seq in self.seqs.values():
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        self.seqs.clear()
+        self.emit(RecoveryFailed(why))
+
+    def _group(self) -> WorkerGroup:
+        return WorkerGroup(list(self.config.worker_addresses), self.config.worker_step_timeout)
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []
@@ -202,3 +284,16 @@ class EngineCore:
         self.dead = why
         log.error("engine stopped: %s", why)
         self.emit(Dead(why))
+
+
+def _limits(info: wpb.WorkerInfo) -> tuple[int, ...]:
+    """What the scheduler and its requests were sized by: a group that comes back must match it."""
+    return (
+        info.world_size,
+        info.num_kv_blocks,
+        info.block_size,
+        info.max_model_len,
+        info.vocab_size,
+        info.max_num_seqs,
+        info.max_num_batched_tokens,
+    )

@@ -13,7 +13,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -23,7 +24,19 @@ from scheduler_svc.core import CoreConfig, EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, StepOutputs, Update
+from scheduler_svc.messages import (
+    Add,
+    CoreInfo,
+    CoreStats,
+    Dead,
+    Event,
+    Finish,
+    RecoveryFailed,
+    StepOutputs,
+    Update,
+    WorkersBack,
+    WorkersLost,
+)
 from scheduler_svc.metrics import Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
@@ -52,10 +65,15 @@ class EngineConfig:
     # and scheduling do not share one Python thread.
     core_process: bool = True
     connect_timeout: float = 600.0
+    worker_step_timeout: float = 120.0
+    worker_recovery_timeout: float = 300.0
+    max_prompt_bytes: int = 1 << 20  # of a text prompt or of a chat's contents, checked before tokenizing
 
     def __post_init__(self) -> None:  # the core's settings are checked by CoreConfig
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes must be at least 1, got {self.max_prompt_bytes}")
 
 
 class Engine:
@@ -74,6 +92,8 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             max_inflight_steps=config.max_inflight_steps,
             connect_timeout=config.connect_timeout,
+            worker_step_timeout=config.worker_step_timeout,
+            worker_recovery_timeout=config.worker_recovery_timeout,
         )
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
@@ -87,11 +107,16 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.by_request_id: dict[str, Request] = {}
         self.dead: str | None = None
+        self.down: str | None = None  # why, once the workers stayed away past the recovery timeout
+        self.on_serving: Callable[[bool], None] = lambda serving: None  # the server's health status
         self.draining = False
         self.metrics = Metrics(self)
         self.num_added = 0
         self._ids = itertools.count()
         self._dead: asyncio.Future[str] | None = None
+        # One thread, as the tokenizer must not be shared by threads; its Rust code releases the GIL,
+        # so a long prompt being tokenized does not hold up the streams this loop serves.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         self._dead = asyncio.get_running_loop().create_future()
@@ -99,6 +124,7 @@ class Engine:
 
     async def stop(self) -> None:
         await self.core.stop()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def num_waiting(self) -> int:
         """Requests queued in the core, counting the Adds it has not seen yet."""
@@ -108,14 +134,26 @@ class Engine:
 
     # ---- requests ----
 
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self._check_size(len(text.encode()), "the text")
+        return await self._off_loop(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not messages:
             raise InvalidRequest("chat.messages is empty")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequest("this model's tokenizer has no chat template; send a text prompt instead")
+        self._check_size(sum(len(m["content"].encode()) for m in messages), "the chat messages' contents")
+        return await self._off_loop(self._render_chat, messages)
+
+    def _check_size(self, size: int, what: str) -> None:
+        if size > (limit := self.config.max_prompt_bytes):
+            raise InvalidRequest(f"{what} has {size} bytes, more than the limit of {limit} (--max-prompt-bytes)")
+
+    async def _off_loop(self, fn: Callable[..., list[int]], *args: object, **kwargs: object) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, lambda: fn(*args, **kwargs))
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except TemplateError as e:  # templates raise on what they refuse, e.g. roles out of order
@@ -148,6 +186,8 @@ class Engine:
         """Streams one request's outputs; closing the iterator early aborts the request."""
         if self.dead is not None:
             raise WorkerUnavailable(self.dead)
+        if self.down is not None:
+            raise WorkerUnavailable(f"no worker group: {self.down}")
         if self.draining:
             raise ShuttingDown("the server is shutting down and accepts no new requests; retry on another replica")
         if self.info is None:
@@ -227,6 +267,16 @@ class Engine:
                 self.metrics.step(event.step_seconds)
             self.stats = event.stats
             self._emit(event.updates)
+        elif isinstance(event, WorkersLost):
+            self.metrics.lost()
+            self.on_serving(False)
+        elif isinstance(event, WorkersBack):
+            self.down = None
+            self.metrics.back(event.resumed, event.seconds)
+            self.on_serving(True)
+        elif isinstance(event, RecoveryFailed):
+            self.down = event.why
+            self._fail_all(event.why)
         elif isinstance(event, Dead):
             self._die(event.why)
 
@@ -265,13 +315,17 @@ class Engine:
             else:
                 req.held = out  # streamed with the next tokens
 
+    def _fail_all(self, why: str) -> None:
+        """Ends every request's stream with UNAVAILABLE; the core has dropped (or will drop) them."""
+        for req in list(self.requests.values()):
+            req.queue.put_nowait(WorkerUnavailable(why))
+        self.requests.clear()
+
     def _die(self, why: str) -> None:
         if self.dead is not None:
             return
         self.dead = why
         log.error("engine stopped: %s", why)
-        for req in list(self.requests.values()):
-            req.queue.put_nowait(WorkerUnavailable(why))
-        self.requests.clear()
+        self._fail_all(why)
         if self._dead is not None and not self._dead.done():
             self._dead.set_result(why)

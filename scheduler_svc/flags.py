@@ -39,6 +39,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests"
     )
+    p.add_argument(
+        "--worker-step-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a step may take before its worker counts as hung and is reconnected (compiles included)",
+    )
+    p.add_argument(
+        "--worker-recovery-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to hold requests while a worker is lost; past it they fail with UNAVAILABLE",
+    )
+    p.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest text prompt (or total chat content) in UTF-8 bytes, refused before tokenizing",
+    )
     p.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS on the public port; needs --tls-key")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any free port)")

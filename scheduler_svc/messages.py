@@ -2,8 +2,10 @@
 
 Frontend -> core: Add (a tokenized, validated request), Finish (aborted by its client, or ended by
 a stop string the frontend found). Core -> frontend: Started (the model's limits, once the workers
-are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), Dead (why the core
-stopped). In one process they are plain calls; core_process.py pickles them over a socket.
+are ready), StepOutputs (each step's sampled tokens and the scheduler's counts), WorkersLost,
+WorkersBack and RecoveryFailed (a rank was lost; the group is back; it stayed away past the
+recovery timeout), Dead (why the core stopped). In one process they are plain calls;
+core_process.py pickles them over a socket.
 """
 
 from __future__ import annotations
@@ -82,8 +84,31 @@ class StepOutputs:
 
 
 @dataclass(frozen=True)
+class WorkersLost:
+    """A rank failed: the core keeps every request and reconnects; nothing is streamed meanwhile."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class WorkersBack:
+    """Every rank is back; the requests held are resumed by recompute from their known tokens."""
+
+    resumed: int
+    seconds: float  # since the loss
+
+
+@dataclass(frozen=True)
+class RecoveryFailed:
+    """The group stayed away past the recovery timeout: the core dropped every request it held (the
+    frontend fails them with UNAVAILABLE) and keeps reconnecting."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class Dead:
     why: str
 
 
-Event = Started | StepOutputs | Dead
+Event = Started | StepOutputs | WorkersLost | WorkersBack | RecoveryFailed | Dead

@@ -39,6 +39,10 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
+        self.worker_restarts = 0  # times the worker group came back after losing a rank
+        self.requests_resumed = 0
+        self.recovery_seconds = 0.0  # of recoveries that ended
+        self.lost_since: float | None = None  # while a rank is lost
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(f"nanovllm_{name}_seconds", doc, buckets=buckets, registry=self.registry)
@@ -56,6 +60,20 @@ class Metrics:
 
     def step(self, seconds: float) -> None:
         self.step_time.observe(seconds)
+
+    def lost(self) -> None:
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+
+    def back(self, resumed: int, seconds: float) -> None:
+        self.worker_restarts += 1
+        self.requests_resumed += resumed
+        self.recovery_seconds += seconds
+        self.lost_since = None
+
+    def seconds_in_recovery(self) -> float:
+        since = self.lost_since
+        return self.recovery_seconds + (time.monotonic() - since if since is not None else 0.0)
 
     # ---- a request's hooks, called from its own coroutine ----
 
@@ -103,9 +121,20 @@ class _StateCollector(Collector):
         yield requests
         yield CounterMetricFamily("nanovllm_prompt_tokens", "Prompt tokens of requests that started.", m.prompt_tokens)
         yield CounterMetricFamily("nanovllm_generation_tokens", "Output tokens streamed.", m.generation_tokens)
+        yield CounterMetricFamily(
+            "nanovllm_worker_restarts", "Times the worker group came back after a rank was lost.", m.worker_restarts
+        )
+        yield CounterMetricFamily(
+            "nanovllm_requests_resumed", "Requests recomputed on a worker group that came back.", m.requests_resumed
+        )
+        yield CounterMetricFamily(
+            "nanovllm_worker_recovery_seconds", "Time spent with a worker rank lost.", m.seconds_in_recovery()
+        )
         info = m.engine.info
         if info is None:
             return
+        up = 0 if m.lost_since is not None else 1
+        yield GaugeMetricFamily("nanovllm_workers_up", "1 while every worker rank is connected.", up)
         stats = m.engine.stats or CoreStats(0, 0, 0, info.num_blocks, 0, 0, 0)  # no step yet
         waiting = m.engine.num_waiting()
         yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", waiting)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from scheduler_svc.errors import InvalidRequest
 
 MAX_LOGPROBS = 20
+# Below this a temperature samples as greedy, its limit: dividing the logits by it would overflow
+# float32 (inf - inf = NaN), and far above that point the draw is already all but certain.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -47,4 +50,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

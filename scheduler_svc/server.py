@@ -45,6 +45,9 @@ def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
         max_queued_requests=args.max_queued_requests,
         stream_interval=args.stream_interval,
         core_process=not args.no_core_process,
+        worker_step_timeout=args.worker_step_timeout,
+        worker_recovery_timeout=args.worker_recovery_timeout,
+        max_prompt_bytes=args.max_prompt_bytes,
     )
 
 
@@ -85,12 +88,15 @@ class SchedulerServer:
         self.port = options.port
         self.metrics_port: int | None = None
         self.engine = Engine(config)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.engine.on_serving = self._on_serving
+        # Without SO_REUSEPORT a second server on a port in use fails instead of sharing it.
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
         pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((GENERATION, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._status: asyncio.Task[None] | None = None
+        self._health_sets: set[asyncio.Future[None]] = set()
 
     async def start(self) -> int:
         """Serves, connects to the workers, then reports SERVING; returns the bound port."""
@@ -104,11 +110,14 @@ class SchedulerServer:
         for service in ("", GENERATION):
             await self.health.set(service, NOT_SERVING)
         address = f"{o.host}:{o.port}"
-        if o.tls_cert is None or o.tls_key is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            key_cert = (Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())
-            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
+        try:
+            if o.tls_cert is None or o.tls_key is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                key_cert = (Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())
+                self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: the port is in use or not this host's") from e
         await self.server.start()
         if o.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve(o.host, o.metrics_port)
@@ -120,6 +129,14 @@ class SchedulerServer:
             self._status = asyncio.create_task(StatusLog(self.engine, self.options.log_interval).run())
         for service in ("", GENERATION):
             await self.health.set(service, SERVING)
+
+    def _on_serving(self, serving: bool) -> None:
+        """NOT_SERVING while a worker rank is lost; ignored once draining (health stays NOT_SERVING)."""
+        status = SERVING if serving else NOT_SERVING
+        for service in ("", GENERATION):
+            task = asyncio.ensure_future(self.health.set(service, status))
+            self._health_sets.add(task)
+            task.add_done_callback(self._health_sets.discard)
 
     async def drain(self, timeout: float, force: asyncio.Event | None = None) -> None:
         """NOT_SERVING from now on; refuses new requests and gives running ones `timeout` s to finish."""
@@ -199,5 +216,5 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(serve(engine_config(args, args.workers.split(",")), serve_options(args)))
-    except WorkerUnavailable as e:
+    except (WorkerUnavailable, OSError) as e:
         sys.exit(f"nanovllm scheduler: {e}")

@@ -75,13 +75,24 @@ class WorkerServer:
         self.servicer = servicer
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
-            options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+            options=[
+                ("grpc.max_send_message_length", 256 << 20),
+                ("grpc.max_receive_message_length", 256 << 20),
+                # The scheduler pings every 2 s, idle too, to find a hung worker (worker_client.py).
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                # Without SO_REUSEPORT a second worker on a port in use fails instead of sharing it.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         wgrpc.add_WorkerServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {host}:{port}: the port is in use or not this host's") from e
         self.server.start()
 
     def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -137,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rank must be in [0, {config.tensor_parallel_size}), got {args.rank}")
 
     servicer = WorkerServicer(args.rank, config.tensor_parallel_size, config.device)
-    server = WorkerServer(servicer, args.host, args.port)
+    try:
+        server = WorkerServer(servicer, args.host, args.port)
+    except OSError as e:
+        sys.exit(f"nanovllm worker rank {args.rank}: {e}")
     stop, force = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -1,0 +1,155 @@
+"""A worker lost mid-stream costs a pause, not a request: the scheduler holds every request's tokens,
+reconnects to the worker's address (restarted here as compose would restart it), and recomputes.
+Greedy and seeded outputs must equal a fault-free run's, token for token, none streamed twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from scheduler_svc.engine import EngineConfig
+from scheduler_svc.server import ServeOptions
+from tests.faults import NOT_SERVING, SERVING, Job, WorkerProcess, health, run_streams, wait_for
+from tests.service import Loop, make_server
+
+NUM_BLOCKS = 256
+MAX_TOKENS = 32
+
+
+def make_jobs(n: int = 50, seed: int = 0) -> list[Job]:
+    """Greedy and seeded requests, mixed; ignore_eos so that each must stream exactly MAX_TOKENS."""
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(3, 40))]
+        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.9, "seed": 1000 + i, "top_k": 50}
+        jobs.append((prompt, {"max_tokens": MAX_TOKENS, "ignore_eos": True, **sampling}))
+    return jobs
+
+
+class Cluster:
+    """A worker process and a scheduler in this process (the core in its event loop, to look at)."""
+
+    def __init__(self, model_dir, **engine: object) -> None:
+        self.worker = WorkerProcess(model_dir, NUM_BLOCKS)
+        self.worker.start()
+        self.loop = Loop()
+        config = EngineConfig(model=str(model_dir), worker_addresses=(self.worker.addr,), core_process=False, **engine)
+        self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0)))
+        self.addr = f"127.0.0.1:{self.loop.call(self.server.start())}"
+
+    @property
+    def metrics(self):
+        return self.server.engine.metrics
+
+    def restart_worker(self) -> None:
+        self.worker.kill()
+        self.worker.start()
+
+    def assert_blocks_free(self) -> None:
+        sched = self.server.engine.core.scheduler
+        wait_for("every KV block free", lambda: sched.blocks.num_free == NUM_BLOCKS and not sched.running, 10)
+
+    def stop(self) -> None:
+        self.loop.call(self.server.stop(grace=0))
+        self.loop.close()
+        self.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    c = Cluster(tiny_model_dir, worker_recovery_timeout=120.0)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def jobs() -> list[Job]:
+    return make_jobs()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, jobs) -> list[list[int]]:
+    out = run_streams(cluster.addr, jobs)
+    assert all(isinstance(t, list) and len(t) == MAX_TOKENS for t in out), out
+    return out
+
+
+def test_worker_killed_mid_stream_then_restarted(cluster, jobs, reference) -> None:
+    restarts = cluster.metrics.worker_restarts
+    out = run_streams(cluster.addr, jobs, {300: cluster.restart_worker})
+    assert out == reference
+    assert cluster.metrics.worker_restarts == restarts + 1
+    assert cluster.metrics.requests_resumed > 0
+    cluster.assert_blocks_free()
+
+
+def test_worker_killed_twice_in_a_row(cluster, jobs, reference) -> None:
+    restarts = cluster.metrics.worker_restarts
+    out = run_streams(cluster.addr, jobs, {200: cluster.restart_worker, 700: cluster.restart_worker})
+    assert out == reference
+    assert cluster.metrics.worker_restarts == restarts + 2
+    cluster.assert_blocks_free()
+
+
+def test_worker_killed_while_idle_is_noticed_and_reconnected(cluster, jobs, reference) -> None:
+    cluster.worker.kill()
+    took = wait_for("health NOT_SERVING", lambda: health(cluster.addr) == NOT_SERVING, 10)
+    assert took < 5
+    cluster.worker.start()
+    wait_for("health SERVING", lambda: health(cluster.addr) == SERVING, 120)
+    assert run_streams(cluster.addr, jobs) == reference
+    cluster.assert_blocks_free()
+
+
+@pytest.mark.parametrize("then", ["SIGCONT", "restart"])
+def test_hung_worker_turns_health_not_serving_and_resumes(cluster, jobs, reference, then) -> None:
+    seen: list[float] = []
+
+    def hang() -> None:
+        pid = cluster.worker.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+
+        def watch() -> None:
+            try:
+                seen.append(wait_for("health NOT_SERVING", lambda: health(cluster.addr) == NOT_SERVING, 20))
+            finally:
+                if then == "SIGCONT":
+                    os.kill(pid, signal.SIGCONT)
+                else:
+                    cluster.restart_worker()
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    out = run_streams(cluster.addr, jobs, {300: hang})
+    assert seen, "health stayed SERVING while the worker hung"
+    assert out == reference
+    cluster.assert_blocks_free()
+
+
+def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs, reference) -> None:
+    c = Cluster(tiny_model_dir, worker_recovery_timeout=1.5)
+    try:
+        lost_at: list[float] = []
+
+        def kill() -> None:
+            c.worker.kill()
+            lost_at.append(time.monotonic())
+
+        out = run_streams(c.addr, jobs, {300: kill})
+        assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE for e in out), out
+        assert time.monotonic() - lost_at[0] < 1.5 + 3  # promptly, once the timeout has passed
+        (late,) = run_streams(c.addr, jobs[:1])  # refused at once while the workers stay away
+        assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.UNAVAILABLE
+        c.worker.start()
+        wait_for("health SERVING", lambda: health(c.addr) == SERVING, 120)
+        assert run_streams(c.addr, jobs) == reference
+        c.assert_blocks_free()
+    finally:
+        c.stop()
