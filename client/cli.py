@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import Client
+from client.supervisor import WorkerProcesses
 
 FINISH_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
 
@@ -24,6 +23,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
@@ -57,50 +66,40 @@ def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str
     return cmds, addrs
 
 
-async def _serve(args: argparse.Namespace, procs: list[subprocess.Popen], addrs: list[str]) -> int:
+async def _serve(args: argparse.Namespace, workers: WorkerProcesses, addrs: list[str]) -> int:
     from scheduler_svc.server import Shutdown, engine_config, serve, serve_options
 
     shutdown = Shutdown()
     shutdown.install()
-
-    async def watch_workers() -> None:
-        while all(p.poll() is None for p in procs):
-            await asyncio.sleep(0.5)
-        dead = next(p for p in procs if p.poll() is not None)
-        print(f"nanovllm: a worker exited with code {dead.returncode}; stopping", file=sys.stderr, flush=True)
-        shutdown.now()  # nothing can finish without it: no drain
-
-    watcher = asyncio.create_task(watch_workers())
+    watcher = asyncio.create_task(workers.supervise(shutdown.requested.is_set))
     server = asyncio.create_task(serve(engine_config(args, addrs), serve_options(args), shutdown))
     await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    shutdown.now()
+    gave_up = watcher.done() and not shutdown.requested.is_set()
+    shutdown.now()  # the supervisor gave up on the workers: nothing can finish, no drain
     watcher.cancel()
     try:
         await server
     except Exception as e:
         print(f"nanovllm: the scheduler failed: {e}", file=sys.stderr, flush=True)
         return 1
-    return 1 if any(p.poll() not in (None, 0, -signal.SIGTERM) for p in procs) else 0
+    return 1 if gave_up or workers.failed() else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("nanovllm: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.port and not port_free(args.host, args.port):  # before minutes of loading the workers
+        print(f"nanovllm: cannot listen on {args.host}:{args.port}: the port is in use", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cmds, addrs = worker_commands(args)
-    procs = [subprocess.Popen(c) for c in cmds]
+    workers = WorkerProcesses(cmds)
+    workers.start()
     try:
-        return asyncio.run(_serve(args, procs, addrs))
+        return asyncio.run(_serve(args, workers, addrs))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        workers.stop()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import shutil
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from scheduler_svc.core import CoreConfig, EngineCore, settle_heap
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.lifeline import die_with_parent
 from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Started
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,13 @@ class ProcessCore:
         self.config = config
         self.emit = emit
         self.proc: multiprocessing.process.BaseProcess | None = None
-        self._dir: Path | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
 
     async def start(self) -> CoreInfo:
         """Starts the process; returns once it has connected to every worker."""
-        self._dir = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
-        path = str(self._dir / "core.sock")
+        folder = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
+        path = str(folder / "core.sock")
         connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -69,7 +70,7 @@ class ProcessCore:
         try:
             # spawn: a fork would copy this process's gRPC and asyncio state into the child
             self.proc = multiprocessing.get_context("spawn").Process(
-                target=main, args=(path, self.config), name="nanovllm-core", daemon=True
+                target=main, args=(path, self.config, os.getpid()), name="nanovllm-core", daemon=True
             )
             self.proc.start()
             while not connected.done():
@@ -78,6 +79,7 @@ class ProcessCore:
                 await asyncio.wait({connected}, timeout=0.1)
         finally:
             server.close()
+            shutil.rmtree(folder, ignore_errors=True)  # connected or failed: the path has served
         reader, self._writer = connected.result()
         try:
             first = await _read(reader)  # Started once the workers are ready, which may take minutes
@@ -123,12 +125,11 @@ class ProcessCore:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def main(path: str, config: CoreConfig) -> None:
+def main(path: str, config: CoreConfig, parent: int) -> None:
     """The core process: connects back to the frontend, then to the workers, then steps."""
+    die_with_parent(parent)
     # Ctrl-C (or a SIGTERM to the process group) reaches this process too; the frontend drains
     # and then closes the socket, which is this process's signal to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,7 +139,10 @@ def main(path: str, config: CoreConfig) -> None:
 
 
 async def _serve(path: str, config: CoreConfig) -> None:
-    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    finally:  # the frontend removes it too, unless it was killed while this process started
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
     core = EngineCore(config, lambda event: writer.write(_frame(event)))
     try:
         # The frontend sends nothing before Started, so a read that returns while the workers load

@@ -5,9 +5,13 @@ enough tokens have streamed, and polls with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,3 +111,65 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def children(pid: int) -> set[int]:
+    """Every live descendant of `pid`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        found |= kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ServeProcess:
+    """`nanovllm serve` on CPU with the tiny model; its output lines are kept in `lines`."""
+
+    def __init__(self, model_dir: str | Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-c", "from client.cli import main; main()", "serve", "--model", str(model_dir)]
+        cmd += ["--port", str(self.port), "--device", "cpu", "--dtype", "float32", *flags]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        wait_for("nanovllm serve ready", lambda: any("scheduler ready" in line for line in self.lines), 120)
+
+    def worker_pids(self) -> list[int]:
+        """Each worker process started so far, from its ready line."""
+        return [
+            int(m.group(1)) for line in self.lines if (m := re.search(r"worker rank \d+ ready .*\(pid (\d+)\)", line))
+        ]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
