@@ -135,8 +135,13 @@ class Engine:
     # ---- requests ----
 
     async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Every id of `text` (the Tokenize RPC)."""
         self._check_size(len(text.encode()), "the text")
-        return await self._off_loop(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return await self._off_loop(self._encode, text, add_special_tokens, None)
+
+    async def encode_prompt(self, text: str) -> list[int]:
+        self._check_size(len(text.encode()), "the text prompt")
+        return await self._off_loop(self._encode, text, True, self._longest_prompt())
 
     async def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not messages:
@@ -150,25 +155,34 @@ class Engine:
         if size > (limit := self.config.max_prompt_bytes):
             raise InvalidRequest(f"{what} has {size} bytes, more than the limit of {limit} (--max-prompt-bytes)")
 
-    async def _off_loop(self, fn: Callable[..., list[int]], *args: object, **kwargs: object) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, lambda: fn(*args, **kwargs))
+    def _longest_prompt(self) -> int | None:
+        return self.info.max_model_len - 1 if self.info is not None else None  # leaves room for one token
+
+    async def _off_loop(self, fn: Callable[..., list[int]], *args: object) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as e:  # templates raise on what they refuse, e.g. roles out of order
             raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self._encode(text, False, self._longest_prompt())  # the template wrote the special tokens
+
+    def _encode(self, text: str, add_special_tokens: bool, limit: int | None) -> list[int]:
+        """In the tokenizing thread. With a fast tokenizer a prompt longer than `limit` is refused by its
+        length alone: turning millions of ids into Python ints would hold the GIL, and so every stream."""
+        if not self.tokenizer.is_fast:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        # encode_batch, unlike encode, releases the GIL while it works
+        (enc,) = self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        if limit is not None and len(enc) > limit:
+            raise InvalidRequest(f"the prompt has {len(enc)} tokens, more than max_model_len ({limit + 1}) allows")
+        return enc.ids
 
     def _validate(self, prompt: list[int], params: SamplingParams, info: CoreInfo) -> None:
         if not prompt:
             raise InvalidRequest("the prompt is empty")
-        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
+        # Lengths first: a prompt too long for the model is refused before a scan of its ids holds the loop.
         total = len(prompt) + params.max_tokens
         if total > info.max_model_len:
             raise InvalidRequest(
@@ -181,6 +195,12 @@ class Engine:
                 f"prompt + max_tokens needs {need} KV blocks but the cache has only "
                 f"{info.num_blocks}; lower max_tokens or shorten the prompt"
             )
+        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         """Streams one request's outputs; closing the iterator early aborts the request."""

@@ -73,7 +73,7 @@ class GenerationServicer(pbg.GenerationServicer):
     async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            return await self.engine.tokenize(request.text, add_special_tokens=True)
+            return await self.engine.encode_prompt(request.text)
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "chat":
