@@ -34,13 +34,13 @@ def make_jobs(n: int = 50, seed: int = 0) -> list[Job]:
 
 
 class Cluster:
-    """A worker process and a scheduler in this process (the core in its event loop, to look at)."""
+    """A worker process and a scheduler in this process (its core in a process of its own, or not)."""
 
     def __init__(self, model_dir, **engine: object) -> None:
         self.worker = WorkerProcess(model_dir, NUM_BLOCKS)
         self.worker.start()
         self.loop = Loop()
-        config = EngineConfig(model=str(model_dir), worker_addresses=(self.worker.addr,), core_process=False, **engine)
+        config = EngineConfig(model=str(model_dir), worker_addresses=(self.worker.addr,), **engine)
         self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0)))
         self.addr = f"127.0.0.1:{self.loop.call(self.server.start())}"
 
@@ -53,8 +53,11 @@ class Cluster:
         self.worker.start()
 
     def assert_blocks_free(self) -> None:
-        sched = self.server.engine.core.scheduler
-        wait_for("every KV block free", lambda: sched.blocks.num_free == NUM_BLOCKS and not sched.running, 10)
+        def free() -> bool:  # as the core last reported: it reports again when it goes idle
+            stats = self.server.engine.stats
+            return stats is not None and stats.blocks_free == NUM_BLOCKS and stats.running == stats.waiting == 0
+
+        wait_for("every KV block free", free, 10)
 
     def stop(self) -> None:
         self.loop.call(self.server.stop(grace=0))
@@ -62,9 +65,9 @@ class Cluster:
         self.worker.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = Cluster(tiny_model_dir, worker_recovery_timeout=120.0)
+@pytest.fixture(scope="module", params=[False, True], ids=["core-in-loop", "core-process"])
+def cluster(tiny_model_dir, request):
+    c = Cluster(tiny_model_dir, core_process=request.param, worker_recovery_timeout=120.0)
     yield c
     c.stop()
 
@@ -133,9 +136,10 @@ def test_hung_worker_turns_health_not_serving_and_resumes(cluster, jobs, referen
     cluster.assert_blocks_free()
 
 
-def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs, reference) -> None:
-    c = Cluster(tiny_model_dir, worker_recovery_timeout=1.5)
+def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs) -> None:
+    c = Cluster(tiny_model_dir, core_process=False, worker_recovery_timeout=1.5)
     try:
+        reference = run_streams(c.addr, jobs)
         lost_at: list[float] = []
 
         def kill() -> None:
