@@ -248,9 +248,10 @@ class EngineCore:
         if (got := _limits(winfo)) != (had := _limits(self.winfo)):
             raise WorkerUnavailable(f"the workers came back with other limits: {got} instead of {had}")
         took = time.monotonic() - lost
-        held = sum(1 for seq in resumed if not seq.is_finished)
-        log.warning("the worker group is back after %.1f s; resuming %d requests", took, held)
-        self.emit(WorkersBack(held, took))
+        held = [seq for seq in resumed if not seq.is_finished]
+        tokens = sum(len(seq.token_ids) for seq in held)
+        log.warning("the worker group is back after %.1f s; resuming %d requests (%d tokens)", took, len(held), tokens)
+        self.emit(WorkersBack(len(held), tokens, took))
 
     def _drop_all(self, why: str) -> None:
         assert self.scheduler is not None

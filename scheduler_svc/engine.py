@@ -292,7 +292,7 @@ class Engine:
             self.on_serving(False)
         elif isinstance(event, WorkersBack):
             self.down = None
-            self.metrics.back(event.resumed, event.seconds)
+            self.metrics.back(event)
             self.on_serving(True)
         elif isinstance(event, RecoveryFailed):
             self.down = event.why

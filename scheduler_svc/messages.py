@@ -95,6 +95,7 @@ class WorkersBack:
     """Every rank is back; the requests held are resumed by recompute from their known tokens."""
 
     resumed: int
+    recomputed: int  # their known tokens, whose KV the lost workers held
     seconds: float  # since the loss
 
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler_svc.messages import CoreStats
+from scheduler_svc.messages import CoreStats, WorkersBack
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -41,6 +41,7 @@ class Metrics:
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
         self.worker_restarts = 0  # times the worker group came back after losing a rank
         self.requests_resumed = 0
+        self.tokens_recomputed = 0
         self.recovery_seconds = 0.0  # of recoveries that ended
         self.lost_since: float | None = None  # while a rank is lost
 
@@ -65,10 +66,11 @@ class Metrics:
         if self.lost_since is None:
             self.lost_since = time.monotonic()
 
-    def back(self, resumed: int, seconds: float) -> None:
+    def back(self, event: WorkersBack) -> None:
         self.worker_restarts += 1
-        self.requests_resumed += resumed
-        self.recovery_seconds += seconds
+        self.requests_resumed += event.resumed
+        self.tokens_recomputed += event.recomputed
+        self.recovery_seconds += event.seconds
         self.lost_since = None
 
     def seconds_in_recovery(self) -> float:
@@ -126,6 +128,9 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             "nanovllm_requests_resumed", "Requests recomputed on a worker group that came back.", m.requests_resumed
+        )
+        yield CounterMetricFamily(
+            "nanovllm_tokens_recomputed", "Known tokens of resumed requests, recomputed.", m.tokens_recomputed
         )
         yield CounterMetricFamily(
             "nanovllm_worker_recovery_seconds", "Time spent with a worker rank lost.", m.seconds_in_recovery()
