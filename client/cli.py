@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cmds, addrs = worker_commands(args)
-    workers = WorkerProcesses(cmds)
+    workers = WorkerProcesses(cmds, addrs)
     workers.start()
     try:
         return asyncio.run(_serve(args, workers, addrs))

@@ -2,8 +2,8 @@
 
 The scheduler holds every request while a worker is gone and resumes them when it is back, so a
 crashed worker costs a pause. Ranks of one tensor-parallel group share collectives, so when any rank
-exits the whole group restarts. Restarts are bounded: a group that keeps dying (a bad flag, no
-memory) is given up, and `serve` stops rather than loop.
+exits the whole group restarts. Restarts are bounded: a group that never became ready (a bad flag)
+or keeps dying (no memory) is given up, and `serve` stops rather than loop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from scheduler_svc.lifeline import die_with_parent
 
 MAX_RESTARTS = 5  # in RESTART_WINDOW seconds
@@ -24,8 +27,10 @@ RESTART_WINDOW = 300.0
 
 
 class WorkerProcesses:
-    def __init__(self, cmds: list[list[str]]) -> None:
+    def __init__(self, cmds: list[list[str]], addresses: list[str]) -> None:
         self.cmds = cmds
+        self.addresses = addresses
+        self.was_ready = False  # every rank has served once: a later exit is a crash worth a restart
         self.procs: list[subprocess.Popen[bytes]] = []
         self.restarts: deque[float] = deque()
 
@@ -39,10 +44,14 @@ class WorkerProcesses:
         the group has already been restarted MAX_RESTARTS times in the window."""
         while True:
             while all(p.poll() is None for p in self.procs):
+                self.was_ready = self.was_ready or await self._ready()
                 await asyncio.sleep(0.2)
             if stopping():
                 return
             rank, code = next((r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None)
+            if not self.was_ready:
+                print(f"nanovllm: worker rank {rank} exited with code {code} before it was ready", file=sys.stderr)
+                return
             now = time.monotonic()
             while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
                 self.restarts.popleft()
@@ -62,6 +71,17 @@ class WorkerProcesses:
             )
             self.stop(grace=0.0)
             self.start()
+
+    async def _ready(self) -> bool:
+        for addr in self.addresses:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                try:
+                    res = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except grpc.aio.AioRpcError:
+                    return False
+                if res.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+        return True
 
     def stop(self, grace: float = 10.0) -> None:
         for p in self.procs:

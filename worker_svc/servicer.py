@@ -7,6 +7,7 @@ weights load.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -53,6 +54,13 @@ class WorkerServicer(wgrpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is already connected")
         try:
             yield from self._run(requests)
+        except Exception:
+            if self.world_size > 1:
+                # A failed collective (a peer died) leaves this rank outside any group it could
+                # rejoin: exit, so that its supervisor restarts it with the rest of the group.
+                log.exception("a step failed; exiting, as this rank cannot rejoin its tensor-parallel group")
+                os._exit(1)
+            raise
         finally:
             self._stream_lock.release()
 
