@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from proto import STEP_ACCEPTED
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
@@ -122,38 +123,54 @@ class WorkerGroup:
         self.failure: asyncio.Future[str] | None = None
 
     async def connect(self, timeout: float | None) -> wpb.WorkerInfo:
-        """Waits until every rank answers Describe and is ready (None: however long that takes,
-        retrying with backoff), then opens the step streams."""
+        """Waits until every rank is ready and has accepted its step stream (None: however long that
+        takes), retrying with backoff."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.05
+        while (why := await self._attempt(deadline)) is not None:
+            if deadline is not None and loop.time() > deadline:
+                raise WorkerUnavailable(f"{why} (waited {timeout:g} s)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        self.failure = loop.create_future()
+        self._readers = [asyncio.create_task(self._read(k)) for k in range(len(self.calls))]
+        assert self.info is not None
+        return self.info
+
+    async def _attempt(self, deadline: float | None) -> str | None:
+        """Describes every rank and opens its step stream; None on success, else why not."""
+        loop = asyncio.get_running_loop()
+        wait = 5.0 if deadline is None else min(5.0, max(deadline - loop.time(), 0.05))
         infos = []
         for addr, stub in zip(self.addresses, self.stubs, strict=True):
-            delay = 0.05
-            while True:
-                wait = 5.0 if deadline is None else min(5.0, max(deadline - loop.time(), 0.05))
-                try:
-                    info = await stub.Describe(wpb.DescribeRequest(), timeout=wait, wait_for_ready=True)
-                    if info.ready:
-                        break
-                    why = "did not become ready"
-                except grpc.aio.AioRpcError as e:
-                    why = f"did not answer: {e.details()}"
-                if deadline is not None and loop.time() > deadline:
-                    raise WorkerUnavailable(f"worker {addr} {why} in {timeout:g} s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            try:
+                info = await stub.Describe(wpb.DescribeRequest(), timeout=wait, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                return f"worker {addr} did not answer: {e.details()}"
+            if not info.ready:
+                return f"worker {addr} is not ready"
             infos.append(info)
         ranks = sorted(i.rank for i in infos)
         if ranks != list(range(len(infos))) or any(i.world_size != len(infos) for i in infos):
-            raise WorkerUnavailable(f"worker ranks {ranks} do not form one group of size {len(infos)}")
-        self.info = next(i for i in infos if i.rank == 0)
+            return f"worker ranks {ranks} do not form one group of size {len(infos)}"
         order = sorted(range(len(infos)), key=lambda k: infos[k].rank)
         self.stubs = [self.stubs[k] for k in order]
         self.addresses = [self.addresses[k] for k in order]
-        self.failure = loop.create_future()
+        self.info = infos[order[0]]
         self.calls = [stub.Step() for stub in self.stubs]
-        self._readers = [asyncio.create_task(self._read(k)) for k in range(len(self.calls))]
-        return self.info
+        for addr, call in zip(self.addresses, self.calls, strict=True):
+            # A worker whose old stream is still ending (its scheduler lost it) waits for it a while.
+            try:
+                accepted = any(k == STEP_ACCEPTED for k, _ in await asyncio.wait_for(call.initial_metadata(), 30))
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                accepted = False
+            if not accepted:
+                why = await call.details() if call.done() else "no answer"
+                for c in self.calls:
+                    c.cancel()
+                return f"worker {addr} did not take the step stream: {why}"
+        return None
 
     async def _read(self, rank: int) -> None:
         call = self.calls[rank]
@@ -202,10 +219,12 @@ class WorkerGroup:
             return self._results.get_nowait()
         assert self.failure is not None
         get = asyncio.ensure_future(self._results.get())
-        done, _ = await asyncio.wait({get, self.failure}, timeout=self.step_timeout, return_when=FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({get, self.failure}, timeout=self.step_timeout, return_when=FIRST_COMPLETED)
+        finally:
+            get.cancel()  # a no-op once done; on our own cancellation, no task is left behind
         if get in done:
             return get.result()
-        get.cancel()
         self._fail(
             f"worker rank 0 ({self.addresses[0]}) returned no step result in {self.step_timeout:g} s "
             "(--worker-step-timeout)"
@@ -216,8 +235,10 @@ class WorkerGroup:
         """Waits for `wake` while idle; WorkerUnavailable as soon as a rank fails."""
         assert self.failure is not None
         woken = asyncio.ensure_future(wake.wait())
-        await asyncio.wait({woken, self.failure}, return_when=FIRST_COMPLETED)
-        woken.cancel()
+        try:
+            await asyncio.wait({woken, self.failure}, return_when=FIRST_COMPLETED)
+        finally:
+            woken.cancel()
         if self._failed():
             raise self._error()
 

@@ -16,7 +16,7 @@ import pytest
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.server import ServeOptions
 from tests.faults import NOT_SERVING, SERVING, Job, WorkerProcess, health, run_streams, wait_for
-from tests.service import Loop, make_server
+from tests.service import Loop, Service, make_server
 
 NUM_BLOCKS = 256
 MAX_TOKENS = 32
@@ -157,3 +157,27 @@ def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs)
         c.assert_blocks_free()
     finally:
         c.stop()
+
+
+def test_a_step_past_its_deadline_counts_as_a_hung_worker(tiny_model_dir, jobs, caplog) -> None:
+    """A worker that answers pings but not a step: the step deadline gives up on it and reconnects,
+    and the requests resume once the worker has let go of its old stream."""
+    svc = Service(tiny_model_dir, engine={"worker_step_timeout": 1.0}, num_kv_blocks=NUM_BLOCKS)
+    try:
+        reference = run_streams(svc.addr, jobs[:20])
+        runner = svc.worker.servicer.runner
+        collect, calls = runner.collect, 0
+
+        def stuck_once(handle):
+            nonlocal calls
+            calls += 1
+            if calls == 10:
+                time.sleep(3)  # the step the scheduler gives up on
+            return collect(handle)
+
+        runner.collect = stuck_once
+        assert run_streams(svc.addr, jobs[:20]) == reference
+        assert svc.engine.metrics.worker_restarts >= 1
+        assert "--worker-step-timeout" in caplog.text
+    finally:
+        svc.stop()

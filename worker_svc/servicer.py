@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from proto import STEP_ACCEPTED
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from worker_svc.executor import END, Executor, Ready
@@ -50,8 +51,11 @@ class WorkerServicer(wgrpc.WorkerServicer):
     def Step(self, requests: Iterator[wpb.StepRequest], context: grpc.ServicerContext) -> Iterator[wpb.StepResult]:
         if self.runner is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is still loading the model")
-        if not self._stream_lock.acquire(blocking=False):
+        # A scheduler that lost this stream (a step past its deadline) may reconnect before the old
+        # stream has ended: it ends after the step it is running, so wait for that a while.
+        if not self._stream_lock.acquire(timeout=10.0):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is already connected")
+        context.send_initial_metadata(((STEP_ACCEPTED, "1"),))
         try:
             yield from self._run(requests)
         except Exception:
