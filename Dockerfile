@@ -24,6 +24,7 @@ COPY proto proto
 COPY scheduler_svc scheduler_svc
 COPY worker_svc worker_svc
 COPY client/*.py client/
+COPY nanovllm_grpc nanovllm_grpc
 # The CUDA build of torch (PyPI's default on Linux) and the GPU extras (Triton).
 RUN pip install '.[gpu]'
 

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.throughput import TEMPERATURE, model_dir
 from bench.workload import Job, standard
 from client import AsyncClient
-from client.cli import free_port
+from nanovllm_grpc.launch import free_port
 
 
 class Stack:

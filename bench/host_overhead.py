@@ -24,9 +24,10 @@ import time
 from bench.throughput import consume, cpu_seconds, full_stack, model_dir
 from bench.workload import standard
 from proto import worker_pb2 as wpb
-from scheduler_svc.engine import Engine, EngineConfig
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine import Engine
 from scheduler_svc.sampling_params import SamplingParams
-from scheduler_svc.server import SchedulerServer, ServeOptions
+from scheduler_svc.server import SchedulerServer
 
 
 class InstantWorker:
@@ -77,7 +78,7 @@ class InstantWorker:
 
 
 async def run(model: str, step_s: float) -> tuple[int, float]:
-    config = EngineConfig(model=model, worker_addresses=("instant",), core_process=False)
+    config = SchedulerConfig(model=model, workers=("instant",), core_process=False)
     engine = Engine(config, workers=InstantWorker(40_000, step_s))  # type: ignore[arg-type]
     await engine.start()
     jobs = standard()
@@ -94,8 +95,10 @@ def serve(model: str, step_s: float, interval: int, port: multiprocessing.Value,
     """Child process: the public gRPC server over an engine whose worker answers instantly."""
 
     async def run() -> None:
-        config = EngineConfig(model=model, worker_addresses=("instant",), stream_interval=interval, core_process=False)
-        server = SchedulerServer(config, ServeOptions(port=0))
+        config = SchedulerConfig(
+            model=model, workers=("instant",), port=0, stream_interval=interval, core_process=False
+        )
+        server = SchedulerServer(config)
         server.engine.core.workers = InstantWorker(40_000, step_s)  # type: ignore[assignment]
         port.value = await server.start()
         await server.server.wait_for_termination()

@@ -14,6 +14,7 @@ from proto import worker_pb2 as wpb
 from worker_svc.config import WorkerConfig
 from worker_svc.executor import END, Executor, Ready
 from worker_svc.model_runner import ModelRunner
+from worker_svc.servicer import describe
 
 
 class LocalWorker:
@@ -25,19 +26,7 @@ class LocalWorker:
         self._thread: threading.Thread | None = None
 
     async def connect(self, timeout: float) -> wpb.WorkerInfo:
-        r = self.runner
-        self.info = wpb.WorkerInfo(
-            rank=0,
-            world_size=1,
-            num_kv_blocks=r.num_kv_blocks,
-            block_size=r.block_size,
-            max_model_len=r.max_model_len,
-            vocab_size=r.vocab_size,
-            max_num_seqs=r.config.max_num_seqs,
-            max_num_batched_tokens=r.config.max_num_batched_tokens,
-            device=r.config.device,
-            ready=True,
-        )
+        self.info = describe(self.runner, rank=0, world_size=1)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[wpb.StepResult | BaseException] = asyncio.Queue()
         self._results = results

@@ -166,14 +166,15 @@ def start(cmd: list[str], ready: str) -> subprocess.Popen:
 
 def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
     """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
-    cmd = [sys.executable, "-m", "client.cli", "serve", "--model", model, "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "nanovllm_grpc", "serve", "--model", model, "--port", str(port), *flags]
     return start(cmd, "scheduler ready"), f"127.0.0.1:{port}"
 
 
 async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> tuple[int, float]:
     from bench.local_worker import LocalWorker
-    from scheduler_svc.core import settle_heap
-    from scheduler_svc.engine import Engine, EngineConfig
+    from nanovllm_grpc.process import settle_heap
+    from scheduler_svc.config import CoreConfig, SchedulerConfig
+    from scheduler_svc.engine import Engine
     from scheduler_svc.sampling_params import SamplingParams
     from worker_svc.config import WorkerConfig
 
@@ -194,14 +195,12 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
         )
     )
     engine = Engine(
-        EngineConfig(
+        SchedulerConfig(
             model=model,
-            worker_addresses=("in-process",),
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_inflight_steps=args.max_inflight_steps,
+            workers=("in-process",),
             stream_interval=args.stream_interval,
             core_process=False,  # the in-process worker is an object of this process
+            core=CoreConfig(max_inflight_steps=args.max_inflight_steps),  # batch limits: the worker's
         ),
         workers=worker,  # type: ignore[arg-type]
     )

@@ -1,128 +1,61 @@
-"""The `nanovllm` command: `serve` starts the scheduler and its workers here; `generate` streams."""
+"""The client's commands: `generate` streams a generation, `health` runs the standard health check."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import json
-import logging
-import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import Client
-from client.supervisor import WorkerProcesses
-
-FINISH_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
+from client.client import Client, generate_request
+from client.types import Output
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def worker_commands(args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
-    """The command line of each rank's worker process, and the addresses they will serve on."""
-    tp = args.tensor_parallel_size
-    dist_port = free_port()
-    cmds, addrs = [], []
-    for rank in range(tp):
-        port = free_port()
-        cmd = [sys.executable, "-m", "worker_svc", "--model", args.model, "--port", str(port), "--rank", str(rank)]
-        cmd += ["--dist-port", str(dist_port), "--tensor-parallel-size", str(tp)]
-        cmd += ["--load-format", args.load_format, "--dtype", args.dtype, "--seed", str(args.seed)]
-        cmd += ["--kvcache-block-size", str(args.kvcache_block_size), "--kv-cache-dtype", args.kv_cache_dtype]
-        cmd += ["--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-        cmd += ["--attention-backend", args.attention_backend]
-        cmd += ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        # Ctrl-C reaches the workers too: they outwait the scheduler's drain, which closes their streams.
-        cmd += ["--shutdown-timeout", str(args.shutdown_timeout + 5)]
-        for flag, value in (
-            ("--device", args.device),
-            ("--max-model-len", args.max_model_len),
-            ("--num-kvcache-blocks", args.num_kvcache_blocks),
-        ):
-            if value is not None:
-                cmd += [flag, str(value)]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        cmds.append(cmd)
-        addrs.append(f"127.0.0.1:{port}")
-    return cmds, addrs
-
-
-async def _serve(args: argparse.Namespace, workers: WorkerProcesses, addrs: list[str]) -> int:
-    from scheduler_svc.server import Shutdown, engine_config, serve, serve_options
-
-    shutdown = Shutdown()
-    shutdown.install()
-    watcher = asyncio.create_task(workers.supervise(shutdown.requested.is_set))
-    server = asyncio.create_task(serve(engine_config(args, addrs), serve_options(args), shutdown))
-    await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    gave_up = watcher.done() and not shutdown.requested.is_set()
-    shutdown.now()  # the supervisor gave up on the workers: nothing can finish, no drain
-    watcher.cancel()
+def token_ids(text: str) -> list[int]:
     try:
-        await server
-    except Exception as e:
-        print(f"nanovllm: the scheduler failed: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 1 if gave_up or workers.failed() else 0
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-token-ids takes comma-separated integers, got {text!r}") from None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("nanovllm: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    if args.port and not port_free(args.host, args.port):  # before minutes of loading the workers
-        print(f"nanovllm: cannot listen on {args.host}:{args.port}: the port is in use", file=sys.stderr)
-        return 1
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cmds, addrs = worker_commands(args)
-    workers = WorkerProcesses(cmds, addrs)
-    workers.start()
-    try:
-        return asyncio.run(_serve(args, workers, addrs))
-    finally:
-        workers.stop()
+def as_json(out: Output) -> dict[str, Any]:
+    msg: dict[str, Any] = {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}
+    if out.logprobs:
+        msg["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in out.logprobs]
+    if out.usage is not None:
+        msg["usage"] = dataclasses.asdict(out.usage)
+    return msg
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt: str | list[int] | None = args.prompt
-    if args.prompt_token_ids is not None:
-        prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
     messages = None
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.chat})
-    kwargs = {
+    sampling = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "min_p": args.min_p,
         "seed": args.seed,
-        "stop": args.stop or None,
-        "stop_token_ids": args.stop_token_ids,
+        "stop": args.stop or (),
+        "stop_token_ids": args.stop_token_ids or (),
         "min_tokens": args.min_tokens,
-        "ignore_eos": args.ignore_eos or None,
+        "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
     }
+    try:
+        prompt = token_ids(args.prompt_token_ids) if args.prompt_token_ids is not None else args.prompt
+        request = generate_request(prompt, messages=messages, **sampling)  # checks what the wire can carry
+    except ValueError as e:  # said as the server says what it refuses
+        print(f"nanovllm: INVALID_ARGUMENT: {e}", file=sys.stderr)
+        return 1
     try:
         with Client(args.addr, channel(args)) as client:
             if args.wait:
@@ -131,31 +64,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 except grpc.FutureTimeoutError:
                     print(f"nanovllm: no server answered at {args.addr} within {args.wait} s", file=sys.stderr)
                     return 1
-            for msg in client.generate(prompt, messages=messages, **kwargs):
+            for out in client.stream(request):
                 if args.json:
-                    out = {
-                        "token_ids": list(msg.token_ids),
-                        "text": msg.text,
-                        "finish_reason": FINISH_NAMES[msg.finish_reason],
-                    }
-                    if msg.logprobs:
-                        out["logprobs"] = [
-                            {
-                                "token_id": lp.token_id,
-                                "logprob": lp.logprob,
-                                "top": {t.token_id: t.logprob for t in lp.top},
-                            }
-                            for lp in msg.logprobs
-                        ]
-                    if msg.HasField("usage"):
-                        out["usage"] = {
-                            "prompt_tokens": msg.usage.prompt_tokens,
-                            "completion_tokens": msg.usage.completion_tokens,
-                            "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
-                        }
-                    print(json.dumps(out, ensure_ascii=False), flush=True)
+                    print(json.dumps(as_json(out), ensure_ascii=False), flush=True)
                 else:
-                    print(msg.text, end="", flush=True)
+                    print(out.text, end="", flush=True)
         if not args.json:
             print()
     except grpc.RpcError as e:
@@ -187,55 +100,48 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def add_connection_args(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--addr", default=f"127.0.0.1:{port}")
+    p.add_argument("--addr", default=f"127.0.0.1:{port}", help=f"server address (default: 127.0.0.1:{port})")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
     p.add_argument("--tls-ca", help="connect with TLS, trusting this PEM CA certificate")
     p.add_argument("--tls-server-name", help="name the server certificate must carry, if not the --addr host")
 
 
-def parser() -> argparse.ArgumentParser:
-    from scheduler_svc.flags import add_args as add_scheduler_args
-    from worker_svc.flags import add_args as add_worker_args
-
-    p = argparse.ArgumentParser(prog="nanovllm", description="nanovllm-grpc: serve and call an LLM over gRPC")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="start the scheduler and its worker process(es) on this machine")
-    add_scheduler_args(s)
-    add_worker_args(s)
-    s.set_defaults(func=cmd_serve)
-
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`generate` and `health`, for `nanovllm` and `nanovllm-client` alike."""
     g = sub.add_parser("generate", help="stream a generation from a running server")
     add_connection_args(g, 50051)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
+    src.add_argument("--prompt", help="a text prompt")
     src.add_argument("--prompt-token-ids", help="comma-separated token ids")
     src.add_argument("--chat", help="a user message, rendered with the model's chat template")
     g.add_argument("--system", help="a system message before --chat")
-    g.add_argument("--max-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop", nargs="*", help="stop strings")
-    g.add_argument("--stop-token-ids", type=int, nargs="*")
-    g.add_argument("--min-tokens", type=int)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--logprobs", type=int)
+    g.add_argument("--max-tokens", type=int, help="tokens to generate at most (default: the server's, 16)")
+    g.add_argument("--temperature", type=float, help="0: greedy (default: the server's, 1.0)")
+    g.add_argument("--top-p", type=float, help="nucleus share, in (0, 1] (default: the server's, 1.0)")
+    g.add_argument("--top-k", type=int, help="best k tokens only; 0 or -1: all (default: the server's, 0)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min-p x the best's probability (default: 0)")
+    g.add_argument("--seed", type=int, help="makes sampling reproducible (default: none)")
+    g.add_argument("--stop", nargs="*", help="stop strings, left out of the text (default: none)")
+    g.add_argument("--stop-token-ids", type=int, nargs="*", help="stop tokens, kept in the output (default: none)")
+    g.add_argument("--min-tokens", type=int, help="no EOS or stop token before this many (default: 0)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens whatever the model says")
+    g.add_argument("--logprobs", type=int, help="top logprobs per token, with --json (default: 0, none)")
     g.add_argument("--json", action="store_true", help="one JSON object per streamed message")
-    g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up")
+    g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up (default: 0)")
     g.set_defaults(func=cmd_generate)
 
     h = sub.add_parser("health", help="standard gRPC health check of a scheduler or worker; exit 0 if SERVING")
     add_connection_args(h, 50051)
     h.add_argument("--service", default="", help="service name (default: the whole server)")
-    h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
     h.set_defaults(func=cmd_health)
-    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    """`nanovllm-client`: the client's commands alone, for an install without the server."""
+    p = argparse.ArgumentParser(prog="nanovllm-client", description="call a nanovllm-grpc server")
+    add_client_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
     sys.exit(args.func(args))
 
 

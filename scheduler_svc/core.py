@@ -22,14 +22,13 @@ frontend fails them) and goes on reconnecting.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from proto import worker_pb2 as wpb
+from scheduler_svc.config import CoreConfig
 from scheduler_svc.errors import WorkerUnavailable
 from scheduler_svc.messages import (
     Add,
@@ -39,59 +38,35 @@ from scheduler_svc.messages import (
     Event,
     Finish,
     RecoveryFailed,
+    Sample,
     StepOutputs,
     Update,
     WorkersBack,
     WorkersLost,
 )
-from scheduler_svc.scheduler import Batch, Scheduler, SchedulerConfig
+from scheduler_svc.scheduler import Batch, Scheduler
 from scheduler_svc.sequence import FinishReason, Sequence
-from scheduler_svc.worker_client import Sample, WorkerGroup, from_step_result, to_step_request
+from scheduler_svc.worker_client import WorkerGroup, from_step_result, to_step_request
 
 log = logging.getLogger(__name__)
-MAX_INFLIGHT_STEPS = 4
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    worker_addresses: tuple[str, ...]
-    eos_token_ids: frozenset[int]
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # None: the worker's
-    enable_prefix_caching: bool = True
-    max_inflight_steps: int = 3
-    connect_timeout: float = 600.0
-    # Generous: a step that meets a new kernel variant compiles it first, for seconds on a GPU.
-    worker_step_timeout: float = 120.0
-    worker_recovery_timeout: float = 300.0  # a GPU worker reloads its weights and recaptures its graphs
-
-    def __post_init__(self) -> None:
-        if not self.worker_addresses:
-            raise ValueError("worker_addresses is empty")
-        for name in ("connect_timeout", "worker_step_timeout", "worker_recovery_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
-            raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
-
-
-def settle_heap() -> None:
-    """Takes what start-up allocated (tokenizer, modules) out of the garbage collector's sight and
-    makes collections rarer: each step makes thousands of short-lived objects, and with the default
-    thresholds the collections they trigger kept walking the whole start-up heap."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+CONNECT_TIMEOUT = 600.0  # seconds for every worker to load its weights and answer ready
 
 
 class EngineCore:
-    def __init__(self, config: CoreConfig, emit: Callable[[Event], None], workers: WorkerGroup | None = None) -> None:
-        """`workers` replaces the gRPC worker group (the in-process benchmark passes its own)."""
+    def __init__(
+        self,
+        config: CoreConfig,
+        workers: WorkerGroup | tuple[str, ...],
+        eos_token_ids: frozenset[int],
+        emit: Callable[[Event], None],
+    ) -> None:
+        """`workers`: the workers' addresses, or a group of this process's own (the in-process benchmark's,
+        which cannot fail apart from this process: no recovery)."""
         self.config = config
         self.emit = emit
-        self.recoverable = workers is None
-        self.workers = workers or self._group()
+        self.eos_token_ids = eos_token_ids
+        self.addresses = workers if isinstance(workers, tuple) else ()
+        self.workers = self._group() if isinstance(workers, tuple) else workers
         self.winfo: wpb.WorkerInfo | None = None
         self.scheduler: Scheduler | None = None
         self.seqs: dict[int, Sequence] = {}
@@ -103,21 +78,11 @@ class EngineCore:
         self._last_done = 0.0
 
     async def start(self) -> CoreInfo:
-        winfo = self.winfo = await self.workers.connect(self.config.connect_timeout)
-        cfg = self.config
-        max_model_len = min(cfg.max_model_len or winfo.max_model_len, winfo.max_model_len)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=winfo.num_kv_blocks,
-                block_size=winfo.block_size,
-                max_num_seqs=min(cfg.max_num_seqs, winfo.max_num_seqs),
-                max_num_batched_tokens=min(cfg.max_num_batched_tokens, winfo.max_num_batched_tokens),
-                max_model_len=max_model_len,
-                enable_prefix_caching=cfg.enable_prefix_caching,
-            ),
-            set(cfg.eos_token_ids),
-        )
+        winfo = self.winfo = await self.workers.connect(CONNECT_TIMEOUT)
+        self.config = config = self.config.within(winfo.max_num_seqs, winfo.max_num_batched_tokens, winfo.max_model_len)
+        self.scheduler = Scheduler(config, winfo.num_kv_blocks, winfo.block_size, set(self.eos_token_ids))
         self._loop_task = asyncio.create_task(self._loop())
+        max_model_len = config.max_model_len or winfo.max_model_len
         return CoreInfo(max_model_len, winfo.vocab_size, winfo.block_size, winfo.num_kv_blocks, winfo.world_size)
 
     async def stop(self) -> None:
@@ -168,7 +133,7 @@ class EngineCore:
                 try:
                     await self._step()
                 except WorkerUnavailable as e:
-                    if not self.recoverable:
+                    if not self.addresses:  # a group of this process's own
                         raise
                     await self._recover(str(e))
         except WorkerUnavailable as e:
@@ -262,7 +227,7 @@ class EngineCore:
         self.emit(RecoveryFailed(why))
 
     def _group(self) -> WorkerGroup:
-        return WorkerGroup(list(self.config.worker_addresses), self.config.worker_step_timeout)
+        return WorkerGroup(list(self.addresses), self.config.worker_step_timeout)
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []

@@ -24,9 +24,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler_svc.core import CoreConfig, EngineCore, settle_heap
+from nanovllm_grpc.process import die_with_parent, settle_heap
+from scheduler_svc.config import CoreConfig
+from scheduler_svc.core import EngineCore
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.lifeline import die_with_parent
 from scheduler_svc.messages import Add, CoreInfo, Dead, Event, Finish, Started
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ async def _read(reader: asyncio.StreamReader) -> object:
 class ProcessCore:
     """The frontend's handle on a core process: EngineCore's add/finish/stop, over the socket."""
 
-    def __init__(self, config: CoreConfig, emit: Callable[[Event], None]) -> None:
-        self.config = config
+    def __init__(
+        self, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], emit: Callable[[Event], None]
+    ) -> None:
+        self.args = (config, workers, eos_token_ids)  # the core process's, after the socket's path
         self.emit = emit
         self.proc: multiprocessing.process.BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -70,7 +73,7 @@ class ProcessCore:
         try:
             # spawn: a fork would copy this process's gRPC and asyncio state into the child
             self.proc = multiprocessing.get_context("spawn").Process(
-                target=main, args=(path, self.config, os.getpid()), name="nanovllm-core", daemon=True
+                target=main, args=(path, os.getpid(), *self.args), name="nanovllm-core", daemon=True
             )
             self.proc.start()
             while not connected.done():
@@ -127,7 +130,7 @@ class ProcessCore:
                 self.proc.join()
 
 
-def main(path: str, config: CoreConfig, parent: int) -> None:
+def main(path: str, parent: int, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int]) -> None:
     """The core process: connects back to the frontend, then to the workers, then steps."""
     die_with_parent(parent)
     # Ctrl-C (or a SIGTERM to the process group) reaches this process too; the frontend drains
@@ -135,15 +138,15 @@ def main(path: str, config: CoreConfig, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
-    asyncio.run(_serve(path, config))
+    asyncio.run(_serve(path, config, workers, eos_token_ids))
 
 
-async def _serve(path: str, config: CoreConfig) -> None:
+async def _serve(path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int]) -> None:
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     finally:  # the frontend removes it too, unless it was killed while this process started
         shutil.rmtree(Path(path).parent, ignore_errors=True)
-    core = EngineCore(config, lambda event: writer.write(_frame(event)))
+    core = EngineCore(config, workers, eos_token_ids, lambda event: writer.write(_frame(event)))
     try:
         # The frontend sends nothing before Started, so a read that returns while the workers load
         # means it is gone (EOF): stop then, rather than wait out the connect timeout as an orphan.

@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
-from scheduler_svc.core import CoreConfig, EngineCore
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.core import EngineCore
 from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
@@ -37,7 +37,7 @@ from scheduler_svc.messages import (
     WorkersBack,
     WorkersLost,
 )
-from scheduler_svc.metrics import Metrics
+from scheduler_svc.metrics import Load, Metrics
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -46,61 +46,20 @@ from scheduler_svc.worker_client import WorkerGroup
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # directory holding the tokenizer (and config.json)
-    worker_addresses: tuple[str, ...]
-    model_name: str = ""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # None: the worker's
-    enable_prefix_caching: bool = True
-    max_inflight_steps: int = 3
-    max_queued_requests: int = 0  # 0: unbounded
-    # Tokens per streamed message (the first and last go out at once). Each message costs both
-    # ends tens of microseconds of Python gRPC, so with hundreds of streams a few tokens a message
-    # keep the scheduler process and its clients from becoming the bottleneck.
-    stream_interval: int = 1
-    # The engine core (scheduling, worker streams) in a process of its own, so that streaming
-    # and scheduling do not share one Python thread.
-    core_process: bool = True
-    connect_timeout: float = 600.0
-    worker_step_timeout: float = 120.0
-    worker_recovery_timeout: float = 300.0
-    max_prompt_bytes: int = 1 << 20  # of a text prompt or of a chat's contents, checked before tokenizing
-
-    def __post_init__(self) -> None:  # the core's settings are checked by CoreConfig
-        if self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
-        if self.max_prompt_bytes < 1:
-            raise ValueError(f"max_prompt_bytes must be at least 1, got {self.max_prompt_bytes}")
-
-
 class Engine:
-    def __init__(self, config: EngineConfig, workers: WorkerGroup | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, workers: WorkerGroup | None = None) -> None:
         """`workers` replaces the gRPC worker group (the in-process benchmark passes its own; the
         core then runs in this process)."""
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
-        core_config = CoreConfig(
-            worker_addresses=config.worker_addresses,
-            eos_token_ids=frozenset(self.eos_token_ids),
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            max_inflight_steps=config.max_inflight_steps,
-            connect_timeout=config.connect_timeout,
-            worker_step_timeout=config.worker_step_timeout,
-            worker_recovery_timeout=config.worker_recovery_timeout,
-        )
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
+        eos = frozenset(self.eos_token_ids)
         self.core: EngineCore | ProcessCore = (
-            ProcessCore(core_config, self._on_event)
+            ProcessCore(config.core, config.workers, eos, self._on_event)
             if config.core_process
-            else EngineCore(core_config, self._on_event, workers)
+            else EngineCore(config.core, workers or config.workers, eos, self._on_event)
         )
         self.info: CoreInfo | None = None
         self.stats: CoreStats | None = None  # as of the last step
@@ -110,7 +69,7 @@ class Engine:
         self.down: str | None = None  # why, once the workers stayed away past the recovery timeout
         self.on_serving: Callable[[bool], None] = lambda serving: None  # the server's health status
         self.draining = False
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.load)
         self.num_added = 0
         self._ids = itertools.count()
         self._dead: asyncio.Future[str] | None = None
@@ -131,6 +90,13 @@ class Engine:
         if self.stats is None:
             return self.num_added
         return self.stats.waiting + self.num_added - self.stats.num_added
+
+    def load(self) -> Load | None:
+        """What the metrics and the status line read; None until the workers are ready."""
+        if self.info is None:
+            return None
+        stats = self.stats or CoreStats(0, 0, 0, self.info.num_blocks, 0, 0, 0)  # no step yet
+        return Load(self.info, stats, self.num_waiting())
 
     # ---- requests ----
 

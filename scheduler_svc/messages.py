@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
-from scheduler_svc.worker_client import Sample
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,16 @@ class Finish:
 @dataclass(frozen=True)
 class Started:
     info: CoreInfo
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sampled token and, when the request asked, its logprob and the top candidates'."""
+
+    token_id: int
+    logprob: float | None = None
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 # One sampled token: (seq_id, token_id, finish_reason or None, cached prompt tokens, logprobs or None).

@@ -9,7 +9,8 @@ counts are read only when Prometheus scrapes, so they cost nothing per step.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -17,12 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler_svc.messages import CoreStats, WorkersBack
+from scheduler_svc.messages import CoreInfo, CoreStats, WorkersBack
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from scheduler_svc.engine import Engine
 
 # "error": the request failed after it was queued (a worker died, or the drain timed out).
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -32,9 +31,19 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
+@dataclass(frozen=True)
+class Load:
+    """The engine's state as the metrics and the status line read it."""
+
+    info: CoreInfo
+    stats: CoreStats  # as of the core's last step
+    waiting: int  # requests queued, counting those the core has not seen yet
+
+
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, load: Callable[[], Load | None]) -> None:
+        """`load`: the engine's state now; None until its workers are ready."""
+        self.load = load
         self.registry = CollectorRegistry()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -97,7 +106,10 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics over HTTP on a background thread; returns the bound port."""
-        self._http, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         return self._http.server_port
 
     def close(self) -> None:
@@ -135,14 +147,13 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "nanovllm_worker_recovery_seconds", "Time spent with a worker rank lost.", m.seconds_in_recovery()
         )
-        info = m.engine.info
-        if info is None:
+        load = m.load()
+        if load is None:
             return
+        info, stats = load.info, load.stats
         up = 0 if m.lost_since is not None else 1
         yield GaugeMetricFamily("nanovllm_workers_up", "1 while every worker rank is connected.", up)
-        stats = m.engine.stats or CoreStats(0, 0, 0, info.num_blocks, 0, 0, 0)  # no step yet
-        waiting = m.engine.num_waiting()
-        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", waiting)
+        yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", load.waiting)
         yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", stats.running)
         used = info.num_blocks - stats.blocks_free
         yield GaugeMetricFamily("nanovllm_kv_blocks_used", "KV blocks referenced by a sequence.", used)

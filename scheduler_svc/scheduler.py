@@ -11,22 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.config import CoreConfig
 from scheduler_svc.sequence import FinishReason, SeqStatus, Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 4096
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -47,10 +33,15 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, eos_token_ids: set[int]) -> None:
-        self.config = config
+    def __init__(self, config: CoreConfig, num_blocks: int, block_size: int, eos_token_ids: set[int]) -> None:
+        """`config`'s limits are set: the core fills them in from the workers' (CoreConfig.within)."""
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            assert getattr(config, name) is not None, f"{name} is unset"
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.config, self.num_blocks, self.block_size = config, num_blocks, block_size
         self.eos_token_ids = eos_token_ids
-        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.removed: list[int] = []  # worker state to drop with the next step
@@ -58,7 +49,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        assert self.blocks.blocks_for(seq.max_len) <= self.config.num_blocks, "validated by the engine"
+        assert self.blocks.blocks_for(seq.max_len) <= self.num_blocks, "validated by the engine"
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -93,7 +84,7 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             hit = self.blocks.match(seq)
-            start = len(hit) * self.config.block_size
+            start = len(hit) * self.block_size
             n = min(seq.num_tokens - start, budget)
             need = self.blocks.blocks_for(start + n) - len(hit)
             if self.blocks.admit_cost(hit, need) > self.blocks.num_free:

@@ -8,19 +8,21 @@ import contextlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nanovllm_grpc import __version__
+from nanovllm_grpc.process import settle_heap
+from nanovllm_grpc.settings import add_flags, build
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pbg
-from scheduler_svc.core import settle_heap
-from scheduler_svc.engine import Engine, EngineConfig
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine import Engine
 from scheduler_svc.errors import WorkerUnavailable
-from scheduler_svc.flags import add_args
 from scheduler_svc.interceptor import ErrorInterceptor
 from scheduler_svc.servicer import GenerationServicer
 from scheduler_svc.status import StatusLog
@@ -32,60 +34,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def engine_config(args: argparse.Namespace, workers: list[str]) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        worker_addresses=tuple(workers),
-        model_name=args.served_model_name or Path(args.model).name,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_inflight_steps=args.max_inflight_steps,
-        max_queued_requests=args.max_queued_requests,
-        stream_interval=args.stream_interval,
-        core_process=not args.no_core_process,
-        worker_step_timeout=args.worker_step_timeout,
-        worker_recovery_timeout=args.worker_recovery_timeout,
-        max_prompt_bytes=args.max_prompt_bytes,
-    )
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How the public side is served; the engine's settings are in EngineConfig."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    metrics_port: int | None = None  # None: no metrics endpoint
-    log_interval: float = 0.0  # 0: no status lines
-    shutdown_timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-
-
-def serve_options(args: argparse.Namespace) -> ServeOptions:
-    return ServeOptions(
-        host=args.host,
-        port=args.port,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        metrics_port=args.metrics_port,
-        log_interval=args.log_interval,
-        shutdown_timeout=args.shutdown_timeout,
-    )
-
-
 class SchedulerServer:
     """The engine plus the public gRPC server in front of it."""
 
-    def __init__(self, config: EngineConfig, options: ServeOptions) -> None:
-        self.options = options
-        self.port = options.port
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.port = config.port
         self.metrics_port: int | None = None
         self.engine = Engine(config)
         self.engine.on_serving = self._on_serving
@@ -106,27 +60,29 @@ class SchedulerServer:
 
     async def listen(self) -> int:
         """Opens the public port (and metrics) at once, so health checks see NOT_SERVING while workers load."""
-        o = self.options
+        cfg = self.config
         for service in ("", GENERATION):
             await self.health.set(service, NOT_SERVING)
-        address = f"{o.host}:{o.port}"
+        address = f"{cfg.host}:{cfg.port}"
         try:
-            if o.tls_cert is None or o.tls_key is None:
+            if cfg.tls_cert is None or cfg.tls_key is None:
                 self.port = self.server.add_insecure_port(address)
             else:
-                key_cert = (Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())
+                key_cert = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
                 self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: the port is in use or not this host's") from e
         await self.server.start()
-        if o.metrics_port is not None:
-            self.metrics_port = self.engine.metrics.serve(o.host, o.metrics_port)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.engine.metrics.serve(cfg.host, cfg.metrics_port)
         return self.port
 
     async def connect(self) -> None:
         await self.engine.start()
-        if self.options.log_interval > 0:
-            self._status = asyncio.create_task(StatusLog(self.engine, self.options.log_interval).run())
+        if self.config.log_interval > 0:
+            self._status = asyncio.create_task(
+                StatusLog(self.engine.metrics, self.engine.load, self.config.log_interval).run()
+            )
         for service in ("", GENERATION):
             await self.health.set(service, SERVING)
 
@@ -171,15 +127,17 @@ class Shutdown:
             loop.add_signal_handler(sig, self.signal)
 
 
-async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown | None = None) -> None:
+async def serve(config: SchedulerConfig, shutdown: Shutdown | None = None) -> None:
     """Serves until shutdown is requested (SIGINT/SIGTERM when `shutdown` is None), then drains."""
     if shutdown is None:
         shutdown = Shutdown()
         shutdown.install()
-    server = SchedulerServer(config, options)
+    server = SchedulerServer(config)
     requested = asyncio.ensure_future(shutdown.requested.wait())
+    started = time.monotonic()
     try:
         await server.listen()
+        log.info("nanovllm-grpc %s scheduler for %s on %s:%d", __version__, config.model, config.host, server.port)
         connect = asyncio.ensure_future(server.connect())
         await asyncio.wait({connect, requested}, return_when=asyncio.FIRST_COMPLETED)
         if not connect.done():  # asked to stop while the workers were still loading
@@ -189,9 +147,16 @@ async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown 
             return
         connect.result()
         settle_heap()  # this process's own; library users of SchedulerServer keep their GC settings
-        where = f"{options.host}:{server.port}"
+        info = server.engine.info
+        assert info is not None
+        log.info(
+            "model %r: max model len %d, KV cache %d blocks of %d = %d tokens over %d rank(s); ready in %.1f s",
+            config.model_name, info.max_model_len, info.num_blocks, info.block_size,
+            info.num_blocks * info.block_size, info.world_size, time.monotonic() - started,
+        )  # fmt: skip
+        where = f"{config.host}:{server.port}"
         if server.metrics_port is not None:
-            where += f" (metrics on http://{options.host}:{server.metrics_port}/metrics)"
+            where += f" (metrics on http://{config.host}:{server.metrics_port}/metrics)"
         print(f"nanovllm scheduler ready on {where}", flush=True)
         dead = asyncio.ensure_future(server.engine.wait_dead())
         await asyncio.wait({dead, requested}, return_when=asyncio.FIRST_COMPLETED)
@@ -199,22 +164,27 @@ async def serve(config: EngineConfig, options: ServeOptions, shutdown: Shutdown 
             raise WorkerUnavailable(f"the engine stopped: {dead.result()}")
         dead.cancel()
         running = len(server.engine.requests)
-        log.info("draining: no new requests; up to %g s for the %d running", options.shutdown_timeout, running)
-        await server.drain(options.shutdown_timeout, shutdown.forced)
+        log.info("draining: no new requests; up to %g s for the %d running", config.shutdown_timeout, running)
+        await server.drain(config.shutdown_timeout, shutdown.forced)
     finally:
         requested.cancel()
         await server.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler_svc", description="nanovllm scheduler service")
-    add_args(p)
-    p.add_argument("--workers", required=True, help="comma-separated worker addresses, rank 0 first")
-    args = p.parse_args(argv)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        p.error("--tls-cert and --tls-key go together")
+    add_flags(p, SchedulerConfig, "scheduler")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    try:
+        config: SchedulerConfig = build(SchedulerConfig, vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(serve(engine_config(args, args.workers.split(",")), serve_options(args)))
-    except (WorkerUnavailable, OSError) as e:
+        asyncio.run(serve(config))
+    except (WorkerUnavailable, OSError) as e:  # OSError: a port it cannot take
         sys.exit(f"nanovllm scheduler: {e}")

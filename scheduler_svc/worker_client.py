@@ -10,26 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from asyncio import FIRST_COMPLETED
-from dataclasses import dataclass
 
 import grpc
 
-from proto import STEP_ACCEPTED
+from nanovllm_grpc.process import PING_INTERVAL_MS, STEP_ACCEPTED, STEP_STREAM_OPTIONS
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.messages import Sample
 from scheduler_svc.scheduler import Batch
 from scheduler_svc.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sample:
-    token_id: int
-    logprob: float | None = None
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
@@ -89,9 +81,8 @@ def from_step_result(res: wpb.StepResult) -> dict[int, Sample]:
 # dead process is seen at once, its socket being reset. The workers accept pings this often
 # (worker_svc/server.py). A short reconnect backoff lets a restarted worker be found within a second.
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.keepalive_time_ms", 2000),
+    *STEP_STREAM_OPTIONS,
+    ("grpc.keepalive_time_ms", PING_INTERVAL_MS),
     ("grpc.keepalive_timeout_ms", 4000),
     ("grpc.http2.ping_timeout_ms", 4000),  # any ping's, e.g. flow control's, which stand in for keepalive's
     ("grpc.keepalive_permit_without_calls", 1),
@@ -127,12 +118,17 @@ class WorkerGroup:
         takes), retrying with backoff."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        delay = 0.05
+        delay, said = 0.05, loop.time()
+        log.info("waiting for %d worker(s): %s", len(self.addresses), ", ".join(self.addresses))
         while (why := await self._attempt(deadline)) is not None:
             if deadline is not None and loop.time() > deadline:
                 raise WorkerUnavailable(f"{why} (waited {timeout:g} s)")
+            if loop.time() - said > 30:
+                log.info("still waiting: %s", why)
+                said = loop.time()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+        log.info("worker group ready: %s (%d ranks)", ", ".join(self.addresses), len(self.addresses))
         self.failure = loop.create_future()
         self._readers = [asyncio.create_task(self._read(k)) for k in range(len(self.calls))]
         assert self.info is not None
@@ -147,9 +143,9 @@ class WorkerGroup:
             try:
                 info = await stub.Describe(wpb.DescribeRequest(), timeout=wait, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
-                return f"worker {addr} did not answer: {e.details()}"
+                return f"worker {addr} is not answering yet: {e.details()}"
             if not info.ready:
-                return f"worker {addr} is not ready"
+                return f"worker {addr} is loading its model"
             infos.append(info)
         ranks = sorted(i.rank for i in infos)
         if ranks != list(range(len(infos))) or any(i.world_size != len(infos) for i in infos):

@@ -144,7 +144,7 @@ class ServeProcess:
 
     def __init__(self, model_dir: str | Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-c", "from client.cli import main; main()", "serve", "--model", str(model_dir)]
+        cmd = [sys.executable, "-c", "from nanovllm_grpc.cli import main; main()", "serve", "--model", str(model_dir)]
         cmd += ["--port", str(self.port), "--device", "cpu", "--dtype", "float32", *flags]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}

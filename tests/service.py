@@ -10,8 +10,10 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from scheduler_svc.engine import Engine, EngineConfig
-from scheduler_svc.server import SchedulerServer, ServeOptions
+from nanovllm_grpc.settings import build
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine import Engine
+from scheduler_svc.server import SchedulerServer
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.server import WorkerServer
@@ -51,24 +53,29 @@ class Loop:
         self.thread.join(timeout=10)
 
 
-async def make_server(config: EngineConfig, options: ServeOptions) -> SchedulerServer:
-    return SchedulerServer(config, options)  # built on the loop: its asyncio objects belong there
+async def make_server(config: SchedulerConfig) -> SchedulerServer:
+    return SchedulerServer(config)  # built on the loop: its asyncio objects belong there
+
+
+def scheduler_config(model_dir: str, worker_port: int, **settings: object) -> SchedulerConfig:
+    """A scheduler on a free loopback port, its core in this process and no status lines, unless
+    `settings` (SchedulerConfig's, by flat name) say otherwise."""
+    defaults = {"port": 0, "log_interval": 0.0, "core_process": False}
+    return build(
+        SchedulerConfig, {**defaults, "model": str(model_dir), "workers": (f"127.0.0.1:{worker_port}",), **settings}
+    )
 
 
 class Service:
-    """`engine`: EngineConfig fields; `serve`: ServeOptions fields; the rest: WorkerConfig fields.
-    The engine core runs in this process unless `engine` sets core_process, so tests can look at
+    """`scheduler`: SchedulerConfig settings by flat name (see scheduler_config); the rest: WorkerConfig's.
+    The engine core runs in this process unless `scheduler` sets core_process, so tests can look at
     its scheduler."""
 
-    def __init__(self, model_dir: str, engine: dict | None = None, serve: dict | None = None, **worker: object) -> None:
+    def __init__(self, model_dir: str, scheduler: dict | None = None, **worker: object) -> None:
         self.worker = start_worker(model_dir, **worker)
-        config = EngineConfig(
-            model=str(model_dir),
-            worker_addresses=(f"127.0.0.1:{self.worker.port}",),
-            **{"core_process": False, **(engine or {})},
-        )
+        config = scheduler_config(model_dir, self.worker.port, **(scheduler or {}))
         self.loop = Loop()
-        self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0, **(serve or {}))))
+        self.server = self.loop.call(make_server(config))
         port = self.loop.call(self.server.start())
         self.addr = f"127.0.0.1:{port}"
 

@@ -202,7 +202,7 @@ def test_prompt_bytes_are_limited_before_tokenizing(service) -> None:
 
 
 def test_a_huge_prompt_being_tokenized_does_not_stall_other_streams(tiny_model_dir) -> None:
-    svc = Service(tiny_model_dir, engine={"max_prompt_bytes": 8 << 20}, num_kv_blocks=128, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"max_prompt_bytes": 8 << 20}, num_kv_blocks=128, block_size=16)
     huge = ("The quick brown fox jumps over the lazy dog. " * 90_000)[:4_000_000]
     gaps: list[float] = []
 

@@ -27,7 +27,6 @@ import pytest
 import yaml
 
 from client import Client
-from proto import generate_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC, METRICS = "51234", "51235"  # only compared with the resolved config: nothing binds them
@@ -195,7 +194,7 @@ def test_generation_streams_through_the_stack(stack) -> None:
     _, scheduler = stack
     with Client(scheduler.address()) as c:
         msgs = list(c.generate("The quick brown fox", max_tokens=8, temperature=0.0, ignore_eos=True))
-    assert sum(len(m.token_ids) for m in msgs) == 8 and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(m.token_ids) for m in msgs) == 8 and msgs[-1].finish_reason == "length"
     url = f"http://{scheduler.address('--metrics-port')}/metrics"
     assert (
         'nanovllm_requests_total{finish_reason="length"} 1.0' in urllib.request.urlopen(url, timeout=10).read().decode()
@@ -229,7 +228,7 @@ def test_sigterm_drains_in_flight_requests_then_both_exit(stack) -> None:
         t.join(timeout=60)
     for out in outs:
         assert sum(len(m.token_ids) for m in out) == LONG["max_tokens"]
-        assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert out[-1].finish_reason == "length"
     assert scheduler.proc.wait(timeout=30) == 0, scheduler.log.read_text()
     assert worker.proc.wait(timeout=30) == 0, worker.log.read_text()
     assert "draining" in scheduler.log.read_text() and "draining" in worker.log.read_text()

@@ -10,16 +10,17 @@ import grpc
 import pytest
 
 from client import Client
-from scheduler_svc.engine import Engine, EngineConfig
-from tests.service import Loop, Service
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine import Engine
+from tests.service import Loop, Service, scheduler_config
 
 
-async def make_engine(config: EngineConfig) -> Engine:
+async def make_engine(config: SchedulerConfig) -> Engine:
     return Engine(config)  # built on the loop: its asyncio objects belong there
 
 
 def test_killed_core_ends_requests_with_unavailable_and_marks_the_engine_dead(tiny_model_dir) -> None:
-    svc = Service(tiny_model_dir, engine={"core_process": True}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": True}, num_kv_blocks=256, block_size=16)
     try:
         with Client(svc.addr) as c:
             call = c.generate([5, 6, 7], max_tokens=400, temperature=0.0, ignore_eos=True)
@@ -40,7 +41,7 @@ def test_killed_core_ends_requests_with_unavailable_and_marks_the_engine_dead(ti
 
 
 def test_the_core_process_exits_when_the_engine_stops(tiny_model_dir) -> None:
-    svc = Service(tiny_model_dir, engine={"core_process": True}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": True}, num_kv_blocks=256, block_size=16)
     proc = svc.engine.core.proc
     with Client(svc.addr) as c:
         assert len([t for m in c.generate([5, 6, 7], max_tokens=5, ignore_eos=True) for t in m.token_ids]) == 5
@@ -54,7 +55,7 @@ def test_a_core_still_connecting_exits_when_the_frontend_goes(tiny_model_dir) ->
     from tests.service import start_worker
 
     worker = start_worker(tiny_model_dir, ready=False)
-    config = EngineConfig(model=str(tiny_model_dir), worker_addresses=(f"127.0.0.1:{worker.port}",))
+    config = scheduler_config(tiny_model_dir, worker.port, core_process=True)
     loop = Loop()
     try:
         engine = loop.call(make_engine(config))

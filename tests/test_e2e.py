@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client import Client
-from proto import generate_pb2 as pb
+from client import Client, Output
 from tests.service import Service
 
 
@@ -33,7 +32,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def collect(client: Client, prompt, **kw) -> tuple[list[int], str, list[pb.GenerateResponse]]:
+def collect(client: Client, prompt, **kw) -> tuple[list[int], str, list[Output]]:
     msgs = list(client.generate(prompt, **kw))
     ids = [t for m in msgs for t in m.token_ids]
     return ids, "".join(m.text for m in msgs), msgs
@@ -61,7 +60,7 @@ def make_prompts(vocab: int, n: int, seed: int = 0, lo: int = 3, hi: int = 60) -
 
 @pytest.fixture(scope="module", params=[False, True], ids=["core-in-loop", "core-process"])
 def service(tiny_model_dir, request):
-    svc = Service(tiny_model_dir, engine={"core_process": request.param}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"core_process": request.param}, num_kv_blocks=256, block_size=16)
     yield svc
     svc.stop()
 
@@ -80,8 +79,8 @@ def test_text_prompt_and_final_message(service, hf, tok) -> None:
     assert ids == hf_greedy(hf, prompt, 12)
     assert text == tok.decode(ids, skip_special_tokens=True)
     last = msgs[-1]
-    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
-    assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert all(m.finish_reason is None for m in msgs[:-1])
+    assert last.finish_reason in ("stop", "length")
     assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == len(ids)
 
 
@@ -101,7 +100,7 @@ def test_prefix_cache_hit_keeps_outputs(service, hf, tok) -> None:
 
 
 def test_chunked_prefill_matches_transformers(tiny_model_dir, hf, tok) -> None:
-    svc = Service(tiny_model_dir, engine={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"max_num_batched_tokens": 16}, num_kv_blocks=256, block_size=16)
     try:
         prompts = make_prompts(len(tok), 5, seed=1, lo=30, hi=80)
         got = run_concurrently(svc.addr, prompts, max_tokens=16, temperature=0.0)
@@ -152,11 +151,11 @@ def test_stop_strings_stop_ids_min_and_max_tokens(service, tok) -> None:
         stop = full[len(full) // 2 : len(full) // 2 + 3]
         s_ids, s_text, s_msgs = collect(c, prompt, max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop])
         assert s_text == full[: full.index(stop)]
-        assert s_msgs[-1].finish_reason == pb.FINISH_REASON_STOP and s_msgs[-1].stop_reason == stop
+        assert s_msgs[-1].finish_reason == "stop" and s_msgs[-1].stop_reason == stop
         assert len(s_ids) < len(ids)
         # A stop token id ends the generation and is kept in the token ids.
         t_ids, _, t_msgs = collect(c, prompt, max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[ids[3]])
-        assert t_ids == ids[: ids.index(ids[3]) + 1] and t_msgs[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert t_ids == ids[: ids.index(ids[3]) + 1] and t_msgs[-1].finish_reason == "stop"
         # min_tokens keeps the stop token from ending it too early.
         m_ids, _, _ = collect(
             c, prompt, max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[ids[0]], min_tokens=5
@@ -164,14 +163,14 @@ def test_stop_strings_stop_ids_min_and_max_tokens(service, tok) -> None:
         assert len(m_ids) >= 5 and ids[0] not in m_ids[:4]
         # max_tokens
         l_ids, _, l_msgs = collect(c, prompt, max_tokens=7, temperature=0.0, ignore_eos=True)
-        assert l_ids == ids[:7] and l_msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert l_ids == ids[:7] and l_msgs[-1].finish_reason == "length"
 
 
 def test_stream_interval_groups_tokens_and_keeps_outputs(tiny_model_dir, service, tok) -> None:
     prompt = make_prompts(len(tok), 1, seed=12)[0]
     with Client(service.addr) as c:
         ids, text, _ = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
-    svc = Service(tiny_model_dir, engine={"stream_interval": 4}, num_kv_blocks=256, block_size=16)
+    svc = Service(tiny_model_dir, scheduler={"stream_interval": 4}, num_kv_blocks=256, block_size=16)
     try:
         with Client(svc.addr) as c:
             g_ids, g_text, msgs = collect(c, prompt, max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -182,7 +181,7 @@ def test_stream_interval_groups_tokens_and_keeps_outputs(tiny_model_dir, service
     # own phase), the rest with the last; a slow reader may get several groups merged.
     assert len(msgs[0].token_ids) == 1 and 2 <= len(msgs) <= 2 + 22 // 4
     assert [len(m.logprobs) for m in msgs] == [len(m.token_ids) for m in msgs]
-    assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 23
+    assert msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == 23
 
 
 def test_logprobs_match_transformers(service, hf, tok) -> None:
@@ -198,8 +197,8 @@ def test_logprobs_match_transformers(service, hf, tok) -> None:
         row = ref[len(prompt) - 1 + i]
         assert lp.token_id == ids[i]
         assert lp.logprob == pytest.approx(row[ids[i]].item(), abs=1e-4)
-        assert [t.token_id for t in lp.top] == row.topk(3).indices.tolist()
-        assert [t.logprob for t in lp.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert list(lp.top) == row.topk(3).indices.tolist()
+        assert list(lp.top.values()) == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
 
 
 def test_cancel_aborts_and_frees_blocks(service, tok) -> None:

@@ -15,10 +15,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoTokenizer
 
 from client import Client
-from scheduler_svc.engine import EngineConfig
-from scheduler_svc.server import ServeOptions
 from tests.faults import WorkerProcess, free_port, wait_for
-from tests.service import Loop, Service, load, make_server, start_worker
+from tests.service import Loop, Service, load, make_server, scheduler_config, start_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -48,8 +46,7 @@ def test_worker_not_serving_until_its_model_runner_is_built(tiny_model_dir) -> N
 def test_scheduler_serving_only_with_its_workers_and_not_while_draining(tiny_model_dir) -> None:
     worker = start_worker(tiny_model_dir, ready=False)  # the scheduler comes up first, as after a crash
     loop = Loop()
-    config = EngineConfig(model=str(tiny_model_dir), worker_addresses=(f"127.0.0.1:{worker.port}",))
-    server = loop.call(make_server(config, ServeOptions(port=0)))
+    server = loop.call(make_server(scheduler_config(tiny_model_dir, worker.port, core_process=True)))
     try:
         addr = f"127.0.0.1:{loop.call(server.listen())}"
         connecting = loop.submit(server.connect())

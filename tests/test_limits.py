@@ -9,7 +9,6 @@ import grpc
 import pytest
 
 from client import Client
-from proto import generate_pb2 as pb
 from tests.service import Service
 
 LONG = {"max_tokens": 450, "temperature": 0.0, "ignore_eos": True}  # ~2 s on a 2-core CPU
@@ -24,13 +23,13 @@ def wait_for(cond, what: str, timeout: float = 10.0) -> None:
 
 def all_free(svc: Service) -> bool:
     sched = svc.engine.core.scheduler
-    return not sched.running and not sched.waiting and sched.blocks.num_free == sched.config.num_blocks
+    return not sched.running and not sched.waiting and sched.blocks.num_free == sched.num_blocks
 
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     # One running sequence at a time and one queued: the third concurrent request is one too many.
-    svc = Service(tiny_model_dir, engine={"max_num_seqs": 1, "max_queued_requests": 1}, num_kv_blocks=64)
+    svc = Service(tiny_model_dir, scheduler={"max_num_seqs": 1, "max_queued_requests": 1}, num_kv_blocks=64)
     yield svc
     svc.stop()
 
@@ -91,7 +90,7 @@ def stream_in_thread(addr: str, prompt: list[int], out: list) -> threading.Threa
 
 
 def test_drain_finishes_running_and_queued_requests_and_refuses_new_ones(tiny_model_dir) -> None:
-    svc = Service(tiny_model_dir, engine={"max_num_seqs": 1}, num_kv_blocks=64)
+    svc = Service(tiny_model_dir, scheduler={"max_num_seqs": 1}, num_kv_blocks=64)
     try:
         outs: list[list] = [[], []]
         threads = [stream_in_thread(svc.addr, [5 + i, 6, 7], outs[i]) for i in range(2)]
@@ -105,7 +104,7 @@ def test_drain_finishes_running_and_queued_requests_and_refuses_new_ones(tiny_mo
         for t in threads:
             t.join(timeout=30)
         for out in outs:
-            assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert out[-1].finish_reason == "length"
             assert sum(len(m.token_ids) for m in out) == LONG["max_tokens"]
         assert all_free(svc)
     finally:

@@ -18,7 +18,7 @@ NUM_BLOCKS = 64
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     svc = Service(
-        tiny_model_dir, serve={"metrics_port": 0, "log_interval": 0.2}, num_kv_blocks=NUM_BLOCKS, block_size=16
+        tiny_model_dir, scheduler={"metrics_port": 0, "log_interval": 0.2}, num_kv_blocks=NUM_BLOCKS, block_size=16
     )
     yield svc
     svc.stop()

@@ -13,10 +13,8 @@ import time
 import grpc
 import pytest
 
-from scheduler_svc.engine import EngineConfig
-from scheduler_svc.server import ServeOptions
 from tests.faults import NOT_SERVING, SERVING, Job, WorkerProcess, health, run_streams, wait_for
-from tests.service import Loop, Service, make_server
+from tests.service import Loop, Service, make_server, scheduler_config
 
 NUM_BLOCKS = 256
 MAX_TOKENS = 32
@@ -36,12 +34,12 @@ def make_jobs(n: int = 50, seed: int = 0) -> list[Job]:
 class Cluster:
     """A worker process and a scheduler in this process (its core in a process of its own, or not)."""
 
-    def __init__(self, model_dir, **engine: object) -> None:
+    def __init__(self, model_dir, **scheduler: object) -> None:
         self.worker = WorkerProcess(model_dir, NUM_BLOCKS)
         self.worker.start()
         self.loop = Loop()
-        config = EngineConfig(model=str(model_dir), worker_addresses=(self.worker.addr,), **engine)
-        self.server = self.loop.call(make_server(config, ServeOptions(host="127.0.0.1", port=0)))
+        config = scheduler_config(model_dir, self.worker.port, **scheduler)
+        self.server = self.loop.call(make_server(config))
         self.addr = f"127.0.0.1:{self.loop.call(self.server.start())}"
 
     @property
@@ -162,7 +160,7 @@ def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs)
 def test_a_step_past_its_deadline_counts_as_a_hung_worker(tiny_model_dir, jobs, caplog) -> None:
     """A worker that answers pings but not a step: the step deadline gives up on it and reconnects,
     and the requests resume once the worker has let go of its old stream."""
-    svc = Service(tiny_model_dir, engine={"worker_step_timeout": 1.0}, num_kv_blocks=NUM_BLOCKS)
+    svc = Service(tiny_model_dir, scheduler={"worker_step_timeout": 1.0}, num_kv_blocks=NUM_BLOCKS)
     try:
         reference = run_streams(svc.addr, jobs[:20])
         runner = svc.worker.servicer.runner

@@ -2,8 +2,9 @@ import random
 
 import pytest
 
+from scheduler_svc.config import CoreConfig
 from scheduler_svc.sampling_params import SamplingParams
-from scheduler_svc.scheduler import Scheduler, SchedulerConfig
+from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import FinishReason, SeqStatus, Sequence
 from tests.sim_worker import SimWorker, reference, run
 
@@ -11,8 +12,8 @@ EOS = 999
 
 
 def make(num_blocks: int = 64, block_size: int = 4, **kw: int) -> tuple[Scheduler, SimWorker]:
-    cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_model_len=4096, **kw)
-    return Scheduler(cfg, eos_token_ids={EOS}), SimWorker(block_size)
+    cfg = CoreConfig(**{"max_num_seqs": 256, "max_num_batched_tokens": 8192, "max_model_len": 4096, **kw})
+    return Scheduler(cfg, num_blocks, block_size, eos_token_ids={EOS}), SimWorker(block_size)
 
 
 def add(s: Scheduler, sid: int, prompt: list[int], max_tokens: int, **params: object) -> Sequence:
@@ -41,7 +42,7 @@ def test_batch_outputs_match_reference_and_blocks_return(depth: int) -> None:
     seqs = [add(s, i, p, m) for i, (p, m) in enumerate(zip(ps, ms, strict=True))]
     run(s, w, depth=depth)
     check_all(seqs, ms)
-    assert s.blocks.num_free == s.config.num_blocks
+    assert s.blocks.num_free == s.num_blocks
     assert all(b.ref_count == 0 for b in s.blocks.blocks)
 
 
@@ -107,17 +108,17 @@ def test_abort_frees_blocks_at_once() -> None:
     b = add(s, 1, list(range(30, 35)), 50)
     batch = s.schedule()
     s.postprocess(batch, w.step(batch))
-    used = s.config.num_blocks - s.blocks.num_free
+    used = s.num_blocks - s.blocks.num_free
     assert used > 0
     s.finish(a, FinishReason.ABORT)
     assert a.status is SeqStatus.FINISHED and a.block_table == []
-    assert s.blocks.num_free == s.config.num_blocks - len(b.block_table)
+    assert s.blocks.num_free == s.num_blocks - len(b.block_table)
     assert s.removed == [0]  # the worker is told with the next step
     nxt = s.schedule()
     assert nxt.removed == [0] and a not in nxt.seqs
     s.finish(b, FinishReason.ABORT)
     s.finish(b, FinishReason.ABORT)  # idempotent
-    assert s.blocks.num_free == s.config.num_blocks
+    assert s.blocks.num_free == s.num_blocks
 
 
 def test_abort_waiting_sequence() -> None:
@@ -156,7 +157,7 @@ def test_inflight_token_of_finished_sequence_is_dropped() -> None:
     assert a.is_finished and a.output_ids == ref[:3]
     s.postprocess(b4, w.step(b4))  # its extra token is ignored
     assert a.output_ids == ref[:3]
-    assert s.blocks.num_free == s.config.num_blocks
+    assert s.blocks.num_free == s.num_blocks
 
 
 def test_length_never_overshoots_with_steps_in_flight() -> None:

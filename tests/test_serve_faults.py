@@ -50,7 +50,7 @@ def test_a_used_port_is_an_error_naming_it(tiny_model_dir) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         model = ["--model", str(tiny_model_dir), "--port", str(port)]
-        serve = [sys.executable, "-c", "from client.cli import main; main()", "serve", *model, "--device", "cpu"]
+        serve = [sys.executable, "-c", "from nanovllm_grpc.cli import main; main()", "serve", *model, "--device", "cpu"]
         scheduler = [sys.executable, "-m", "scheduler_svc", *model, "--workers", "127.0.0.1:1"]
         worker = [sys.executable, "-m", "worker_svc", *model, "--device", "cpu"]
         for cmd in (serve, scheduler, worker):

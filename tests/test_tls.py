@@ -30,7 +30,7 @@ def cert(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, cert):
-    svc = Service(tiny_model_dir, serve={"tls_cert": cert[0], "tls_key": cert[1]}, num_kv_blocks=16)
+    svc = Service(tiny_model_dir, scheduler={"tls_cert": cert[0], "tls_key": cert[1]}, num_kv_blocks=16)
     yield svc
     svc.stop()
 

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from client import Client
-from client.cli import free_port
+from nanovllm_grpc.launch import free_port
 
 MAX_TOKENS = 16
 # Different lengths, sent at once so they share steps; the long one needs several prefill chunks of

@@ -15,7 +15,7 @@ from worker_svc.models.arch import ModelArch
 
 def test_defaults_are_valid(tiny_model_dir: Path) -> None:
     config = WorkerConfig(str(tiny_model_dir))
-    assert (config.device, config.dtype, config.block_size) == ("cpu", "auto", 16)
+    assert (config.device, config.dtype, config.block_size) == (None, "auto", 16)  # None: cuda when available
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ def test_defaults_are_valid(tiny_model_dir: Path) -> None:
         ({"device": "tpu"}, "device must be one of"),
         ({"dtype": "int8"}, "dtype must be one of"),
         ({"load_format": "pt"}, "load_format must be one of"),
-        ({"attention_backend": "flash-attn"}, "needs device 'cuda'"),
+        ({"attention_backend": "flash-attn", "device": "cpu"}, "needs device 'cuda'"),
         ({"block_size": 0}, "block_size must be positive"),
         ({"num_kv_blocks": 0}, "num_kv_blocks must be positive"),
         ({"gpu_memory_utilization": 1.5}, r"in \(0, 1\]"),

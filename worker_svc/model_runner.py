@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ class Pending:
 
 class ModelRunner:
     def __init__(self, config: WorkerConfig, rank: int = 0, world_size: int = 1) -> None:
+        config = resolve_device(config)
         _check_group(config, rank, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         arch = ModelArch.read(config.model)
@@ -228,6 +229,15 @@ def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"world_size {world_size} needs torch.distributed initialised with that many ranks")
     if world_size > 1 and dist.get_rank() != rank:
         raise ValueError(f"rank {rank} differs from torch.distributed's rank {dist.get_rank()}")
+
+
+def resolve_device(config: WorkerConfig) -> WorkerConfig:
+    """The config with its device set: cuda when torch sees a GPU, else cpu."""
+    if config.device is None:
+        return replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' needs a GPU, and torch sees none (use --device cpu)")
+    return config
 
 
 def _device(config: WorkerConfig, rank: int) -> torch.device:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -16,10 +15,12 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nanovllm_grpc import __version__
+from nanovllm_grpc.process import PING_INTERVAL_MS, STEP_STREAM_OPTIONS, settle_heap
+from nanovllm_grpc.settings import add_flags, build
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from worker_svc.config import WorkerConfig
-from worker_svc.flags import add_args
 from worker_svc.servicer import WorkerServicer
 
 if TYPE_CHECKING:
@@ -27,33 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("worker")
 WORKER = wpb.DESCRIPTOR.services_by_name["Worker"].full_name
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        model=args.model,
-        load_format=args.load_format,
-        device=args.device or default_device(),
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.kvcache_block_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        num_kv_blocks=args.num_kvcache_blocks,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend,
-        tensor_parallel_size=args.tensor_parallel_size,
-        seed=args.seed,
-    )
 
 
 def init_distributed(config: WorkerConfig, rank: int, dist_addr: str, dist_port: int) -> None:
@@ -76,11 +50,10 @@ class WorkerServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
             options=[
-                ("grpc.max_send_message_length", 256 << 20),
-                ("grpc.max_receive_message_length", 256 << 20),
-                # The scheduler pings every 2 s, idle too, to find a hung worker (worker_client.py).
+                *STEP_STREAM_OPTIONS,
+                # The scheduler pings every PING_INTERVAL_MS, idle too, to find a hung worker (worker_client.py).
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.min_ping_interval_without_data_ms", PING_INTERVAL_MS // 2),
                 # Without SO_REUSEPORT a second worker on a port in use fails instead of sharing it.
                 ("grpc.so_reuseport", 0),
             ],
@@ -116,42 +89,51 @@ class WorkerServer:
         self.server.stop(grace).wait()
 
 
-def settle_heap() -> None:
-    """Takes what start-up allocated out of the garbage collector's sight and makes collections
-    rarer. Each step makes thousands of short-lived objects; with the default thresholds the
-    collections they trigger kept walking the whole start-up heap: 20-30% of the host time of a
-    batch-256 step."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+def log_ready(runner: ModelRunner, seconds: float) -> None:
+    """What a vLLM user looks for in the start-up log: what runs where, and how much fits."""
+    cfg = runner.config
+    cache_gib = runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30
+    tokens = runner.num_kv_blocks * runner.block_size
+    log.info(
+        "model %s, dtype %s, device %s, attention backend %s",
+        cfg.model,
+        runner.dtype,
+        runner.device,
+        runner.model_backend,
+    )
+    log.info(
+        "KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB (%s); max model len %d",
+        runner.num_kv_blocks, runner.block_size, tokens, cache_gib, runner.cache_dtype, runner.max_model_len,
+    )  # fmt: skip
+    graphs = ", ".join(map(str, runner.graphs.sizes)) if runner.graphs is not None else "none (eager)"
+    log.info("CUDA graph batch sizes: %s", graphs)
+    log.info("ready in %.1f s", seconds)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker_svc", description="nanovllm worker (one rank)")
+    add_flags(p, WorkerConfig, "worker")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m worker_svc", description="nanovllm worker (one rank)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--dist-addr", default="127.0.0.1", help="address of rank 0's process-group store")
-    p.add_argument("--dist-port", type=int, default=29500)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to wait for the scheduler to leave"
-    )
-    add_args(p)
+    started = time.monotonic()
+    p = parser()
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.rank}] %(levelname)s %(message)s")
-    config = worker_config(args)
-    if not 0 <= args.rank < config.tensor_parallel_size:
-        p.error(f"--rank must be in [0, {config.tensor_parallel_size}), got {args.rank}")
-
-    servicer = WorkerServicer(args.rank, config.tensor_parallel_size, config.device)
     try:
-        server = WorkerServer(servicer, args.host, args.port)
+        config: WorkerConfig = build(WorkerConfig, vars(args))
+    except ValueError as e:
+        p.error(str(e))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{config.rank}] %(levelname)s %(message)s")
+    rank = config.rank
+    log.info(
+        "nanovllm-grpc %s worker rank %d of %d (pid %d)", __version__, rank, config.tensor_parallel_size, os.getpid()
+    )
+    servicer = WorkerServicer(rank, config.tensor_parallel_size, config.device or "")
+    try:
+        server = WorkerServer(servicer, config.host, config.port)
     except OSError as e:
-        sys.exit(f"nanovllm worker rank {args.rank}: {e}")
+        sys.exit(f"nanovllm worker rank {rank}: {e}")
     stop, force = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -162,22 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        from worker_svc.model_runner import ModelRunner  # torch import after the port is taken
+        from worker_svc.model_runner import ModelRunner, resolve_device  # torch import after the port is taken
         from worker_svc.models.arch import ModelArch
 
-        if config.tensor_parallel_size > 1:
-            # Checked before joining the process group: a rank that cannot take its share must fail
-            # at once, not after waiting for peers that may never come.
-            try:
+        try:
+            config = resolve_device(config)
+            if config.tensor_parallel_size > 1:
+                # Checked before joining the process group: a rank that cannot take its share must fail
+                # at once, not after waiting for peers that may never come.
                 ModelArch.read(config.model).check_tensor_parallel(config.tensor_parallel_size)
-            except ValueError as e:
-                sys.exit(f"nanovllm worker rank {args.rank}: {e}")
-            init_distributed(config, args.rank, args.dist_addr, args.dist_port)
-        server.ready(ModelRunner(config, args.rank, config.tensor_parallel_size))
+                init_distributed(config, rank, config.dist_addr, config.dist_port)
+            runner = ModelRunner(config, rank, config.tensor_parallel_size)
+        except ValueError as e:
+            sys.exit(f"nanovllm worker rank {rank}: {e}")
+        server.ready(runner)
         settle_heap()
-        print(f"nanovllm worker rank {args.rank} ready on {args.host}:{server.port} (pid {os.getpid()})", flush=True)
+        log_ready(runner, time.monotonic() - started)
+        print(f"nanovllm worker rank {rank} ready on {config.host}:{server.port} (pid {os.getpid()})", flush=True)
         stop.wait()
-        log.info("draining: waiting up to %g s for the scheduler to disconnect", args.shutdown_timeout)
-        server.drain(args.shutdown_timeout, force)
+        log.info("draining: waiting up to %g s for the scheduler to disconnect", config.shutdown_timeout)
+        server.drain(config.shutdown_timeout, force)
     finally:
         server.stop()

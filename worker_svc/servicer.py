@@ -14,13 +14,29 @@ from collections.abc import Iterator
 
 import grpc
 
-from proto import STEP_ACCEPTED
+from nanovllm_grpc.process import STEP_ACCEPTED
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from worker_svc.executor import END, Executor, Ready
 from worker_svc.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+
+def describe(runner: ModelRunner, rank: int, world_size: int) -> wpb.WorkerInfo:
+    """What a ready worker tells its scheduler: the limits it was built with."""
+    return wpb.WorkerInfo(
+        rank=rank,
+        world_size=world_size,
+        num_kv_blocks=runner.num_kv_blocks,
+        block_size=runner.block_size,
+        max_model_len=runner.max_model_len,
+        vocab_size=runner.vocab_size,
+        max_num_seqs=runner.config.max_num_seqs,
+        max_num_batched_tokens=runner.config.max_num_batched_tokens,
+        device=runner.device.type,
+        ready=True,
+    )
 
 
 class WorkerServicer(wgrpc.WorkerServicer):
@@ -36,17 +52,9 @@ class WorkerServicer(wgrpc.WorkerServicer):
         return self._stream_lock.locked()
 
     def Describe(self, request: wpb.DescribeRequest, context: grpc.ServicerContext) -> wpb.WorkerInfo:
-        info = wpb.WorkerInfo(rank=self.rank, world_size=self.world_size, device=self.device)
-        r = self.runner
-        if r is not None:
-            info.ready = True
-            info.num_kv_blocks = r.num_kv_blocks
-            info.block_size = r.block_size
-            info.max_model_len = r.max_model_len
-            info.vocab_size = r.vocab_size
-            info.max_num_seqs = r.config.max_num_seqs
-            info.max_num_batched_tokens = r.config.max_num_batched_tokens
-        return info
+        if self.runner is None:
+            return wpb.WorkerInfo(rank=self.rank, world_size=self.world_size, device=self.device)
+        return describe(self.runner, self.rank, self.world_size)
 
     def Step(self, requests: Iterator[wpb.StepRequest], context: grpc.ServicerContext) -> Iterator[wpb.StepResult]:
         if self.runner is None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scheduler_svc.lifeline import die_with_parent
+from nanovllm_grpc.process import die_with_parent
 
 MAX_RESTARTS = 5  # in RESTART_WINDOW seconds
 RESTART_WINDOW = 300.0

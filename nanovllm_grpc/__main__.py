@@ -1,0 +1,3 @@
+from nanovllm_grpc.cli import main
+
+main()
