@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,6 +159,12 @@ class ServeProcess:
 
     def wait_ready(self) -> None:
         wait_for("nanovllm serve ready", lambda: any("scheduler ready" in line for line in self.lines), 120)
+
+    def metrics(self) -> dict[str, float]:
+        """The scheduler's Prometheus metrics (serve with --metrics-port), by name."""
+        url = next(m[1] for line in self.lines if (m := re.search(r"metrics on (http://\S+/metrics)", line)))
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(nanovllm_\w+) (\S+)$", text, re.M)}
 
     def worker_pids(self) -> list[int]:
         """Each worker process started so far, from its ready line."""

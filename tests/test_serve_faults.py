@@ -4,6 +4,7 @@ resume; a launcher that is SIGKILLed leaves no process or socket behind; a port 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,15 +18,23 @@ def test_serve_restarts_a_killed_worker_and_its_requests_resume(tiny_model_dir) 
     serve = ServeProcess(tiny_model_dir, "--num-kvcache-blocks", "256", "--metrics-port", "0")
     try:
         serve.wait_ready()
-        jobs = make_jobs(20, seed=1)
+        jobs = make_jobs(50, seed=1)
         reference = run_streams(serve.addr, jobs)
         assert all(isinstance(t, list) and len(t) == MAX_TOKENS for t in reference), reference
         (first,) = serve.worker_pids()
-        out = run_streams(serve.addr, jobs, {100: lambda: os.kill(first, signal.SIGKILL)})
+        out = run_streams(serve.addr, jobs, {300: lambda: os.kill(first, signal.SIGKILL)})
         assert out == reference
         wait_for("a new worker", lambda: len(serve.worker_pids()) == 2, 60)
         log = "".join(serve.lines)
-        assert "restarting the workers" in log and "resuming 20 requests" in log, log
+        assert "restarting the workers" in log and re.search(r"resuming \d+ requests", log), log
+
+        def settled() -> bool:  # every KV block back, as the metrics endpoint tells
+            m = serve.metrics()
+            return m["nanovllm_kv_blocks_free"] == 256 and m["nanovllm_num_requests_running"] == 0
+
+        wait_for("every KV block free", settled, 10)
+        m = serve.metrics()
+        assert m["nanovllm_worker_restarts_total"] == 1 and m["nanovllm_requests_resumed_total"] > 0, m
     finally:
         serve.stop()
 
