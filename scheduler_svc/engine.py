@@ -14,9 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from scheduler_svc.config import SchedulerConfig
@@ -38,6 +36,7 @@ from scheduler_svc.messages import (
     WorkersLost,
 )
 from scheduler_svc.metrics import Load, Metrics
+from scheduler_svc.prompts import Prompts
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -53,6 +52,7 @@ class Engine:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
+        self.prompts = Prompts(self.tokenizer, config.max_prompt_bytes)
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
         eos = frozenset(self.eos_token_ids)
@@ -73,17 +73,15 @@ class Engine:
         self.num_added = 0
         self._ids = itertools.count()
         self._dead: asyncio.Future[str] | None = None
-        # One thread, as the tokenizer must not be shared by threads; its Rust code releases the GIL,
-        # so a long prompt being tokenized does not hold up the streams this loop serves.
-        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         self._dead = asyncio.get_running_loop().create_future()
         self.info = await self.core.start()
+        self.prompts.max_tokens = self.info.max_model_len - 1  # leaves room for one output token
 
     async def stop(self) -> None:
         await self.core.stop()
-        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        self.prompts.close()
 
     def num_waiting(self) -> int:
         """Requests queued in the core, counting the Adds it has not seen yet."""
@@ -99,51 +97,6 @@ class Engine:
         return Load(self.info, stats, self.num_waiting())
 
     # ---- requests ----
-
-    async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Every id of `text` (the Tokenize RPC)."""
-        self._check_size(len(text.encode()), "the text")
-        return await self._off_loop(self._encode, text, add_special_tokens, None)
-
-    async def encode_prompt(self, text: str) -> list[int]:
-        self._check_size(len(text.encode()), "the text prompt")
-        return await self._off_loop(self._encode, text, True, self._longest_prompt())
-
-    async def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not messages:
-            raise InvalidRequest("chat.messages is empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidRequest("this model's tokenizer has no chat template; send a text prompt instead")
-        self._check_size(sum(len(m["content"].encode()) for m in messages), "the chat messages' contents")
-        return await self._off_loop(self._render_chat, messages)
-
-    def _check_size(self, size: int, what: str) -> None:
-        if size > (limit := self.config.max_prompt_bytes):
-            raise InvalidRequest(f"{what} has {size} bytes, more than the limit of {limit} (--max-prompt-bytes)")
-
-    def _longest_prompt(self) -> int | None:
-        return self.info.max_model_len - 1 if self.info is not None else None  # leaves room for one token
-
-    async def _off_loop(self, fn: Callable[..., list[int]], *args: object) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
-
-    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except TemplateError as e:  # templates raise on what they refuse, e.g. roles out of order
-            raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
-        return self._encode(text, False, self._longest_prompt())  # the template wrote the special tokens
-
-    def _encode(self, text: str, add_special_tokens: bool, limit: int | None) -> list[int]:
-        """In the tokenizing thread. With a fast tokenizer a prompt longer than `limit` is refused by its
-        length alone: turning millions of ids into Python ints would hold the GIL, and so every stream."""
-        if not self.tokenizer.is_fast:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        # encode_batch, unlike encode, releases the GIL while it works
-        (enc,) = self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
-        if limit is not None and len(enc) > limit:
-            raise InvalidRequest(f"the prompt has {len(enc)} tokens, more than max_model_len ({limit + 1}) allows")
-        return enc.ids
 
     def _validate(self, prompt: list[int], params: SamplingParams, info: CoreInfo) -> None:
         if not prompt:

@@ -73,11 +73,13 @@ class GenerationServicer(pbg.GenerationServicer):
     async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            return await self.engine.encode_prompt(request.text)
+            return await self.engine.prompts.text(request.text)
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "chat":
-            return await self.engine.apply_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            return await self.engine.prompts.chat(
+                [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            )
         raise InvalidRequest("the request has no prompt: set text, token_ids or chat")
 
     async def Generate(
@@ -93,7 +95,9 @@ class GenerationServicer(pbg.GenerationServicer):
             await stream.aclose()  # on cancel or disconnect too: aborts and frees the blocks at once
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(token_ids=await self.engine.tokenize(request.text, request.add_special_tokens))
+        return pb.TokenizeResponse(
+            token_ids=await self.engine.prompts.tokenize(request.text, request.add_special_tokens)
+        )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         info = self.engine.info
