@@ -92,7 +92,7 @@ class EngineCore:
         await self.workers.close()
 
     async def wait_dead(self) -> str:
-        """Returns why, once the step loop has ended for good (a worker died, or a bug)."""
+        """Returns why, once the step loop has ended for good (a bug, or workers back with other limits)."""
         assert self._loop_task is not None, "start() first"
         await asyncio.shield(self._loop_task)
         return self.dead or "the engine loop ended"
@@ -196,6 +196,7 @@ class EngineCore:
         resumed = self.scheduler.reset()
         self._sent.clear()
         log.warning("lost the worker group (%s); %d running requests resume when it is back", why, len(resumed))
+        self.emit(StepOutputs([], 0.0, self.stats()))  # the gauges: nothing runs, every block is free
         self.emit(WorkersLost(why))
         await self.workers.close()
         timeout: float | None = self.config.worker_recovery_timeout
