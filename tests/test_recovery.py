@@ -146,7 +146,7 @@ def test_recovery_timeout_fails_requests_then_serves_again(tiny_model_dir, jobs)
 
         out = run_streams(c.addr, jobs, {300: kill})
         assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE for e in out), out
-        assert time.monotonic() - lost_at[0] < 1.5 + 3  # promptly, once the timeout has passed
+        assert time.monotonic() - lost_at[0] < 1.5 + 5  # promptly once the timeout has passed (slack for a busy CI)
         (late,) = run_streams(c.addr, jobs[:1])  # refused at once while the workers stay away
         assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.UNAVAILABLE
         c.worker.start()
