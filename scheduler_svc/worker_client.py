@@ -137,11 +137,14 @@ class WorkerGroup:
     async def _attempt(self, deadline: float | None) -> str | None:
         """Describes every rank and opens its step stream; None on success, else why not."""
         loop = asyncio.get_running_loop()
-        wait = 5.0 if deadline is None else min(5.0, max(deadline - loop.time(), 0.05))
+
+        def within(most: float) -> float:  # seconds for one call: at most `most`, and not past the deadline
+            return most if deadline is None else min(most, max(deadline - loop.time(), 0.05))
+
         infos = []
         for addr, stub in zip(self.addresses, self.stubs, strict=True):
             try:
-                info = await stub.Describe(wpb.DescribeRequest(), timeout=wait, wait_for_ready=True)
+                info = await stub.Describe(wpb.DescribeRequest(), timeout=within(5.0), wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
                 return f"worker {addr} is not answering yet: {e.details()}"
             if not info.ready:
@@ -158,7 +161,8 @@ class WorkerGroup:
         for addr, call in zip(self.addresses, self.calls, strict=True):
             # A worker whose old stream is still ending (its scheduler lost it) waits for it a while.
             try:
-                accepted = any(k == STEP_ACCEPTED for k, _ in await asyncio.wait_for(call.initial_metadata(), 30))
+                metadata = await asyncio.wait_for(call.initial_metadata(), within(30.0))
+                accepted = any(k == STEP_ACCEPTED for k, _ in metadata)
             except (asyncio.TimeoutError, grpc.aio.AioRpcError):
                 accepted = False
             if not accepted:
