@@ -73,7 +73,7 @@ class InstantWorker:
     async def wait(self, wake: asyncio.Event) -> None:
         await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
 
-    async def close(self) -> None:
+    async def close(self, graceful: bool = False) -> None:
         return None
 
 

@@ -55,7 +55,7 @@ class LocalWorker:
     async def wait(self, wake: asyncio.Event) -> None:
         await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
 
-    async def close(self) -> None:
+    async def close(self, graceful: bool = False) -> None:
         self._requests.put(END)
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -89,7 +89,7 @@ class EngineCore:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        await self.workers.close()
+        await self.workers.close(graceful=True)
 
     async def wait_dead(self) -> str:
         """Returns why, once the step loop has ended for good (a bug, or workers back with other limits)."""

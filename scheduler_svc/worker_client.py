@@ -242,7 +242,14 @@ class WorkerGroup:
         if self._failed():
             raise self._error()
 
-    async def close(self) -> None:
+    async def close(self, graceful: bool = False) -> None:
+        """Cancels the step streams; `graceful` ends them instead (the workers finish the steps
+        sent), as a scheduler that stops does: tensor-parallel ranks take a cancel as their group
+        lost, and restart."""
+        if graceful and self.failure is not None and not self.failure.done():
+            self.failure.set_result("the scheduler is stopping")  # the streams' ends are no failure now
+            await asyncio.gather(*(c.done_writing() for c in self.calls), return_exceptions=True)
+            await asyncio.wait(self._readers, timeout=5.0)
         for t in self._readers:
             t.cancel()
         for call in self.calls:

@@ -221,6 +221,9 @@ def test_rank_dead_while_idle_fails_the_next_request(group: Group, rank: int, re
         list(client.generate([5, 6, 7], max_tokens=4, timeout=30))
     assert_unavailable(err, asked)
     assert_scheduler_waits_for_its_workers(group)
+    # Its peer cannot rejoin a group with a new rank: dropped by the scheduler, it exits to restart too.
+    peer = group.ranks[1 - rank]
+    assert peer.popen.wait(timeout=10) == 1, peer.output
 
 
 def test_worker_rejects_tp_size_not_dividing_heads(tiny_model_dir: Path) -> None:

@@ -64,8 +64,9 @@ class WorkerServicer(wgrpc.WorkerServicer):
         if not self._stream_lock.acquire(timeout=10.0):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is already connected")
         context.send_initial_metadata(((STEP_ACCEPTED, "1"),))
+        dropped = threading.Event()  # the scheduler cancelled the stream rather than ending it
         try:
-            yield from self._run(requests)
+            yield from self._run(requests, dropped)
         except Exception:
             if self.world_size > 1:
                 # A failed collective (a peer died) leaves this rank outside any group it could
@@ -75,8 +76,13 @@ class WorkerServicer(wgrpc.WorkerServicer):
             raise
         finally:
             self._stream_lock.release()
+            if dropped.is_set() and self.world_size > 1:
+                # The scheduler gave up on the group (a peer died, maybe while idle) or died itself:
+                # a rank cannot rejoin a group whose peer restarted, so the whole group restarts.
+                log.error("the scheduler dropped the step stream; exiting, for the group to restart")
+                os._exit(1)
 
-    def _run(self, requests: Iterator[wpb.StepRequest]) -> Iterator[wpb.StepResult]:
+    def _run(self, requests: Iterator[wpb.StepRequest], dropped: threading.Event) -> Iterator[wpb.StepResult]:
         assert self.runner is not None
         # A reader thread queues requests as they arrive: the executor waits on that one queue for
         # the next step or for its launched step's completion, whichever comes first.
@@ -87,7 +93,7 @@ class WorkerServicer(wgrpc.WorkerServicer):
                 for req in requests:
                     inbox.put(req)
             except grpc.RpcError:
-                pass  # the scheduler went away; END below ends the run
+                dropped.set()  # the scheduler went away; END below ends the run
             finally:
                 inbox.put(END)
 
