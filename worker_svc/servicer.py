@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -76,7 +77,7 @@ class WorkerServicer(wgrpc.WorkerServicer):
             raise
         finally:
             self._stream_lock.release()
-            if dropped.is_set() and self.world_size > 1:
+            if self.world_size > 1 and (dropped.is_set() or _cancelled(context)):
                 # The scheduler gave up on the group (a peer died, maybe while idle) or died itself:
                 # a rank cannot rejoin a group whose peer restarted, so the whole group restarts.
                 log.error("the scheduler dropped the step stream; exiting, for the group to restart")
@@ -100,3 +101,14 @@ class WorkerServicer(wgrpc.WorkerServicer):
         threading.Thread(target=read, name="step-reader", daemon=True).start()
         yield from Executor(self.runner, answer=self.rank == 0).run(inbox)
         log.info("scheduler stream closed")
+
+
+def _cancelled(context: grpc.ServicerContext, wait: float = 1.0) -> bool:
+    """Whether the scheduler cancelled the stream rather than ended it: a cancel can reach this
+    side just after the stream's end, so it gets `wait` seconds to show."""
+    deadline = time.monotonic() + wait
+    while context.is_active():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
