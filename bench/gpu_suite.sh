@@ -8,7 +8,8 @@
 # attention by batch and row order (bench_decode.py), the decode-step profile at batch 256 and 1,
 # the timeline of a full-stack run (timeline.py), and the throughput benchmark (full stack,
 # in-process, single-request latency; the full stack again with four tokens a streamed message,
-# with the engine core in the scheduler process, and with an fp8 KV cache), and with two GPUs or
+# with the engine core in the scheduler process, and with an fp8 KV cache), the workload while the
+# worker is killed three times (chaos.py), and with two GPUs or
 # more the tensor-parallel checks and benchmarks (tp_*). STEPs pick some of them by name (default:
 # all). A failing step is reported and the rest still run; the exit status is that of the last
 # failure.
@@ -48,6 +49,7 @@ step timeline 300 python3 -m bench.timeline
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
+step chaos 600 python3 -m bench.chaos --model bench/qwen3-0.6b --device cuda --requests 256 --kills 3
 # Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     step tp_all_reduce 150 python3 bench/bench_all_reduce.py --tp 2

@@ -9,6 +9,9 @@ from scheduler_svc.errors import InvalidRequest
 MAX_LOGPROBS = 20
 MAX_N = 16  # samples of one prompt
 MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
+# Below this a temperature samples as greedy, its limit: dividing the logits by it would overflow
+# float32 (inf - inf = NaN), and far above that point the draw is already all but certain.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -56,4 +59,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
