@@ -19,6 +19,8 @@ from tests.faults import wait_for
 from tests.service import Service
 
 GENERATION = "/nanovllm.v1.Generation/"
+VLLM = "/vllm.grpc.engine.VllmEngine/"
+STREAMING = {"Generate"}
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -70,16 +72,19 @@ def records():
 
 
 def call(channel: grpc.Channel, method: str, data: bytes) -> grpc.StatusCode:
-    """Sends raw bytes; reads a stream's first messages only (their status is what counts), then cancels."""
+    """Sends raw bytes to `method` ("Generate", or "vllm:Generate" for the VllmEngine service); reads
+    a stream's first messages only (their status is what counts), then cancels."""
+    service, _, name = method.rpartition(":")
+    path = (VLLM if service else GENERATION) + name
     try:
-        if method == "Generate":
-            stream = channel.unary_stream(GENERATION + method)(data, timeout=30)
+        if name in STREAMING:
+            stream = channel.unary_stream(path)(data, timeout=30)
             for i, _ in enumerate(stream):
                 if i == 2:
                     stream.cancel()
                     return grpc.StatusCode.OK
         else:
-            channel.unary_unary(GENERATION + method)(data, timeout=30)
+            channel.unary_unary(path)(data, timeout=30)
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
@@ -152,6 +157,14 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(service, channel,
     def random_bytes(data: bytes, method: str) -> None:
         check(method, data)
 
+    # The gateway's service: a vllm GenerateRequest may also ask for what is not served (UNIMPLEMENTED).
+    @settings(FUZZ, max_examples=400)
+    @given(st.binary(max_size=300), st.sampled_from(["vllm:Generate", "vllm:Abort", "vllm:GetLoads"]))
+    def random_vllm_bytes(data: bytes, method: str) -> None:
+        code = call(channel, method, data)
+        assert code in ALLOWED | {grpc.StatusCode.UNIMPLEMENTED}, (code, method, data)
+        seen[code] = seen.get(code, 0) + 1
+
     @settings(FUZZ, max_examples=600)
     @given(requests)
     def random_fields(req: pb.GenerateRequest) -> None:
@@ -163,9 +176,10 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(service, channel,
         check("Generate", mutate(req.SerializeToString(), data))
 
     random_bytes()
+    random_vllm_bytes()
     random_fields()
     mutated_bytes()
-    assert sum(seen.values()) == 3000 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500, seen
+    assert sum(seen.values()) == 3400 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500, seen
     assert not records, [r.getMessage() for r in records]
     sched = service.engine.core.scheduler
     wait_for("every KV block free", lambda: sched.blocks.num_free == 128 and not sched.running, 10)
@@ -173,6 +187,13 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(service, channel,
         assert [
             t for m in c.generate(PROMPT, max_tokens=12, temperature=0.0, ignore_eos=True) for t in m.token_ids
         ] == greedy
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument_on_the_vllm_service_too(channel, records) -> None:
+    truncated = b"\x0a\xff"  # field 1, length-delimited: 255 bytes announced, none sent
+    for method in ("Generate", "vllm:Generate", "vllm:Abort", "vllm:GetModelInfo", "vllm:GetLoads"):
+        assert call(channel, method, truncated) == grpc.StatusCode.INVALID_ARGUMENT, method
+    assert not records, [r.getMessage() for r in records]
 
 
 def test_a_string_that_is_not_utf8_is_invalid_argument(channel, records) -> None:

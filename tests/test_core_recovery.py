@@ -12,6 +12,7 @@ from proto import worker_pb2 as wpb
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.core import EngineCore
 from scheduler_svc.errors import WorkerUnavailable
+from scheduler_svc.kv_events import CacheCleared, KvLog
 from scheduler_svc.messages import Add, Event, StepOutputs, WorkersBack, WorkersLost
 from scheduler_svc.sampling_params import SamplingParams
 from tests.sim_worker import VOCAB, next_token, reference
@@ -64,9 +65,8 @@ class SimGroup:
         return None
 
 
-@pytest.mark.parametrize("fail_at", [1, 2, 3, 5, 8, 13, 17])
-def test_a_worker_lost_at_any_send_costs_no_token_and_repeats_none(fail_at: int) -> None:
-    prompts = [[(7 * i + j) % VOCAB for j in range(3 + i)] for i in range(6)]
+def run_core(fail_at: int, adds: list[Add]) -> tuple[EngineCore, list[Event]]:
+    """Runs `adds` to their end on a group that dies at its `fail_at`-th send, then on a fresh one."""
     events: list[Event] = []
     groups = iter([SimGroup(fail_at), SimGroup(None)])
 
@@ -79,24 +79,63 @@ def test_a_worker_lost_at_any_send_costs_no_token_and_repeats_none(fail_at: int)
             events.append(event)
             if isinstance(event, StepOutputs):
                 finished += sum(reason is not None for _, _, reason, _, _ in event.updates)
-                if finished == len(prompts):
+                if finished == len(adds):
                     done.set()
 
         with patch.object(EngineCore, "_group", lambda self: next(groups)):  # each group the core connects
             core = EngineCore(CoreConfig(), ("sim",), frozenset(), emit)
             await core.start()
-            for i, p in enumerate(prompts):
-                core.add(Add(i, p, SamplingParams(max_tokens=20, ignore_eos=True)))
+            for add in adds:
+                core.add(add)
             await asyncio.wait_for(done.wait(), 10)
             await core.stop()
         return core
 
-    core = asyncio.run(main())
-    streamed: dict[int, list[int]] = {}
+    return asyncio.run(main()), events
+
+
+def streamed(events: list[Event]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
     for e in events:
         if isinstance(e, StepOutputs):
             for sid, token, *_ in e.updates:
-                streamed.setdefault(sid, []).append(token)
-    assert streamed == {i: reference(p, 20) for i, p in enumerate(prompts)}
+                out.setdefault(sid, []).append(token)
+    return out
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 5, 8, 13, 17])
+def test_a_worker_lost_at_any_send_costs_no_token_and_repeats_none(fail_at: int) -> None:
+    prompts = [[(7 * i + j) % VOCAB for j in range(3 + i)] for i in range(6)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    core, events = run_core(fail_at, [Add(i, p, params) for i, p in enumerate(prompts)])
+    assert streamed(events) == {i: reference(p, 20) for i, p in enumerate(prompts)}
     assert [type(e) for e in events if isinstance(e, WorkersLost | WorkersBack)] == [WorkersLost, WorkersBack]
     assert core.scheduler is not None and core.scheduler.blocks.num_free == NUM_BLOCKS
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 6, 9, 14])
+def test_samples_led_by_a_lost_leader_and_the_kv_events_survive_a_reset(fail_at: int) -> None:
+    """n samples: the followers wait for the leader's prompt blocks; a loss at any point neither hangs
+    them nor repeats a token, and the KV events say the cache was cleared: a mirror built from them
+    alone ends equal to the block manager's prefix cache, naming no block of the lost workers."""
+    prompts = [[(11 * i + j) % VOCAB for j in range(9 + 2 * i)] for i in range(2)]  # 2+ full blocks of 4
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    adds = []
+    for r, p in enumerate(prompts):  # two requests of three samples each
+        lead = 10 * r
+        adds += [Add(lead + k, p, params, lead if k else None) for k in range(3)]
+    core, events = run_core(fail_at, adds)
+    assert streamed(events) == {a.seq_id: reference(a.prompt, 12) for a in adds}
+    kinds = [type(e) for e in events if not isinstance(e, StepOutputs)]
+    assert kinds == [WorkersLost, WorkersBack], kinds
+    lost = next(i for i, e in enumerate(events) if isinstance(e, WorkersLost))
+    before = events[lost - 1]  # the gauges and the cache's end, sent just before WorkersLost
+    assert isinstance(before, StepOutputs) and before.kv == (CacheCleared(),) and before.stats.running == 0
+    assert core.scheduler is not None
+    kv = KvLog()
+    for e in events:
+        if isinstance(e, StepOutputs) and e.kv:
+            kv.publish(e.kv)
+    kv.publish(core.scheduler.blocks.take_events())  # what the idle core had not reported yet
+    assert set(kv.live) == set(core.scheduler.blocks.cached) and kv.live
+    assert core.scheduler.blocks.num_free == NUM_BLOCKS
