@@ -12,8 +12,12 @@ import time
 
 import grpc
 import pytest
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpbg
 
+from scheduler_svc.core import EngineCore
 from tests.faults import NOT_SERVING, SERVING, Job, WorkerProcess, health, run_streams, wait_for
+from tests.kv_subscriber import KvSubscriber
 from tests.service import Loop, Service, make_server, scheduler_config
 
 NUM_BLOCKS = 256
@@ -99,14 +103,37 @@ def test_worker_killed_twice_in_a_row(cluster, jobs, reference) -> None:
     cluster.assert_blocks_free()
 
 
+def vllm_healthy(addr: str) -> bool:
+    with grpc.insecure_channel(addr) as ch:
+        return vpbg.VllmEngineStub(ch).HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy
+
+
 def test_worker_killed_while_idle_is_noticed_and_reconnected(cluster, jobs, reference) -> None:
-    cluster.worker.kill()
-    took = wait_for("health NOT_SERVING", lambda: health(cluster.addr) == NOT_SERVING, 10)
-    assert took < 5
-    cluster.worker.start()
-    wait_for("health SERVING", lambda: health(cluster.addr) == SERVING, 120)
-    assert run_streams(cluster.addr, jobs) == reference
-    cluster.assert_blocks_free()
+    """Both health services turn NOT_SERVING, the gateway's KV subscribers see the cache cleared and
+    the vllm: gauges show nothing running or cached; once back, the events match the cache again."""
+    engine = cluster.server.engine
+    sub = KvSubscriber(cluster.addr)
+    try:
+        wait_for("the subscriber's snapshot", lambda: bool(sub.blocks()), 10)  # the reference run cached blocks
+        cluster.worker.kill()
+        took = wait_for("health NOT_SERVING", lambda: health(cluster.addr) == NOT_SERVING, 10)
+        assert took < 5
+        assert not vllm_healthy(cluster.addr)
+        sub.wait_for({})  # a CacheCleared: the lost worker's blocks are gone
+        gauge = cluster.metrics.registry.get_sample_value
+        label = {"model_name": cluster.metrics.model_name}
+        assert gauge("vllm:kv_cache_usage_perc", label) == 0.0 and gauge("vllm:num_requests_running", label) == 0
+        assert gauge("nanovllm_workers_up") == 0
+        cluster.worker.start()
+        wait_for("health SERVING", lambda: health(cluster.addr) == SERVING, 120)
+        assert vllm_healthy(cluster.addr)
+        assert run_streams(cluster.addr, jobs) == reference
+        cluster.assert_blocks_free()
+        core = engine.core
+        # The core's own prefix cache where it runs in this process; else the frontend's mirror of it.
+        sub.wait_for(core.scheduler.blocks.cached if isinstance(core, EngineCore) else engine.kv.live)
+    finally:
+        sub.close()
 
 
 @pytest.mark.parametrize("then", ["SIGCONT", "restart"])
