@@ -8,10 +8,12 @@
 # decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and the
 # throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, with 10% of the
-# requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving at several request rates (serve), --compile against our fused kernels
-# (compile_*), and with two GPUs or more the tensor-parallel checks and benchmarks (tp_*). STEPs pick
-# some of them by name (default: all). A failing step is reported and the rest still run; the exit
-# status is that of the last failure. docs/benchmarks.md says how to read the results.
+# requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving
+# at several request rates (serve), --compile against our fused kernels (compile_*), the workload
+# while the worker is killed three times (chaos), and with two GPUs or more the tensor-parallel
+# checks and benchmarks (tp_*). STEPs pick some of them by name (default: all). A failing step is
+# reported and the rest still run; the exit status is that of the last failure. docs/benchmarks.md
+# says how to read the results.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
 shift || true
@@ -55,6 +57,8 @@ step compile_profile_fused 200 python3 bench/profile_step.py --batch 1,64,256 --
 step compile_profile 300 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30 --compile
 step compile_throughput_fused 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency
 step compile_throughput 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,latency --compile
+# The workload while the worker is killed three times (bench/chaos.py).
+step chaos 600 python3 -m bench.chaos --model bench/qwen3-0.6b --device cuda --requests 256 --kills 3
 # Tensor parallelism, on a machine with two GPUs or more (steps tp_*).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     step tp_profile_256 150 python3 bench/profile_step.py --tp 2 --batch 256 --context 1024 --steps 30

@@ -71,7 +71,10 @@ class InstantWorker:
         await asyncio.sleep(0)
         return wpb.StepResult.FromString(res.SerializeToString())
 
-    async def close(self) -> None:
+    async def wait(self, wake: asyncio.Event) -> None:
+        await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
+
+    async def close(self, graceful: bool = False) -> None:
         return None
 
 

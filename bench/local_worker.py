@@ -1,6 +1,6 @@
 """The worker without gRPC: the same Executor and model runner in this process, on a thread.
 
-It has the scheduler-side WorkerGroup interface (connect, send, receive, close, info), so the
+It has the scheduler-side WorkerGroup interface (connect, send, receive, wait, close, info), so the
 in-process benchmark runs the very same engine loop as the service; only the transport differs.
 """
 
@@ -52,7 +52,10 @@ class LocalWorker:
             raise item
         return item
 
-    async def close(self) -> None:
+    async def wait(self, wake: asyncio.Event) -> None:
+        await wake.wait()  # an idle engine's wait; this worker cannot fail apart from the engine
+
+    async def close(self, graceful: bool = False) -> None:
         self._requests.put(END)
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import socket
-import subprocess
 import sys
 from dataclasses import replace
 
 from nanovllm_grpc.settings import add_flags, build, to_argv
+from nanovllm_grpc.supervisor import WorkerProcesses
 from scheduler_svc.config import SchedulerConfig
 from worker_svc.config import PER_PROCESS, WorkerConfig
 
@@ -47,30 +46,33 @@ def worker_commands(worker: WorkerConfig, shutdown_timeout: float) -> tuple[list
     return cmds, tuple(addrs)
 
 
-async def _serve(config: SchedulerConfig, procs: list[subprocess.Popen[bytes]]) -> int:
+async def _serve(config: SchedulerConfig, workers: WorkerProcesses) -> int:
     from scheduler_svc.server import Shutdown, serve
 
     shutdown = Shutdown()
     shutdown.install()
-
-    async def watch_workers() -> None:
-        while all(p.poll() is None for p in procs):
-            await asyncio.sleep(0.5)
-        dead = next(p for p in procs if p.poll() is not None)
-        print(f"nanovllm: a worker exited with code {dead.returncode}; stopping", file=sys.stderr, flush=True)
-        shutdown.now()  # nothing can finish without it: no drain
-
-    watcher = asyncio.create_task(watch_workers())
+    watcher = asyncio.create_task(workers.supervise(shutdown.requested.is_set))
     server = asyncio.create_task(serve(config, shutdown))
     await asyncio.wait({server, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    shutdown.now()
+    gave_up = watcher.done() and not shutdown.requested.is_set()
+    shutdown.now()  # the supervisor gave up on the workers: nothing can finish, no drain
     watcher.cancel()
     try:
         await server
     except Exception as e:
         print(f"nanovllm: the scheduler failed: {e}", file=sys.stderr, flush=True)
         return 1
-    return 1 if any(p.poll() not in (None, 0, -signal.SIGTERM) for p in procs) else 0
+    return 1 if gave_up or workers.failed() else 0
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,16 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nanovllm serve: {e}", file=sys.stderr)
         return 2
+    if config.port and not port_free(config.host, config.port):  # before minutes of loading the workers
+        print(f"nanovllm serve: cannot listen on {config.host}:{config.port}: the port is in use", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    procs = [subprocess.Popen(c) for c in cmds]
+    workers = WorkerProcesses(cmds, list(addrs))
+    workers.start()
     try:
-        return asyncio.run(_serve(config, procs))
+        return asyncio.run(_serve(config, workers))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        workers.stop()

@@ -36,14 +36,21 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion-ordered dict as an LRU set: the front is the least recently freed block.
-        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_queries = 0  # prompt blocks looked up in the prefix cache
         self.num_hits = 0
+        self.reset()
         # What the prefix cache stored and evicted since the core last took them (kv_events.py).
         self.events: list[KvEvent] = []
+
+    def reset(self) -> None:
+        """Every block free and nothing cached: the workers' KV cache is gone (a rank restarted).
+        The sequences must have dropped their block tables (Scheduler.reset does). Events not yet
+        taken would name blocks that no longer exist: one CacheCleared replaces them."""
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        # Insertion-ordered dict as an LRU set: the front is the least recently freed block.
+        self.free: dict[int, None] = dict.fromkeys(range(self.num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.events = [CacheCleared()]
 
     @property
     def num_free(self) -> int:
@@ -136,7 +143,7 @@ class BlockManager:
                 self.events.append(BlockStored(hashes[i], parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
         seq.num_committed_blocks = upto
 
-    def reset(self) -> bool:
+    def flush(self) -> bool:
         """Forgets every cached prefix, as long as no block is in use; returns whether it did."""
         if any(b.ref_count for b in self.blocks):
             return False

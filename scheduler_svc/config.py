@@ -30,11 +30,22 @@ class CoreConfig:
         "steps sent ahead of the results: 1 waits for each; 3 gives the scheduler a device step of slack",
         choices=tuple(range(1, MAX_INFLIGHT_STEPS + 1)),
     )
+    # Generous: a step that meets a new kernel variant compiles it first, for seconds on a GPU.
+    worker_step_timeout: float = setting(
+        120.0, "seconds a step may take before its worker counts as hung and is reconnected (compiles included)"
+    )
+    # A GPU worker that restarts reloads its weights and recaptures its CUDA graphs.
+    worker_recovery_timeout: float = setting(
+        300.0, "seconds to hold requests while a worker is lost; past it they fail with UNAVAILABLE"
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("worker_step_timeout", "worker_recovery_timeout"):
+            if (value := getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if not 1 <= self.max_inflight_steps <= MAX_INFLIGHT_STEPS:
             raise ValueError(f"max_inflight_steps must be 1 to {MAX_INFLIGHT_STEPS}, got {self.max_inflight_steps}")
 
@@ -64,6 +75,9 @@ class SchedulerConfig:
     # few tokens a message keep the scheduler process and its clients from becoming the bottleneck.
     stream_interval: int = setting(1, "tokens per streamed message (the first and last go at once)")
     max_queued_requests: int = setting(0, "past this many waiting, RESOURCE_EXHAUSTED (0: unbounded)")
+    max_prompt_bytes: int = setting(
+        1 << 20, "largest text prompt (or total chat content) in UTF-8 bytes, refused before tokenizing"
+    )
     # Apart, streaming and scheduling do not share one Python thread.
     core_process: bool = setting(
         True,
@@ -83,6 +97,8 @@ class SchedulerConfig:
             raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
 
     @property
     def model_name(self) -> str:

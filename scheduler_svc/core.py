@@ -2,14 +2,21 @@
 
 It owns the waiting and running queues, the KV block tables and the step streams to the workers.
 The frontend (engine.py) owns tokenizing, detokenizing and the clients' streams. They talk with the
-messages of messages.py: Add and Finish go in; Started, StepOutputs and Dead come out, through the
-`emit` callback. The core runs in the frontend's event loop or in a process of its own
-(core_process.py), where the per-token work of streaming no longer competes with scheduling for
-one Python thread.
+messages of messages.py: Add, Finish and Flush go in; Started, StepOutputs, Flushed, WorkersLost,
+WorkersBack, RecoveryFailed and Dead come out, through the `emit` callback. The core runs in the
+frontend's event loop or in a process of its own (core_process.py), where the per-token work of
+streaming no longer competes with scheduling for one Python thread.
 
 The loop keeps up to `max_inflight_steps` steps on the wire: it schedules and sends step N+1 (and
 N+2) before step N's tokens return, so the worker never waits on a round trip. A sequence that
 finished at step N may already be in the steps after it; those extra tokens are dropped.
+
+A worker is only a cache plus compute: when a rank fails (its stream ends, keepalive or the step
+deadline gives up on it) the core keeps every request, drops the steps in flight (their tokens were
+never streamed), sends the running sequences back to waiting, forgets the KV cache, and reconnects
+to the same addresses until the whole group is back; then the sequences are recomputed from their
+known tokens, as after a preemption. Past `worker_recovery_timeout` it drops every request (the
+frontend fails them) and goes on reconnecting.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from proto import worker_pb2 as wpb
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.errors import InvalidRequest, WorkerUnavailable
 from scheduler_svc.grammar import Grammars
@@ -32,13 +40,16 @@ from scheduler_svc.messages import (
     Event,
     Finish,
     Flushed,
+    RecoveryFailed,
     Rejected,
     Sample,
     StepOutputs,
     Update,
+    WorkersBack,
+    WorkersLost,
 )
 from scheduler_svc.scheduler import Batch, Scheduler
-from scheduler_svc.sequence import Sequence
+from scheduler_svc.sequence import FinishReason, Sequence
 from scheduler_svc.worker_client import WorkerGroup, from_step_result, to_step_request
 
 log = logging.getLogger(__name__)
@@ -54,14 +65,16 @@ class EngineCore:
         emit: Callable[[Event], None],
         tokenizer: str | None = None,
     ) -> None:
-        """`workers`: the workers' addresses, or a group of this process's own (the in-process benchmark's).
-        `tokenizer`: the directory of the tokenizer whose vocabulary grammars compile against (None: no
-        structured output)."""
+        """`workers`: the workers' addresses, or a group of this process's own (the in-process benchmark's,
+        which cannot fail apart from this process: no recovery). `tokenizer`: the directory of the tokenizer
+        whose vocabulary grammars compile against (None: no structured output)."""
         self.config = config
         self.tokenizer = tokenizer
         self.emit = emit
         self.eos_token_ids = eos_token_ids
-        self.workers = WorkerGroup(list(workers)) if isinstance(workers, tuple) else workers
+        self.addresses = workers if isinstance(workers, tuple) else ()
+        self.workers = self._group() if isinstance(workers, tuple) else workers
+        self.winfo: wpb.WorkerInfo | None = None
         self.scheduler: Scheduler | None = None
         self.seqs: dict[int, Sequence] = {}
         self.num_added = 0
@@ -75,7 +88,7 @@ class EngineCore:
         self._compiling: dict[int, asyncio.Task[None]] = {}  # constrained seqs not queued yet
 
     async def start(self) -> CoreInfo:
-        winfo = await self.workers.connect(CONNECT_TIMEOUT)
+        winfo = self.winfo = await self.workers.connect(CONNECT_TIMEOUT)
         self.config = config = self.config.within(winfo.max_num_seqs, winfo.max_num_batched_tokens, winfo.max_model_len)
         self.scheduler = Scheduler(config, winfo.num_kv_blocks, winfo.block_size, set(self.eos_token_ids))
         if self.tokenizer:
@@ -93,10 +106,10 @@ class EngineCore:
             task.cancel()
         if self.grammars is not None:
             self.grammars.close()
-        await self.workers.close()
+        await self.workers.close(graceful=True)
 
     async def wait_dead(self) -> str:
-        """Returns why, once the step loop has ended for good (a worker died, or a bug)."""
+        """Returns why, once the step loop has ended for good (a bug, or workers back with other limits)."""
         assert self._loop_task is not None, "start() first"
         await asyncio.shield(self._loop_task)
         return self.dead or "the engine loop ended"
@@ -152,7 +165,7 @@ class EngineCore:
     def flush(self) -> None:
         """Empties the prefix cache unless a block is in use; answers Flushed, with the Cleared event."""
         assert self.scheduler is not None, "start() first"
-        ok = self.scheduler.blocks.reset()
+        ok = self.scheduler.blocks.flush()
         self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events()))
         self.emit(Flushed(ok))
 
@@ -173,6 +186,22 @@ class EngineCore:
     # ---- the step loop ----
 
     async def _loop(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._step()
+                except WorkerUnavailable as e:
+                    if not self.addresses:  # a group of this process's own
+                        raise
+                    await self._recover(str(e))
+        except WorkerUnavailable as e:
+            self._die(str(e))
+        except Exception as e:  # a bug here must not hang clients: fail them loudly
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {e!r}")
+
+    async def _step(self) -> None:
+        """Steps until a worker fails."""
         assert self.scheduler is not None
         sched = self.scheduler
         inflight: deque[Batch] = deque()
@@ -204,7 +233,7 @@ class EngineCore:
                         reported = now
                         self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
                     self._wake.clear()
-                    await self._wake.wait()
+                    await self.workers.wait(self._wake)  # a rank that fails while idle ends it too
                     continue
                 res = await self.workers.receive()
                 now = time.perf_counter()
@@ -216,11 +245,53 @@ class EngineCore:
                 samples = from_step_result(res)
                 updated = sched.postprocess(batch, {k: s.token_id for k, s in samples.items()})
                 ready = self._updates(updated, samples), took
-        except WorkerUnavailable as e:
-            self._die(str(e))
-        except Exception as e:  # a bug here must not hang clients: fail them loudly
-            log.exception("engine loop crashed")
-            self._die(f"engine loop crashed: {e!r}")
+        except WorkerUnavailable:
+            if ready is not None:  # tokens the scheduler has appended: they must be streamed
+                self.emit(StepOutputs(*ready, self.stats(), sched.blocks.take_events(), self._take_queued()))
+            raise
+
+    async def _recover(self, why: str) -> None:
+        """Holds every request until the whole group is back, then resumes them (see the docstring)."""
+        assert self.scheduler is not None and self.winfo is not None
+        lost = time.monotonic()
+        resumed = self.scheduler.reset()
+        self._sent.clear()
+        log.warning("lost the worker group (%s); %d running requests resume when it is back", why, len(resumed))
+        # The gauges (nothing runs, every block is free) and a CacheCleared for the KV subscribers,
+        # in place of any event not yet sent: those named blocks the lost workers held.
+        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events(), self._take_queued()))
+        self.emit(WorkersLost(why))
+        await self.workers.close()
+        timeout: float | None = self.config.worker_recovery_timeout
+        while True:
+            self.workers = self._group()
+            try:
+                winfo = await self.workers.connect(timeout)
+                break
+            except WorkerUnavailable as e:
+                await self.workers.close()
+                if timeout is None:
+                    raise
+                timeout = None  # from now on, reconnect for as long as it takes
+                self._drop_all(f"the workers were not back within {self.config.worker_recovery_timeout:g} s: {e}")
+        if (got := _limits(winfo)) != (had := _limits(self.winfo)):
+            raise WorkerUnavailable(f"the workers came back with other limits: {got} instead of {had}")
+        took = time.monotonic() - lost
+        held = [seq for seq in resumed if not seq.is_finished]
+        tokens = sum(len(seq.token_ids) for seq in held)
+        log.warning("the worker group is back after %.1f s; resuming %d requests (%d tokens)", took, len(held), tokens)
+        self.emit(WorkersBack(len(held), tokens, took))
+
+    def _drop_all(self, why: str) -> None:
+        assert self.scheduler is not None
+        log.error("failing %d requests: %s", len(self.seqs), why)
+        for seq in self.seqs.values():
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        self.seqs.clear()
+        self.emit(RecoveryFailed(why))
+
+    def _group(self) -> WorkerGroup:
+        return WorkerGroup(list(self.addresses), self.config.worker_step_timeout)
 
     def _take_queued(self) -> tuple[float, ...]:
         queued, self._queued = tuple(self._queued), []
@@ -247,3 +318,16 @@ class EngineCore:
         self.dead = why
         log.error("engine stopped: %s", why)
         self.emit(Dead(why))
+
+
+def _limits(info: wpb.WorkerInfo) -> tuple[int, ...]:
+    """What the scheduler and its requests were sized by: a group that comes back must match it."""
+    return (
+        info.world_size,
+        info.num_kv_blocks,
+        info.block_size,
+        info.max_model_len,
+        info.vocab_size,
+        info.max_num_seqs,
+        info.max_num_batched_tokens,
+    )

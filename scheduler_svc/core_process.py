@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import shutil
 import signal
@@ -23,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from nanovllm_grpc.process import settle_heap
+from nanovllm_grpc.process import die_with_parent, settle_heap
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.core import EngineCore
 from scheduler_svc.errors import WorkerUnavailable
@@ -58,14 +59,13 @@ class ProcessCore:
         self.args = (config, workers, eos_token_ids, tokenizer)  # the core process's, after the socket's path
         self.emit = emit
         self.proc: multiprocessing.process.BaseProcess | None = None
-        self._dir: Path | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
 
     async def start(self) -> CoreInfo:
         """Starts the process; returns once it has connected to every worker."""
-        self._dir = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
-        path = str(self._dir / "core.sock")
+        folder = Path(tempfile.mkdtemp(prefix="nanovllm-core-"))
+        path = str(folder / "core.sock")
         connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -78,7 +78,7 @@ class ProcessCore:
         try:
             # spawn: a fork would copy this process's gRPC and asyncio state into the child
             self.proc = multiprocessing.get_context("spawn").Process(
-                target=main, args=(path, *self.args), name="nanovllm-core", daemon=True
+                target=main, args=(path, os.getpid(), *self.args), name="nanovllm-core", daemon=True
             )
             self.proc.start()
             while not connected.done():
@@ -87,6 +87,7 @@ class ProcessCore:
                 await asyncio.wait({connected}, timeout=0.1)
         finally:
             server.close()
+            shutil.rmtree(folder, ignore_errors=True)  # connected or failed: the path has served
         reader, self._writer = connected.result()
         try:
             first = await _read(reader)  # Started once the workers are ready, which may take minutes
@@ -135,14 +136,18 @@ class ProcessCore:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def main(
-    path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], tokenizer: str | None
+    path: str,
+    parent: int,
+    config: CoreConfig,
+    workers: tuple[str, ...],
+    eos_token_ids: frozenset[int],
+    tokenizer: str | None,
 ) -> None:
     """The core process: connects back to the frontend, then to the workers, then steps."""
+    die_with_parent(parent)
     # Ctrl-C (or a SIGTERM to the process group) reaches this process too; the frontend drains
     # and then closes the socket, which is this process's signal to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -154,7 +159,10 @@ def main(
 async def _serve(
     path: str, config: CoreConfig, workers: tuple[str, ...], eos_token_ids: frozenset[int], tokenizer: str | None
 ) -> None:
-    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    finally:  # the frontend removes it too, unless it was killed while this process started
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
     core = EngineCore(config, workers, eos_token_ids, lambda event: writer.write(_frame(event)), tokenizer)
     try:
         # The frontend sends nothing before Started, so a read that returns while the workers load

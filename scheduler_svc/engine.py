@@ -13,10 +13,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from scheduler_svc.config import SchedulerConfig
@@ -25,8 +24,23 @@ from scheduler_svc.core_process import ProcessCore
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.errors import InvalidRequest, Overloaded, ShuttingDown, WorkerUnavailable
 from scheduler_svc.kv_events import KvLog
-from scheduler_svc.messages import Add, CoreInfo, CoreStats, Dead, Event, Finish, Flushed, Rejected, StepOutputs, Update
+from scheduler_svc.messages import (
+    Add,
+    CoreInfo,
+    CoreStats,
+    Dead,
+    Event,
+    Finish,
+    Flushed,
+    RecoveryFailed,
+    Rejected,
+    StepOutputs,
+    Update,
+    WorkersBack,
+    WorkersLost,
+)
 from scheduler_svc.metrics import Load, Metrics
+from scheduler_svc.prompts import Prompts
 from scheduler_svc.request import Output, Request, load_eos_ids
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -51,6 +65,7 @@ class Engine:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = load_eos_ids(config.model, self.tokenizer)
+        self.prompts = Prompts(self.tokenizer, config.max_prompt_bytes)
         if workers is not None and config.core_process:
             raise ValueError("a worker group of this process needs the core in this process (core_process=False)")
         eos = frozenset(self.eos_token_ids)
@@ -66,6 +81,9 @@ class Engine:
         self.kv = KvLog()  # the prefix cache's events, for SubscribeKvEvents
         self._flushed: asyncio.Future[bool] | None = None
         self.dead: str | None = None
+        self.lost: str | None = None  # why, while a worker rank is lost (until the group is back)
+        self.down: str | None = None  # why, once the workers stayed away past the recovery timeout
+        self.on_serving: Callable[[bool], None] = lambda serving: None  # the server's health status
         self.draining = False
         self.metrics = Metrics(self.load, config.model_name, config.core.enable_prefix_caching)
         self.num_added = 0
@@ -75,9 +93,11 @@ class Engine:
     async def start(self) -> None:
         self._dead = asyncio.get_running_loop().create_future()
         self.info = await self.core.start()
+        self.prompts.max_tokens = self.info.max_model_len - 1  # leaves room for one output token
 
     async def stop(self) -> None:
         await self.core.stop()
+        self.prompts.close()
 
     def num_waiting(self) -> int:
         """Requests queued in the core, counting the Adds it has not seen yet."""
@@ -94,32 +114,10 @@ class Engine:
 
     # ---- requests ----
 
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not messages:
-            raise InvalidRequest("chat.messages is empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidRequest("this model's tokenizer has no chat template; send a text prompt instead")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except TemplateError as e:  # templates raise on what they refuse, e.g. roles out of order
-            raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
     def _validate(self, prompt: list[int], params: SamplingParams, info: CoreInfo) -> None:
         if not prompt:
             raise InvalidRequest("the prompt is empty")
-        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
-        bad = next((t for t, _ in params.logit_bias if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.logit_bias has token id {bad}, out of range [0, {info.vocab_size})")
+        # Lengths first: a prompt too long for the model is refused before a scan of its ids holds the loop.
         total = len(prompt) + params.max_tokens
         if total > info.max_model_len:
             raise InvalidRequest(
@@ -132,12 +130,23 @@ class Engine:
                 f"prompt + max_tokens needs {need} KV blocks but the cache has only "
                 f"{info.num_blocks}; lower max_tokens or shorten the prompt"
             )
+        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
+        bad = next((t for t, _ in params.logit_bias if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.logit_bias has token id {bad}, out of range [0, {info.vocab_size})")
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         """Streams one request's outputs, each tagged with its sample's index (params.n samples);
         closing the iterator early aborts the request."""
         if self.dead is not None:
             raise WorkerUnavailable(self.dead)
+        if self.down is not None:
+            raise WorkerUnavailable(f"no worker group: {self.down}")
         if self.draining:
             raise ShuttingDown("the server is shutting down and accepts no new requests; retry on another replica")
         if self.info is None:
@@ -268,6 +277,17 @@ class Engine:
         elif isinstance(event, Flushed):
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(event.ok)
+        elif isinstance(event, WorkersLost):
+            self.lost = event.why
+            self.metrics.lost()
+            self.on_serving(False)
+        elif isinstance(event, WorkersBack):
+            self.lost = self.down = None
+            self.metrics.back(event)
+            self.on_serving(True)
+        elif isinstance(event, RecoveryFailed):
+            self.down = event.why
+            self._fail_all(event.why)
         elif isinstance(event, Dead):
             self._die(event.why)
 
@@ -306,13 +326,17 @@ class Engine:
             else:
                 req.held = out  # streamed with the next tokens
 
+    def _fail_all(self, why: str) -> None:
+        """Ends every request's stream with UNAVAILABLE; the core has dropped (or will drop) them."""
+        for req in list(self.requests.values()):
+            req.queue.put_nowait(WorkerUnavailable(why))
+        self.requests.clear()
+
     def _die(self, why: str) -> None:
         if self.dead is not None:
             return
         self.dead = why
         log.error("engine stopped: %s", why)
-        for req in list(self.requests.values()):
-            req.queue.put_nowait(WorkerUnavailable(why))
-        self.requests.clear()
+        self._fail_all(why)
         if self._dead is not None and not self._dead.done():
             self._dead.set_result(why)

@@ -2,6 +2,9 @@
 vllm.grpc.engine.VllmEngine) to gRPC status codes.
 
 Only the public APIs are wrapped: health and reflection come from grpcio and set their own statuses.
+grpc parses a request before any handler runs, and logs a traceback and answers UNKNOWN when the
+bytes do not parse; so the wrapped methods parse with a deserializer that never raises and hands
+the handler a `Malformed` instead, which becomes INVALID_ARGUMENT here like any bad input.
 """
 
 from __future__ import annotations
@@ -39,6 +42,33 @@ SERVICES = ((pb.DESCRIPTOR, "Generation"), (vpb.DESCRIPTOR, "VllmEngine"))
 PREFIXES = tuple(f"/{d.services_by_name[name].full_name}/" for d, name in SERVICES)
 
 
+class Malformed:
+    """What a request that did not parse becomes: why, for the handler to raise."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError: truncated, wrong wire types, a string not UTF-8
+            return Malformed(f"the request does not parse: {e}")
+
+    return parse
+
+
+def _check(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidRequest(request.why)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     code = next((c for t, c in STATUS.items() if isinstance(exc, t)), None)
     if code is None:
@@ -61,22 +91,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    _check(request)
                     return await inner_uu(request, context)
                 except Exception as e:
                     await _abort(context, e)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
+                    _check(request)
                     async for item in inner_us(request, context):
                         yield item
                 except Exception as e:
                     await _abort(context, e)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler

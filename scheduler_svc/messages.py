@@ -4,8 +4,9 @@ Frontend -> core: Add (a tokenized, validated request), Finish (aborted by its c
 a stop string the frontend found), Flush (empty the prefix cache). Core -> frontend: Started (the
 model's limits, once the workers are ready), StepOutputs (each step's sampled tokens, the
 scheduler's counts and the prefix cache's events), Flushed, Rejected (a request whose constraint
-does not compile), Dead (why the core stopped). In one process they are plain calls;
-core_process.py pickles them over a socket.
+does not compile), WorkersLost, WorkersBack and RecoveryFailed (a rank was lost; the group is
+back; it stayed away past the recovery timeout), Dead (why the core stopped). In one process they
+are plain calls; core_process.py pickles them over a socket.
 """
 
 from __future__ import annotations
@@ -115,8 +116,32 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class WorkersLost:
+    """A rank failed: the core keeps every request and reconnects; nothing is streamed meanwhile."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class WorkersBack:
+    """Every rank is back; the requests held are resumed by recompute from their known tokens."""
+
+    resumed: int
+    recomputed: int  # their known tokens, whose KV the lost workers held
+    seconds: float  # since the loss
+
+
+@dataclass(frozen=True)
+class RecoveryFailed:
+    """The group stayed away past the recovery timeout: the core dropped every request it held (the
+    frontend fails them with UNAVAILABLE) and keeps reconnecting."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class Dead:
     why: str
 
 
-Event = Started | StepOutputs | Flushed | Rejected | Dead
+Event = Started | StepOutputs | Flushed | Rejected | WorkersLost | WorkersBack | RecoveryFailed | Dead

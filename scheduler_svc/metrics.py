@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler_svc.messages import CoreInfo, CoreStats
+from scheduler_svc.messages import CoreInfo, CoreStats, WorkersBack
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -80,6 +80,11 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
+        self.worker_restarts = 0  # times the worker group came back after losing a rank
+        self.requests_resumed = 0
+        self.tokens_recomputed = 0
+        self.recovery_seconds = 0.0  # of recoveries that ended
+        self.lost_since: float | None = None  # while a rank is lost
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(f"nanovllm_{name}_seconds", doc, buckets=buckets, registry=self.registry)
@@ -109,6 +114,21 @@ class Metrics:
         """Queue times of the requests the core scheduled for the first time."""
         for q in seconds:
             self.vllm_queue.observe(q)
+
+    def lost(self) -> None:
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+
+    def back(self, event: WorkersBack) -> None:
+        self.worker_restarts += 1
+        self.requests_resumed += event.resumed
+        self.tokens_recomputed += event.recomputed
+        self.recovery_seconds += event.seconds
+        self.lost_since = None
+
+    def seconds_in_recovery(self) -> float:
+        since = self.lost_since
+        return self.recovery_seconds + (time.monotonic() - since if since is not None else 0.0)
 
     # ---- a request's hooks, called from its own coroutine ----
 
@@ -167,10 +187,24 @@ class _StateCollector(Collector):
         yield requests
         yield CounterMetricFamily("nanovllm_prompt_tokens", "Prompt tokens of requests that started.", m.prompt_tokens)
         yield CounterMetricFamily("nanovllm_generation_tokens", "Output tokens streamed.", m.generation_tokens)
+        yield CounterMetricFamily(
+            "nanovllm_worker_restarts", "Times the worker group came back after a rank was lost.", m.worker_restarts
+        )
+        yield CounterMetricFamily(
+            "nanovllm_requests_resumed", "Requests recomputed on a worker group that came back.", m.requests_resumed
+        )
+        yield CounterMetricFamily(
+            "nanovllm_tokens_recomputed", "Known tokens of resumed requests, recomputed.", m.tokens_recomputed
+        )
+        yield CounterMetricFamily(
+            "nanovllm_worker_recovery_seconds", "Time spent with a worker rank lost.", m.seconds_in_recovery()
+        )
         load = m.load()
         if load is None:
             return
         info, stats = load.info, load.stats
+        up = 0 if m.lost_since is not None else 1
+        yield GaugeMetricFamily("nanovllm_workers_up", "1 while every worker rank is connected.", up)
         yield GaugeMetricFamily("nanovllm_num_requests_waiting", "Requests queued (or preempted).", load.waiting)
         yield GaugeMetricFamily("nanovllm_num_requests_running", "Sequences holding KV blocks.", stats.running)
         used = info.num_blocks - stats.blocks_free

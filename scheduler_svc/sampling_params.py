@@ -32,6 +32,9 @@ class Constraint:
 
 MAX_N = 16  # samples of one prompt
 MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
+# Below this a temperature samples as greedy, its limit: dividing the logits by it would overflow
+# float32 (inf - inf = NaN), and far above that point the draw is already all but certain.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -82,4 +85,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -135,6 +135,24 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def reset(self) -> list[Sequence]:
+        """The workers lost every sequence and their KV cache (a rank failed): each running sequence
+        goes back to the front of the waiting queue, in order, to be recomputed from its known tokens,
+        and every block is free with no prefix cached. Returns the sequences sent back."""
+        resumed, self.running = self.running, []
+        for seq in resumed:
+            seq.status = SeqStatus.WAITING
+            seq.num_computed = 0
+            seq.num_inflight = 0  # never sampled, never streamed: recomputed
+            seq.epoch += 1
+            seq.on_worker = False
+            seq.block_table = []
+            seq.num_committed_blocks = 0
+        self.waiting.extendleft(reversed(resumed))
+        self.removed = []
+        self.blocks.reset()
+        return resumed
+
     def postprocess(self, batch: Batch, sampled: dict[int, int]) -> list[Sequence]:
         """Appends the tokens a step sampled; returns the sequences that got one (stale ones skipped)."""
         updated = []

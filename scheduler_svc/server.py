@@ -34,6 +34,7 @@ log = logging.getLogger("scheduler")
 
 GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 VLLM_ENGINE = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name  # what gateways such as SMG speak
+HEALTH_NAMES = ("", GENERATION, VLLM_ENGINE)  # the server as a whole and each API it serves
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -46,7 +47,9 @@ class SchedulerServer:
         self.port = config.port
         self.metrics_port: int | None = None
         self.engine = Engine(config)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.engine.on_serving = self._on_serving
+        # Without SO_REUSEPORT a second server on a port in use fails instead of sharing it.
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
         pbg.add_GenerationServicer_to_server(GenerationServicer(self.engine, config.model_name), self.server)
         vpbg.add_VllmEngineServicer_to_server(VllmEngineServicer(self.engine), self.server)
         self.health = health.aio.HealthServicer()
@@ -54,6 +57,7 @@ class SchedulerServer:
         services = (GENERATION, VLLM_ENGINE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server)
         self._status: asyncio.Task[None] | None = None
+        self._health_sets: set[asyncio.Future[None]] = set()
 
     async def start(self) -> int:
         """Serves, connects to the workers, then reports SERVING; returns the bound port."""
@@ -64,14 +68,17 @@ class SchedulerServer:
     async def listen(self) -> int:
         """Opens the public port (and metrics) at once, so health checks see NOT_SERVING while workers load."""
         cfg = self.config
-        for service in ("", GENERATION):
+        for service in HEALTH_NAMES:
             await self.health.set(service, NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is None or cfg.tls_key is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            key_cert = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
-            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
+        try:
+            if cfg.tls_cert is None or cfg.tls_key is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                key_cert = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
+                self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([key_cert]))
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: the port is in use or not this host's") from e
         await self.server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve(cfg.host, cfg.metrics_port)
@@ -83,8 +90,16 @@ class SchedulerServer:
             self._status = asyncio.create_task(
                 StatusLog(self.engine.metrics, self.engine.load, self.config.log_interval).run()
             )
-        for service in ("", GENERATION):
+        for service in HEALTH_NAMES:
             await self.health.set(service, SERVING)
+
+    def _on_serving(self, serving: bool) -> None:
+        """NOT_SERVING while a worker rank is lost; ignored once draining (health stays NOT_SERVING)."""
+        status = SERVING if serving else NOT_SERVING
+        for service in HEALTH_NAMES:
+            task = asyncio.ensure_future(self.health.set(service, status))
+            self._health_sets.add(task)
+            task.add_done_callback(self._health_sets.discard)
 
     async def drain(self, timeout: float, force: asyncio.Event | None = None) -> None:
         """NOT_SERVING from now on; refuses new requests and gives running ones `timeout` s to finish."""

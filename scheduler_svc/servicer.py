@@ -85,14 +85,16 @@ class GenerationServicer(pbg.GenerationServicer):
         self.engine = engine
         self.model_name = model_name
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            return self.engine.tokenize(request.text, add_special_tokens=True)
+            return await self.engine.prompts.text(request.text)
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "chat":
-            return self.engine.apply_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            return await self.engine.prompts.chat(
+                [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            )
         raise InvalidRequest("the request has no prompt: set text, token_ids or chat")
 
     async def Generate(
@@ -100,7 +102,7 @@ class GenerationServicer(pbg.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         params = to_params(request.sampling)
-        stream = self.engine.generate(request_id, self._prompt(request), params)
+        stream = self.engine.generate(request_id, await self._prompt(request), params)
         try:
             async for out in stream:
                 yield to_response(request_id, out)
@@ -108,7 +110,9 @@ class GenerationServicer(pbg.GenerationServicer):
             await stream.aclose()  # on cancel or disconnect too: aborts and frees the blocks at once
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(token_ids=self.engine.tokenize(request.text, request.add_special_tokens))
+        return pb.TokenizeResponse(
+            token_ids=await self.engine.prompts.tokenize(request.text, request.add_special_tokens)
+        )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         info = self.engine.info

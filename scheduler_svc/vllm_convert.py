@@ -17,6 +17,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from scheduler_svc.errors import InvalidRequest, Unsupported
 from scheduler_svc.kv_events import BlockRemoved, BlockStored, KvBatch
+from scheduler_svc.prompts import Prompts
 from scheduler_svc.request import Output
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -40,15 +41,17 @@ def check_supported(request: vpb.GenerateRequest) -> None:
         raise InvalidRequest(f"logprobs {p.logprobs} (every token) is not supported; ask for at most 20")
 
 
-def prompt_ids(request: vpb.GenerateRequest, tokenize: object) -> list[int]:
+async def prompt_ids(request: vpb.GenerateRequest, prompts: Prompts) -> list[int]:
     kind = request.WhichOneof("input")
+    p = request.sampling_params
     if kind == "tokenized":
         ids = list(request.tokenized.input_ids)
+    elif kind == "text" and p.HasField("truncate_prompt_tokens"):
+        ids = await prompts.tokenize(request.text, True)  # truncated below: only its bytes limit it here
     elif kind == "text":
-        ids = tokenize(request.text, add_special_tokens=True)  # type: ignore[operator]
+        ids = await prompts.text(request.text)
     else:
         raise InvalidRequest("the request has no input: set tokenized or text")
-    p = request.sampling_params
     if p.HasField("truncate_prompt_tokens"):
         if p.truncate_prompt_tokens < 1:
             raise InvalidRequest(f"truncate_prompt_tokens must be >= 1, got {p.truncate_prompt_tokens}")

@@ -51,7 +51,7 @@ class VllmEngineServicer(vpbg.VllmEngineServicer):
         self, request: vpb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vpb.GenerateResponse]:
         conv.check_supported(request)
-        prompt = conv.prompt_ids(request, self.engine.tokenize)
+        prompt = await conv.prompt_ids(request, self.engine.prompts)
         params = conv.to_params(request.sampling_params, len(prompt), self._info().max_model_len)
         sp = request.sampling_params
         num_top = sp.logprobs if sp.HasField("logprobs") else 0
@@ -86,6 +86,8 @@ class VllmEngineServicer(vpbg.VllmEngineServicer):
             return vpb.HealthCheckResponse(healthy=False, message="shutting down")
         if e.info is None:
             return vpb.HealthCheckResponse(healthy=False, message="the workers are still loading the model")
+        if e.lost is not None:
+            return vpb.HealthCheckResponse(healthy=False, message=f"a worker rank is lost, recovering: {e.lost}")
         return vpb.HealthCheckResponse(healthy=True, message="serving")
 
     async def GetModelInfo(

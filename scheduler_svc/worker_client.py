@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from asyncio import FIRST_COMPLETED
 
 import grpc
 
-from nanovllm_grpc.process import STEP_STREAM_OPTIONS
+from nanovllm_grpc.process import PING_INTERVAL_MS, STEP_ACCEPTED, STEP_STREAM_OPTIONS
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
@@ -56,7 +57,7 @@ def _sampling(seq: Sequence, eos_token_ids: set[int]) -> wpb.SeqSampling:
     p = seq.params
     banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
     return wpb.SeqSampling(
-        temperature=p.temperature,
+        temperature=0.0 if p.greedy else p.temperature,
         top_k=p.top_k,
         top_p=p.top_p,
         min_p=p.min_p,
@@ -82,61 +83,106 @@ def from_step_result(res: wpb.StepResult) -> dict[int, Sample]:
     }
 
 
-class WorkerGroup:
-    """Connections to every rank of one model replica."""
+# Keepalive pings find a worker that hangs (or whose host vanished) while its stream looks open; a
+# dead process is seen at once, its socket being reset. The workers accept pings this often
+# (worker_svc/server.py). A short reconnect backoff lets a restarted worker be found within a second.
+CHANNEL_OPTIONS = [
+    *STEP_STREAM_OPTIONS,
+    ("grpc.keepalive_time_ms", PING_INTERVAL_MS),
+    ("grpc.keepalive_timeout_ms", 4000),
+    ("grpc.http2.ping_timeout_ms", 4000),  # any ping's, e.g. flow control's, which stand in for keepalive's
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
-    def __init__(self, addresses: list[str]) -> None:
+
+class WorkerGroup:
+    """Connections to every rank of one model replica.
+
+    A reader task per rank reads its stream at all times, idle too: rank 0's results go to a queue,
+    and any end of any rank's stream sets `failure`, which every wait of the engine loop watches.
+    """
+
+    def __init__(self, addresses: list[str], step_timeout: float = 120.0) -> None:
         if not addresses:
             raise ValueError("at least one worker address is needed")
         self.addresses = addresses
-        self.channels = [grpc.aio.insecure_channel(a, options=STEP_STREAM_OPTIONS) for a in addresses]
+        self.step_timeout = step_timeout
+        self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
         self.calls: list[grpc.aio.StreamStreamCall] = []
         self.info: wpb.WorkerInfo | None = None
-        self._watchers: list[asyncio.Task[None]] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._results: asyncio.Queue[wpb.StepResult] = asyncio.Queue()
         self.failure: asyncio.Future[str] | None = None
 
-    async def connect(self, timeout: float) -> wpb.WorkerInfo:
-        """Waits until every rank answers Describe and is ready, then opens the step streams."""
+    async def connect(self, timeout: float | None) -> wpb.WorkerInfo:
+        """Waits until every rank is ready and has accepted its step stream (None: however long that
+        takes), retrying with backoff."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        infos = []
+        deadline = None if timeout is None else loop.time() + timeout
+        delay, said = 0.05, loop.time()
         log.info("waiting for %d worker(s): %s", len(self.addresses), ", ".join(self.addresses))
+        while (why := await self._attempt(deadline)) is not None:
+            if deadline is not None and loop.time() > deadline:
+                raise WorkerUnavailable(f"{why} (waited {timeout:g} s)")
+            if loop.time() - said > 30:
+                log.info("still waiting: %s", why)
+                said = loop.time()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        log.info("worker group ready: %s (%d ranks)", ", ".join(self.addresses), len(self.addresses))
+        self.failure = loop.create_future()
+        self._readers = [asyncio.create_task(self._read(k)) for k in range(len(self.calls))]
+        assert self.info is not None
+        return self.info
+
+    async def _attempt(self, deadline: float | None) -> str | None:
+        """Describes every rank and opens its step stream; None on success, else why not."""
+        loop = asyncio.get_running_loop()
+
+        def within(most: float) -> float:  # seconds for one call: at most `most`, and not past the deadline
+            return most if deadline is None else min(most, max(deadline - loop.time(), 0.05))
+
+        infos = []
         for addr, stub in zip(self.addresses, self.stubs, strict=True):
-            said = loop.time()
-            while True:
-                try:
-                    info = await stub.Describe(wpb.DescribeRequest(), timeout=5.0, wait_for_ready=True)
-                    if info.ready:
-                        break
-                    why = "loading its model"
-                except grpc.aio.AioRpcError as e:
-                    if loop.time() > deadline:
-                        raise WorkerUnavailable(f"worker {addr} did not answer: {e.details()}") from e
-                    why = "not answering yet"
-                if loop.time() > deadline:
-                    raise WorkerUnavailable(f"worker {addr} did not become ready in {timeout:.0f} s")
-                if loop.time() - said > 30:
-                    log.info("still waiting for worker %s: %s", addr, why)
-                    said = loop.time()
-                await asyncio.sleep(0.2)
-            log.info("worker %s is ready (rank %d of %d)", addr, info.rank, info.world_size)
+            try:
+                info = await stub.Describe(wpb.DescribeRequest(), timeout=within(5.0), wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                return f"worker {addr} is not answering yet: {e.details()}"
+            if not info.ready:
+                return f"worker {addr} is loading its model"
             infos.append(info)
         ranks = sorted(i.rank for i in infos)
         if ranks != list(range(len(infos))) or any(i.world_size != len(infos) for i in infos):
-            raise WorkerUnavailable(f"worker ranks {ranks} do not form one group of size {len(infos)}")
-        self.info = next(i for i in infos if i.rank == 0)
+            return f"worker ranks {ranks} do not form one group of size {len(infos)}"
         order = sorted(range(len(infos)), key=lambda k: infos[k].rank)
         self.stubs = [self.stubs[k] for k in order]
         self.addresses = [self.addresses[k] for k in order]
-        self.failure = loop.create_future()
+        self.info = infos[order[0]]
         self.calls = [stub.Step() for stub in self.stubs]
-        self._watchers = [asyncio.create_task(self._watch(k)) for k in range(1, len(self.calls))]
-        return self.info
+        for addr, call in zip(self.addresses, self.calls, strict=True):
+            # A worker whose old stream is still ending (its scheduler lost it) waits for it a while.
+            try:
+                metadata = await asyncio.wait_for(call.initial_metadata(), within(30.0))
+                accepted = any(k == STEP_ACCEPTED for k, _ in metadata)
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                accepted = False
+            if not accepted:
+                why = await call.details() if call.done() else "no answer"
+                for c in self.calls:
+                    c.cancel()
+                return f"worker {addr} did not take the step stream: {why}"
+        return None
 
-    async def _watch(self, rank: int) -> None:
+    async def _read(self, rank: int) -> None:
+        call = self.calls[rank]
         try:
-            msg = await self.calls[rank].read()
+            while (msg := await call.read()) is not grpc.aio.EOF and rank == 0:
+                self._results.put_nowait(msg)
             why = "closed its stream" if msg is grpc.aio.EOF else "sent an unexpected message"
         except grpc.aio.AioRpcError as e:
             why = f"failed: {e.code().name} {e.details()}"
@@ -149,43 +195,70 @@ class WorkerGroup:
             log.error("%s", why)
             self.failure.set_result(why)
 
-    async def send(self, req: wpb.StepRequest) -> None:
+    def _failed(self) -> bool:
         assert self.failure is not None
-        # A rank that died while the engine was idle: its watcher has said which, and the live ranks
-        # must not get a step they cannot finish.
-        if self.failure.done():
-            raise WorkerUnavailable(self.failure.result())
+        return self.failure.done()
+
+    def _error(self) -> WorkerUnavailable:
+        assert self.failure is not None
+        return WorkerUnavailable(self.failure.result())
+
+    async def send(self, req: wpb.StepRequest) -> None:
+        # A rank that died while the engine was idle: the live ranks must not get a step they cannot finish.
+        if self._failed():
+            raise self._error()
         await asyncio.gather(*(self._write(rank, req) for rank in range(len(self.calls))))
 
     async def _write(self, rank: int, req: wpb.StepRequest) -> None:
         try:
             await self.calls[rank].write(req)
-        # InvalidStateError: the stream has already ended, as rank 0's does when it dies while the
-        # engine is idle (no watcher reads rank 0's stream; its results do).
+        # InvalidStateError: the stream has already ended.
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as e:
             self._fail(f"sending a step to worker rank {rank} ({self.addresses[rank]}) failed: {e}")
-            raise WorkerUnavailable(self.failure.result()) from e  # type: ignore[union-attr]
+            raise self._error() from e
 
     async def receive(self) -> wpb.StepResult:
+        """The next step's result; WorkerUnavailable if a rank fails or none comes within step_timeout."""
+        if self._failed():
+            raise self._error()
+        if not self._results.empty():
+            return self._results.get_nowait()
         assert self.failure is not None
-        read = asyncio.ensure_future(self.calls[0].read())
-        done, _ = await asyncio.wait({read, self.failure}, return_when=asyncio.FIRST_COMPLETED)
-        if read not in done:
-            read.cancel()
-            raise WorkerUnavailable(self.failure.result())
+        get = asyncio.ensure_future(self._results.get())
         try:
-            msg = read.result()
-        except grpc.aio.AioRpcError as e:
-            self._fail(f"worker rank 0 ({self.addresses[0]}) failed: {e.code().name} {e.details()}")
-            raise WorkerUnavailable(self.failure.result()) from e
-        if msg is grpc.aio.EOF:
-            self._fail(f"worker rank 0 ({self.addresses[0]}) closed its stream")
-            raise WorkerUnavailable(self.failure.result())
-        return msg
+            done, _ = await asyncio.wait({get, self.failure}, timeout=self.step_timeout, return_when=FIRST_COMPLETED)
+        finally:
+            get.cancel()  # a no-op once done; on our own cancellation, no task is left behind
+        if get in done:
+            return get.result()
+        self._fail(
+            f"worker rank 0 ({self.addresses[0]}) returned no step result in {self.step_timeout:g} s "
+            "(--worker-step-timeout)"
+        )
+        raise self._error()
 
-    async def close(self) -> None:
-        for t in self._watchers:
+    async def wait(self, wake: asyncio.Event) -> None:
+        """Waits for `wake` while idle; WorkerUnavailable as soon as a rank fails."""
+        assert self.failure is not None
+        woken = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({woken, self.failure}, return_when=FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+        if self._failed():
+            raise self._error()
+
+    async def close(self, graceful: bool = False) -> None:
+        """Cancels the step streams; `graceful` ends them instead (the workers finish the steps
+        sent), as a scheduler that stops does: tensor-parallel ranks take a cancel as their group
+        lost, and restart."""
+        if graceful and self.failure is not None and not self.failure.done():
+            self.failure.set_result("the scheduler is stopping")  # the streams' ends are no failure now
+            await asyncio.gather(*(c.done_writing() for c in self.calls), return_exceptions=True)
+            await asyncio.wait(self._readers, timeout=5.0)
+        for t in self._readers:
             t.cancel()
         for call in self.calls:
             call.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)

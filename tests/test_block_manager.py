@@ -112,11 +112,11 @@ def test_events_name_stored_blocks_with_parent_and_tokens_then_evictions() -> No
         BlockStored(h[0], None, (0, 1, 2, 3)),
         BlockStored(h[1], h[0], (4, 5, 6, 7)),
     )
-    assert not bm.reset()  # blocks in use: nothing flushed
+    assert not bm.flush()  # blocks in use: nothing flushed
     bm.release(seq)
     other = Sequence(1, [50] * 9, SamplingParams(), 12)
     bm.admit(other, bm.match(other))
     bm.grow(other, 9)  # takes the free block, then the two cached ones, tail first
     assert bm.take_events() == (BlockRemoved(h[1]), BlockRemoved(h[0]))
     bm.release(other)
-    assert bm.reset() and bm.take_events() == (CacheCleared(),) and not bm.cached
+    assert bm.flush() and bm.take_events() == (CacheCleared(),) and not bm.cached

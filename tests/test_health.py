@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoTokenizer
 
 from client import Client
+from tests.faults import WorkerProcess, free_port, wait_for
 from tests.polling import wait_until
 from tests.service import Loop, Service, load, make_server, record_describes, scheduler_config, start_worker
 
@@ -122,16 +122,16 @@ def test_reflection_lists_and_calls_the_api_without_proto_files(service, tiny_mo
 
 
 @pytest.mark.slow
-def test_scheduler_process_exits_nonzero_when_its_worker_dies(tiny_model_dir) -> None:
-    """So that a supervisor (compose's restart policy) replaces it instead of it answering UNAVAILABLE forever."""
-    worker = start_worker(tiny_model_dir, num_kv_blocks=16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_scheduler_process_outlives_its_worker_and_serves_again_when_it_is_back(tiny_model_dir) -> None:
+    """The scheduler process (its core in a process of its own) is NOT_SERVING while its worker is gone,
+    answers UNAVAILABLE past the recovery timeout, and serves again once the worker is back."""
+    worker = WorkerProcess(tiny_model_dir, num_kv_blocks=16)
+    worker.start()
+    port = free_port()
     cmd = [sys.executable, "-m", "scheduler_svc", "--model", str(tiny_model_dir), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--workers", f"127.0.0.1:{worker.port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    cmd += ["--workers", worker.addr, "--worker-recovery-timeout", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    addr = f"127.0.0.1:{port}"
     try:
         lines = []
         for line in proc.stdout:
@@ -139,13 +139,17 @@ def test_scheduler_process_exits_nonzero_when_its_worker_dies(tiny_model_dir) ->
             if "ready on" in line:
                 break
         assert proc.poll() is None, "".join(lines)
-        worker.stop(grace=0)
-        with Client(f"127.0.0.1:{port}") as c, pytest.raises(grpc.RpcError) as err:
-            list(c.generate([5, 6, 7], max_tokens=4))  # an idle scheduler notices on its next step
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        worker.kill()
+        wait_for("NOT_SERVING", lambda: check(addr) == NOT_SERVING, 5)
+        with Client(addr) as c, pytest.raises(grpc.RpcError) as err:  # held until the recovery timeout, or refused
+            list(c.generate([5, 6, 7], max_tokens=4, timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert proc.wait(timeout=30) == 1
-        assert "the engine stopped" in proc.stdout.read()
+        worker.start()
+        wait_for("SERVING", lambda: check(addr) == SERVING, 120)
+        with Client(addr) as c:
+            assert sum(len(m.token_ids) for m in c.generate([5, 6, 7], max_tokens=4, ignore_eos=True)) == 4
+        assert proc.poll() is None, "".join(lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        worker.stop(grace=0)
+        proc.kill()
+        worker.stop()

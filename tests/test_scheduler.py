@@ -274,3 +274,31 @@ def test_samples_do_not_wait_without_prefix_caching_or_for_a_finished_leader() -
     s.finish(seqs[0], FinishReason.ABORT)  # aborted before its prefill
     batch = s.schedule()
     assert batch is not None and batch.seqs == [seqs[1]] and seqs[1].leader is None
+
+
+def test_reset_after_a_lost_worker_recomputes_with_unchanged_output_and_no_stale_prefix() -> None:
+    """A worker lost mid-run: steps in flight are dropped, every running sequence is recomputed on a
+    fresh worker (empty cache: a prefix hit on a block of the old one would read garbage and fail)."""
+    s, w = make(num_blocks=64, block_size=4)
+    common = list(range(100, 112))  # three full blocks every prompt shares: prefix hits before the loss
+    ps = [common + p for p in prompts(10, seed=3, hi=12)]
+    seqs = [add(s, i, p, 20) for i, p in enumerate(ps[:3])]
+    inflight = []
+    for step in range(8):
+        if step == 3:  # the first ones' prompt blocks are cached by now
+            seqs += [add(s, i, p, 20) for i, p in enumerate(ps[3:6], start=3)]
+        while len(inflight) < 2 and (batch := s.schedule()) is not None:
+            inflight.append((batch, w.step(batch)))
+        batch, sampled = inflight.pop(0)
+        s.postprocess(batch, sampled)
+    assert s.blocks.num_hits > 0 and s.running
+    streamed = {seq.seq_id: list(seq.token_ids) for seq in seqs}
+    resumed = s.reset()  # the steps still in flight never return
+    assert {q.seq_id for q in resumed} == {q.seq_id for q in seqs if not q.is_finished}
+    assert not s.running and s.blocks.num_free == 64 and not s.blocks.cached and not s.removed
+    seqs += [add(s, i, p, 20) for i, p in enumerate(ps[6:], start=6)]
+    run(s, SimWorker(4))
+    check_all(seqs, [20] * len(seqs))
+    for seq in seqs[:6]:  # what was known before the loss is kept: nothing streamed twice
+        assert seq.token_ids[: len(streamed[seq.seq_id])] == streamed[seq.seq_id]
+    assert s.blocks.num_free == 64

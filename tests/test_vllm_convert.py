@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from scheduler_svc import vllm_convert as conv
 from scheduler_svc.errors import InvalidRequest, Unsupported
 from scheduler_svc.kv_events import BlockRemoved, BlockStored, CacheCleared, KvBatch
+from scheduler_svc.prompts import Prompts
 from scheduler_svc.request import Output
 from scheduler_svc.sampling_params import Constraint, SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -39,15 +43,28 @@ def test_every_constraint_kind_is_carried() -> None:
         constraint(choice=vpb.ChoiceConstraint())
 
 
+class FakePrompts:
+    """Prompts' two entry points, telling which one ran: text (model-length bound) or tokenize (bytes only)."""
+
+    async def text(self, text: str) -> list[int]:
+        return [len(text), 1]
+
+    async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [len(text), 2, int(add_special_tokens)]
+
+
 def test_prompt_from_ids_or_text_and_truncation() -> None:
+    fake = cast(Prompts, FakePrompts())
     req = vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[1, 2, 3, 4]))
-    assert conv.prompt_ids(req, None) == [1, 2, 3, 4]
+    assert asyncio.run(conv.prompt_ids(req, fake)) == [1, 2, 3, 4]
     req.sampling_params.truncate_prompt_tokens = 2
-    assert conv.prompt_ids(req, None) == [3, 4]
+    assert asyncio.run(conv.prompt_ids(req, fake)) == [3, 4]
     req = vpb.GenerateRequest(text="hi")
-    assert conv.prompt_ids(req, lambda text, add_special_tokens: [len(text), add_special_tokens]) == [2, True]
+    assert asyncio.run(conv.prompt_ids(req, fake)) == [2, 1]
+    req.sampling_params.truncate_prompt_tokens = 3  # tokenized whole, with special tokens, then cut
+    assert asyncio.run(conv.prompt_ids(req, fake)) == [2, 2, 1]
     with pytest.raises(InvalidRequest, match="no input"):
-        conv.prompt_ids(vpb.GenerateRequest(), None)
+        asyncio.run(conv.prompt_ids(vpb.GenerateRequest(), fake))
 
 
 @pytest.mark.parametrize(

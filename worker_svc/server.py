@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nanovllm_grpc import __version__
-from nanovllm_grpc.process import STEP_STREAM_OPTIONS, settle_heap
+from nanovllm_grpc.process import PING_INTERVAL_MS, STEP_STREAM_OPTIONS, settle_heap
 from nanovllm_grpc.settings import add_flags, build
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
@@ -49,13 +49,23 @@ class WorkerServer:
         self.servicer = servicer
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
-            options=STEP_STREAM_OPTIONS,
+            options=[
+                *STEP_STREAM_OPTIONS,
+                # The scheduler pings every PING_INTERVAL_MS, idle too, to find a hung worker (worker_client.py).
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", PING_INTERVAL_MS // 2),
+                # Without SO_REUSEPORT a second worker on a port in use fails instead of sharing it.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         wgrpc.add_WorkerServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {host}:{port}: the port is in use or not this host's") from e
         self.server.start()
 
     def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -120,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         "nanovllm-grpc %s worker rank %d of %d (pid %d)", __version__, rank, config.tensor_parallel_size, os.getpid()
     )
     servicer = WorkerServicer(rank, config.tensor_parallel_size, config.device or "")
-    server = WorkerServer(servicer, config.host, config.port)
+    try:
+        server = WorkerServer(servicer, config.host, config.port)
+    except OSError as e:
+        sys.exit(f"nanovllm worker rank {rank}: {e}")
     stop, force = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -7,12 +7,15 @@ weights load.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 
+from nanovllm_grpc.process import STEP_ACCEPTED
 from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from worker_svc.executor import END, Executor, Ready
@@ -57,14 +60,30 @@ class WorkerServicer(wgrpc.WorkerServicer):
     def Step(self, requests: Iterator[wpb.StepRequest], context: grpc.ServicerContext) -> Iterator[wpb.StepResult]:
         if self.runner is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is still loading the model")
-        if not self._stream_lock.acquire(blocking=False):
+        # A scheduler that lost this stream (a step past its deadline) may reconnect before the old
+        # stream has ended: it ends after the step it is running, so wait for that a while.
+        if not self._stream_lock.acquire(timeout=10.0):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is already connected")
+        context.send_initial_metadata(((STEP_ACCEPTED, "1"),))
+        dropped = threading.Event()  # the scheduler cancelled the stream rather than ending it
         try:
-            yield from self._run(requests)
+            yield from self._run(requests, dropped)
+        except Exception:
+            if self.world_size > 1:
+                # A failed collective (a peer died) leaves this rank outside any group it could
+                # rejoin: exit, so that its supervisor restarts it with the rest of the group.
+                log.exception("a step failed; exiting, as this rank cannot rejoin its tensor-parallel group")
+                os._exit(1)
+            raise
         finally:
             self._stream_lock.release()
+            if self.world_size > 1 and (dropped.is_set() or _cancelled(context)):
+                # The scheduler gave up on the group (a peer died, maybe while idle) or died itself:
+                # a rank cannot rejoin a group whose peer restarted, so the whole group restarts.
+                log.error("the scheduler dropped the step stream; exiting, for the group to restart")
+                os._exit(1)
 
-    def _run(self, requests: Iterator[wpb.StepRequest]) -> Iterator[wpb.StepResult]:
+    def _run(self, requests: Iterator[wpb.StepRequest], dropped: threading.Event) -> Iterator[wpb.StepResult]:
         assert self.runner is not None
         # A reader thread queues requests as they arrive: the executor waits on that one queue for
         # the next step or for its launched step's completion, whichever comes first.
@@ -75,10 +94,21 @@ class WorkerServicer(wgrpc.WorkerServicer):
                 for req in requests:
                     inbox.put(req)
             except grpc.RpcError:
-                pass  # the scheduler went away; END below ends the run
+                dropped.set()  # the scheduler went away; END below ends the run
             finally:
                 inbox.put(END)
 
         threading.Thread(target=read, name="step-reader", daemon=True).start()
         yield from Executor(self.runner, answer=self.rank == 0).run(inbox)
         log.info("scheduler stream closed")
+
+
+def _cancelled(context: grpc.ServicerContext, wait: float = 1.0) -> bool:
+    """Whether the scheduler cancelled the stream rather than ended it: a cancel can reach this
+    side just after the stream's end, so it gets `wait` seconds to show."""
+    deadline = time.monotonic() + wait
+    while context.is_active():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
