@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nanovllm_grpc import __version__
+from tests.polling import free_port
 
 
 class Proc:
@@ -49,12 +50,6 @@ class Proc:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_scheduler_says_whom_it_waits_for_and_both_log_what_they_run(tiny_model_dir: Path) -> None:
