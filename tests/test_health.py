@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoTokenizer
 
 from client import Client
-from tests.faults import WorkerProcess, free_port, wait_for
-from tests.polling import wait_until
+from tests.faults import WorkerProcess, wait_for
+from tests.polling import free_port, wait_until
 from tests.service import Loop, Service, load, make_server, record_describes, scheduler_config, start_worker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
