@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 1
     try:
         with Client(args.addr, channel(args)) as client:
-            if args.wait:
-                try:
-                    grpc.channel_ready_future(client.channel).result(timeout=args.wait)
-                except grpc.FutureTimeoutError:
-                    print(f"nanovllm: no server answered at {args.addr} within {args.wait} s", file=sys.stderr)
-                    return 1
+            if args.wait and not wait_serving(client.channel, args.wait):
+                print(f"nanovllm: no server at {args.addr} was serving within {args.wait:g} s", file=sys.stderr)
+                return 1
             for out in client.stream(request):
                 if args.json:
                     print(json.dumps(as_json(out), ensure_ascii=False), flush=True)
@@ -89,6 +87,21 @@ def channel(args: argparse.Namespace) -> grpc.Channel:
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None  # None: the system's roots
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
     return grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(ca), options=options)
+
+
+def wait_serving(ch: grpc.Channel, timeout: float) -> bool:
+    """Waits until the server's health check says SERVING: its port opens before its workers are ready."""
+    deadline = time.monotonic() + timeout
+    check = health_pb2_grpc.HealthStub(ch).Check
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            res = check(health_pb2.HealthCheckRequest(), timeout=min(left, 5.0), wait_for_ready=True)
+            if res.status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    return False
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -140,7 +153,7 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     c.add_argument("--structural-tag", help="xgrammar's structural tag (JSON text)")
     c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     c.add_argument("--choice", nargs="+", help="the output is exactly one of these strings")
-    g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up (default: 0)")
+    g.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to be serving (default: 0)")
     g.set_defaults(func=cmd_generate)
 
     h = sub.add_parser("health", help="standard gRPC health check of a scheduler or worker; exit 0 if SERVING")

@@ -253,7 +253,7 @@ def test_serve_exits_when_tp_size_does_not_divide_heads(tiny_model_dir: Path) ->
     assert "num_attention_heads (4) is not divisible by tensor_parallel_size (3)" in proc.output
 
 
-def test_structured_output_tp2_matches_tp1(servers: tuple[str, str]) -> None:
+def test_structured_output_tp2_matches_tp1(servers: list[tuple[str, Proc]]) -> None:
     """Each rank masks its own vocabulary shard before the logits are joined: the same valid output."""
     schema = json.dumps(test_structured.SCHEMA)
 
@@ -263,7 +263,7 @@ def test_structured_output_tp2_matches_tp1(servers: tuple[str, str]) -> None:
         assert msgs[-1].finish_reason == "stop"
         return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
 
-    outputs = [[one(addr, p) for p in PROMPTS] for addr in servers]
+    outputs = [[one(addr, p) for p in PROMPTS] for addr, _ in servers]
     assert outputs[0] == outputs[1]
     for _, text in outputs[1]:
         jsonschema.validate(json.loads(text), test_structured.SCHEMA)
