@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpbg
+from transformers import AutoTokenizer
 
 from scheduler_svc.core import EngineCore
 from tests.faults import NOT_SERVING, SERVING, Job, WorkerProcess, health, run_streams, wait_for
@@ -92,6 +94,34 @@ def test_worker_killed_mid_stream_then_restarted(cluster, jobs, reference) -> No
     assert out == reference
     assert cluster.metrics.worker_restarts == restarts + 1
     assert cluster.metrics.requests_resumed > 0
+    cluster.assert_blocks_free()
+
+
+def test_constrained_streams_survive_a_worker_kill(cluster, tiny_model_dir) -> None:
+    """A constrained sequence's matcher has accepted only the tokens the scheduler kept, so after a reset
+    its masks go on from its known tokens: the same valid outputs as without the fault."""
+    regex = "[a-z]{12,16}"
+    rng = random.Random(1)
+    jobs: list[Job] = []
+    for i in range(24):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(3, 40))]
+        sampling = {"temperature": 0.9, "seed": 2000 + i} if i % 2 else {"temperature": 0.0}
+        if i % 4 < 2:
+            sampling["regex"] = regex
+        else:
+            sampling["ignore_eos"] = True
+        jobs.append((prompt, {"max_tokens": MAX_TOKENS, **sampling}))
+    want = run_streams(cluster.addr, jobs)
+    assert all(isinstance(t, list) for t in want), want
+    restarts = cluster.metrics.worker_restarts
+    got = run_streams(cluster.addr, jobs, {120: cluster.restart_worker})
+    assert cluster.metrics.worker_restarts == restarts + 1
+    assert got == want
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for (_, sampling), ids in zip(jobs, got, strict=True):
+        if "regex" in sampling:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            assert re.fullmatch(regex, text), text
     cluster.assert_blocks_free()
 
 
