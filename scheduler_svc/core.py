@@ -166,7 +166,7 @@ class EngineCore:
         """Empties the prefix cache unless a block is in use; answers Flushed, with the Cleared event."""
         assert self.scheduler is not None, "start() first"
         ok = self.scheduler.blocks.flush()
-        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events()))
+        self.emit(self._outputs([], 0.0))
         self.emit(Flushed(ok))
 
     def stats(self) -> CoreStats:
@@ -223,15 +223,17 @@ class EngineCore:
                     # Outputs go after the next step is on its way: streaming them is the largest
                     # per-token cost and need not delay the worker. A stop string the frontend
                     # finds ends its sequence a step or two later; those tokens are dropped.
-                    reported = self.stats()
-                    self.emit(StepOutputs(*ready, reported, sched.blocks.take_events(), self._take_queued()))
+                    out = self._outputs(*ready)
+                    reported = out.stats
+                    self.emit(out)
                     ready = None
                     if not inflight:
                         continue  # what it finished may free blocks or leave removals to send
                 if not inflight:
-                    if (now := self.stats()) != reported or sched.blocks.events:  # an abort or an eviction since
-                        reported = now
-                        self.emit(StepOutputs([], 0.0, now, sched.blocks.take_events(), self._take_queued()))
+                    if self.stats() != reported or sched.blocks.events:  # an abort or an eviction since
+                        out = self._outputs([], 0.0)
+                        reported = out.stats
+                        self.emit(out)
                     self._wake.clear()
                     await self.workers.wait(self._wake)  # a rank that fails while idle ends it too
                     continue
@@ -247,7 +249,7 @@ class EngineCore:
                 ready = self._updates(updated, samples), took
         except WorkerUnavailable:
             if ready is not None:  # tokens the scheduler has appended: they must be streamed
-                self.emit(StepOutputs(*ready, self.stats(), sched.blocks.take_events(), self._take_queued()))
+                self.emit(self._outputs(*ready))
             raise
 
     async def _recover(self, why: str) -> None:
@@ -259,7 +261,7 @@ class EngineCore:
         log.warning("lost the worker group (%s); %d running requests resume when it is back", why, len(resumed))
         # The gauges (nothing runs, every block is free) and a CacheCleared for the KV subscribers,
         # in place of any event not yet sent: those named blocks the lost workers held.
-        self.emit(StepOutputs([], 0.0, self.stats(), self.scheduler.blocks.take_events(), self._take_queued()))
+        self.emit(self._outputs([], 0.0))
         self.emit(WorkersLost(why))
         await self.workers.close()
         timeout: float | None = self.config.worker_recovery_timeout
@@ -293,9 +295,12 @@ class EngineCore:
     def _group(self) -> WorkerGroup:
         return WorkerGroup(list(self.addresses), self.config.worker_step_timeout)
 
-    def _take_queued(self) -> tuple[float, ...]:
+    def _outputs(self, updates: list[Update], took: float) -> StepOutputs:
+        """A step's tokens with the counts as of now, and the prefix cache's events and the queue times
+        gathered since the last StepOutputs."""
+        assert self.scheduler is not None
         queued, self._queued = tuple(self._queued), []
-        return queued
+        return StepOutputs(updates, took, self.stats(), self.scheduler.blocks.take_events(), queued)
 
     def _updates(self, updated: list[Sequence], samples: dict[int, Sample]) -> list[Update]:
         out: list[Update] = []
