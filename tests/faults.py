@@ -5,12 +5,9 @@ enough tokens have streamed, and polls with a deadline."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -20,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AsyncClient
-from tests.polling import free_port
+from tests.polling import OutputProcess, free_port
 
 Job = tuple[list[int], dict]  # a prompt and the sampling settings of one request
 
@@ -134,25 +131,21 @@ def alive(pid: int) -> bool:
         return False
 
 
-class ServeProcess:
+class ServeProcess(OutputProcess):
     """`nanovllm serve` on CPU with the tiny model; its output lines are kept in `lines`."""
 
     def __init__(self, model_dir: str | Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-c", "from nanovllm_grpc.cli import main; main()", "serve", "--model", str(model_dir)]
         cmd += ["--port", str(self.port), "--device", "cpu", "--dtype", "float32", *flags]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        super().__init__(cmd, env)
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
-        wait_for("nanovllm serve ready", lambda: any("scheduler ready" in line for line in self.lines), 120)
+        self.wait_for("scheduler ready")
 
     def metrics(self) -> dict[str, float]:
         """The scheduler's Prometheus metrics (serve with --metrics-port), by name."""
@@ -165,12 +158,3 @@ class ServeProcess:
         return [
             int(m.group(1)) for line in self.lines if (m := re.search(r"worker rank \d+ ready .*\(pid (\d+)\)", line))
         ]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,3 +29,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class OutputProcess:
+    """A child process whose merged output is collected line by line on a thread (a full pipe would stall it)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or ()), daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> str:
+        """The first output line holding `text`, once there; fails if the process exits before it."""
+
+        def line() -> str | None:
+            found = next((x for x in self.lines if text in x), None)
+            assert found is not None or self.proc.poll() is None, f"exited before {text!r}:\n{''.join(self.lines)}"
+            return found
+
+        return wait_until(line, lambda: f"no {text!r}:\n{''.join(self.lines)}", timeout, every=0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, as a supervisor stops it; SIGKILL if it has not exited 30 s later."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

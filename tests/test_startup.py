@@ -3,64 +3,31 @@ and how much fits, and a mistake ends in one line that names it."""
 
 from __future__ import annotations
 
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from nanovllm_grpc import __version__
-from tests.polling import free_port
+from tests.polling import OutputProcess, free_port
 
 
-class Proc:
-    """A service process whose merged output is read line by line on a thread."""
-
-    def __init__(self, *argv: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self._queue.put(x) for x in self.proc.stdout], daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                assert self.proc.poll() is None, "".join(self.lines)
-                continue
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(self.lines)}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def python(*argv: str) -> OutputProcess:
+    return OutputProcess([sys.executable, *argv])
 
 
 def test_a_scheduler_says_whom_it_waits_for_and_both_log_what_they_run(tiny_model_dir: Path) -> None:
     worker_port = free_port()
     argv = ["--model", str(tiny_model_dir), "--workers", f"127.0.0.1:{worker_port}", "--port", "0"]
-    scheduler = Proc("-m", "scheduler_svc", *argv)
+    scheduler = python("-m", "scheduler_svc", *argv)
     worker = None
     try:
         assert f"nanovllm-grpc {__version__} scheduler" in scheduler.wait_for("scheduler for")
         assert f"waiting for 1 worker(s): 127.0.0.1:{worker_port}" in scheduler.wait_for("waiting for")
-        worker = Proc(
+        worker = python(
             "-m", "worker_svc", "--model", str(tiny_model_dir), "--port", str(worker_port), "--device", "cpu",
             "--num-kvcache-blocks", "32", "--max-model-len", "256",
         )  # fmt: skip
