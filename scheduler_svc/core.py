@@ -22,7 +22,6 @@ frontend fails them) and goes on reconnecting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -91,8 +90,8 @@ class EngineCore:
         winfo = self.winfo = await self.workers.connect(CONNECT_TIMEOUT)
         self.config = config = self.config.within(winfo.max_num_seqs, winfo.max_num_batched_tokens, winfo.max_model_len)
         self.scheduler = Scheduler(config, winfo.num_kv_blocks, winfo.block_size, set(self.eos_token_ids))
-        if self.tokenizer:
-            self.grammars = Grammars(self.tokenizer, winfo.vocab_size, self.eos_token_ids)
+        if self.tokenizer and winfo.structured_output:
+            self.grammars = Grammars(self.tokenizer, winfo.vocab_size)
             await self.grammars.ready()
         self._loop_task = asyncio.create_task(self._loop())
         max_model_len = config.max_model_len or winfo.max_model_len
@@ -129,18 +128,12 @@ class EngineCore:
             self._compiling[seq.seq_id] = asyncio.create_task(self._constrain(seq))
 
     async def _constrain(self, seq: Sequence) -> None:
-        """Queues a constrained seq once its grammar is compiled and its first mask computed."""
+        """Queues a constrained seq once its grammar is compiled (rejects it if it does not compile)."""
         assert self.scheduler is not None and seq.params.constraint is not None
-        loop = asyncio.get_running_loop()
-
-        def wake() -> None:  # called on a mask thread: the next mask is ready
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to wake
-                loop.call_soon_threadsafe(self._wake.set)
-
         try:
             if self.grammars is None:
-                raise InvalidRequest("this server has no tokenizer for structured output")
-            seq.grammar = await self.grammars.start(seq.params.constraint, wake)
+                raise InvalidRequest("structured output is off here: its workers lack xgrammar or the tokenizer")
+            seq.grammar = await self.grammars.start(seq.params.constraint)
         except Exception as e:
             if not isinstance(e, InvalidRequest):
                 log.exception("starting the grammar of seq %d failed", seq.seq_id)

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from transformers import AutoTokenizer
 
+from nanovllm_grpc.constraints import load_eos_ids
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.core import EngineCore
 from scheduler_svc.core_process import ProcessCore
@@ -41,7 +42,7 @@ from scheduler_svc.messages import (
 )
 from scheduler_svc.metrics import Load, Metrics
 from scheduler_svc.prompts import Prompts
-from scheduler_svc.request import Output, Request, load_eos_ids
+from scheduler_svc.request import Output, Request
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
 from scheduler_svc.worker_client import WorkerGroup

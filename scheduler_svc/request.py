@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.sequence import FinishReason
@@ -50,18 +48,3 @@ class Request:
     queue: asyncio.Queue[Output | BaseException] = field(default_factory=asyncio.Queue)
     held: Output | None = None  # tokens waiting for the stream interval to fill
     arrival: float = field(default_factory=time.monotonic)
-
-
-def load_eos_ids(model_dir: str, tokenizer: object) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            if ids:
-                break
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(tok_eos)
-    return ids

@@ -67,9 +67,6 @@ class Scheduler:
                 i += 1  # its last token is in flight and will finish it
                 continue
             n = min(todo, budget)
-            if n == todo and not seq.can_sample():
-                i += 1  # constrained: its mask waits for its last token
-                continue
             new = self.blocks.grow(seq, seq.num_computed + n)
             while new is None:
                 victim = self.running[-1]
@@ -93,8 +90,6 @@ class Scheduler:
             hit = self.blocks.match(seq)
             start = len(hit) * self.block_size
             n = min(seq.num_tokens - start, budget)
-            if n == seq.num_tokens - start and not seq.can_sample():
-                break  # preempted while its mask was being computed: ready in a moment
             need = self.blocks.blocks_for(start + n) - len(hit)
             if self.blocks.admit_cost(hit, need) > self.blocks.num_free:
                 break

@@ -24,13 +24,6 @@ class FinishReason(enum.Enum):
 class Grammar(Protocol):
     """A constrained sequence's grammar state (grammar.GrammarState), as the scheduler uses it."""
 
-    @property
-    def ready(self) -> bool:
-        """Whether the mask for the next token is computed."""
-        ...
-
-    def mask(self) -> bytes: ...
-
     def accept(self, token_id: int) -> FinishReason | None:
         """Advances past a sampled token; a reason when that ends the sequence."""
         ...
@@ -60,8 +53,7 @@ class Sequence:
     # The worker holds state for this sequence (added and not yet removed).
     on_worker: bool = False
     finish_reason: FinishReason | None = None
-    # Structured output: it samples only with a mask computed from all its known tokens, so it
-    # never has a sampled token in flight.
+    # Structured output: the matcher that follows its tokens (the worker masks with its own).
     grammar: Grammar | None = None
     # Another sample of the same prompt, added just before this one: this one waits for its
     # prompt blocks to be cached, so that the n samples of a request share them.
@@ -87,10 +79,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
-
-    def can_sample(self) -> bool:
-        """Whether a step may sample this seq's next token now (always, unless it is constrained)."""
-        return self.grammar is None or (self.num_inflight == 0 and self.grammar.ready)
 
     @property
     def prompt_cached(self) -> bool:

@@ -18,6 +18,7 @@ from proto import worker_pb2 as wpb
 from proto import worker_pb2_grpc as wgrpc
 from scheduler_svc.errors import WorkerUnavailable
 from scheduler_svc.messages import Sample
+from scheduler_svc.sampling_params import Constraint
 from scheduler_svc.scheduler import Batch
 from scheduler_svc.sequence import Sequence
 
@@ -33,10 +34,6 @@ def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
         block_seq_ids=[s for s, _ in batch.new_blocks],
         block_ids=[b for _, b in batch.new_blocks],
     )
-    constrained = [s for s, sample in zip(batch.seqs, batch.samples, strict=True) if sample and s.grammar is not None]
-    if constrained:
-        req.mask_seq_ids.extend(s.seq_id for s in constrained)
-        req.masks = b"".join(s.grammar.mask() for s in constrained)  # type: ignore[union-attr]
     if batch.added:
         n_of = {s.seq_id: n for s, n in zip(batch.seqs, batch.num_tokens, strict=True)}
         for seq in batch.added:
@@ -48,9 +45,18 @@ def to_step_request(batch: Batch, eos_token_ids: set[int]) -> wpb.StepRequest:
                     num_computed_tokens=seq.num_computed - n_of[seq.seq_id],
                     block_ids=seq.block_table,
                     sampling=_sampling(seq, eos_token_ids),
+                    grammar=_grammar(seq.params.constraint),
                 )
             )
     return req
+
+
+def _grammar(c: Constraint | None) -> wpb.Grammar | None:
+    if c is None:
+        return None
+    if isinstance(c.spec, tuple):
+        return wpb.Grammar(kind=c.kind, choices=c.spec)
+    return wpb.Grammar(kind=c.kind, spec=c.spec)
 
 
 def _sampling(seq: Sequence, eos_token_ids: set[int]) -> wpb.SeqSampling:

@@ -8,7 +8,7 @@ import threading
 
 from proto import worker_pb2 as wpb
 from worker_svc.executor import END, Executor, Ready
-from worker_svc.model_runner import Pending
+from worker_svc.model_runner import Deferred, Part, Pending
 from worker_svc.seq_state import Sampled, SeqState
 
 
@@ -30,6 +30,10 @@ class FakeRunner:
         self.log: list[str] = []
         self.launched = 0
         self.done: list[FakeDone] = []
+        self.matchers = self  # structured output: start() marks a seq constrained
+
+    def start(self, seq: SeqState, grammar: wpb.Grammar) -> None:
+        seq.matcher = grammar.kind
 
     def bind_thread(self) -> None:
         pass
@@ -40,16 +44,33 @@ class FakeRunner:
     def release(self, seq: SeqState) -> None:
         pass
 
-    def launch(self, seqs: list[SeqState], counts: list[int], masks: object = None) -> Pending:
+    def launch(self, seqs: list[SeqState], counts: list[int]) -> Pending:
+        if not seqs:
+            return Pending([])
         self.launched += 1
         self.log.append(f"launch {self.launched}")
         self.done.append(FakeDone())
-        return Pending(seqs, [100 + self.launched] * len(seqs), None, self.done[-1])  # type: ignore[arg-type]
+        now = [s for s in seqs if s.matcher is None]
+        later = [s for s in seqs if s.matcher is not None]
+        token = [100 + self.launched]
+        parts = [Part(now, token * len(now), None)] if now else []  # type: ignore[arg-type]
+        pending = Pending(parts, Deferred(later, token, None) if later else None)  # type: ignore[arg-type]
+        pending.done = None if later else self.done[-1]  # type: ignore[assignment]
+        return pending
+
+    def resolve(self, pending: Pending) -> None:
+        assert pending.deferred is not None
+        deferred, pending.deferred = pending.deferred, None
+        self.log.append(f"resolve {deferred.logits[0] - 100}")
+        pending.parts.append(Part(deferred.seqs, deferred.logits * len(deferred.seqs), None))  # type: ignore[arg-type]
+        pending.done = self.done[deferred.logits[0] - 101]  # type: ignore[assignment]
 
     def collect(self, pending: Pending) -> list[Sampled]:
-        assert isinstance(pending.tokens, list)
-        self.log.append(f"collect {pending.tokens[0] - 100}")
-        return [Sampled(s.seq_id, t) for s, t in zip(pending.seqs, pending.tokens, strict=True)]
+        if not pending.parts:
+            return []
+        assert pending.deferred is None and pending.done is not None
+        self.log.append(f"collect {pending.parts[0].tokens[0] - 100}")
+        return [Sampled(s.seq_id, t) for p in pending.parts for s, t in zip(p.seqs, p.tokens, strict=True)]
 
 
 def step(step_id: int, add: bool = False) -> wpb.StepRequest:
@@ -57,6 +78,28 @@ def step(step_id: int, add: bool = False) -> wpb.StepRequest:
     if add:
         req.added.append(wpb.AddSeq(seq_id=7, token_ids=[1, 2], num_prompt_tokens=2, block_ids=[0]))
     return req
+
+
+def test_constrained_rows_are_drawn_once_the_step_before_is_read_back() -> None:
+    runner = FakeRunner()
+    inbox: queue.Queue = queue.Queue()
+    first = step(1, add=True)
+    first.added.append(wpb.AddSeq(seq_id=8, token_ids=[1, 2], num_prompt_tokens=2, block_ids=[1]))
+    first.added[-1].grammar.kind = "regex"
+    first.seq_ids.append(8)
+    first.num_tokens.append(1)
+    inbox.put(first)
+    inbox.put(wpb.StepRequest(step_id=2, seq_ids=[7, 8], num_tokens=[1, 1]))
+    thread, results = start(runner, inbox)
+    res = results.get(timeout=5)
+    assert (res.step_id, sorted(zip(res.seq_ids, res.token_ids, strict=True))) == (1, [(7, 101), (8, 101)])
+    inbox.put(END)
+    for done in runner.done:
+        done.flag.set()
+    assert results.get(timeout=5).step_id == 2
+    thread.join(timeout=5)
+    # Step 1's constrained row is drawn at once (nothing before it); step 2's only after step 1 is read.
+    assert runner.log == ["launch 1", "resolve 1", "launch 2", "collect 1", "resolve 2", "collect 2"]
 
 
 def start(runner: FakeRunner, inbox: queue.Queue) -> tuple[threading.Thread, queue.Queue]:

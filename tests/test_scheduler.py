@@ -184,57 +184,37 @@ def test_randomised_mixed_workload_against_reference() -> None:
 
 
 class FakeGrammar:
-    """Allows every token and completes after `length` of them; `ready` is set by the test."""
+    """Allows every token and completes after `length` of them."""
 
     def __init__(self, length: int) -> None:
         self.length = length
         self.accepted: list[int] = []
-        self.ready = True
-
-    def mask(self) -> bytes:
-        return b""
 
     def accept(self, token_id: int) -> FinishReason | None:
         self.accepted.append(token_id)
         return FinishReason.STOP if len(self.accepted) == self.length else None
 
 
-def test_a_constrained_sequence_never_has_a_token_in_flight_and_the_others_keep_theirs() -> None:
+def test_constrained_sequences_run_every_step_and_end_when_their_grammar_completes() -> None:
     s, w = make()
     plain = [add(s, i, p, 20) for i, p in enumerate(prompts(3))]
     constrained = [add(s, 10 + i, p, 20) for i, p in enumerate(prompts(2, seed=1))]
     for seq, length in zip(constrained, (5, 8), strict=True):
         seq.grammar = FakeGrammar(length)
     inflight: deque = deque()
-    most = dict.fromkeys(range(3), 0)
+    most = dict.fromkeys(range(13), 0)
     while s.has_work() or inflight:
         while len(inflight) < 3 and (batch := s.schedule()) is not None:
-            for seq in batch.seqs:
-                assert seq.grammar is None or seq.num_inflight <= 1, "a constrained seq sampled with a token in flight"
-            for seq in plain:
+            for seq in plain + constrained:
                 most[seq.seq_id] = max(most[seq.seq_id], seq.num_inflight)
             inflight.append((batch, w.step(batch)))
         batch, sampled = inflight.popleft()
         s.postprocess(batch, sampled)
-    assert all(n == 3 for n in most.values())  # the plain ones still overlap three steps
+    assert all(most[seq.seq_id] == 3 for seq in plain + constrained)  # every one overlaps three steps
     check_all(plain, [20] * 3)
     for seq, length in zip(constrained, (5, 8), strict=True):
         assert seq.output_ids == reference(seq.token_ids[: seq.num_prompt_tokens], length, {EOS})[:length]
         assert seq.grammar.accepted == seq.output_ids and seq.finish_reason is FinishReason.STOP
-
-
-def test_a_constrained_sequence_waits_for_its_mask() -> None:
-    s, w = make()
-    seq = add(s, 0, [1, 2, 3], 4)
-    seq.grammar = grammar = FakeGrammar(4)
-    grammar.ready = False
-    assert s.schedule() is None  # its prompt would sample at once: not before the mask is ready
-    grammar.ready = True
-    s.postprocess(batch := s.schedule(), w.step(batch))
-    grammar.ready = False  # accepting the token started the next mask
-    assert s.schedule() is None
-    grammar.ready = True
-    assert s.schedule().seqs == [seq]
 
 
 def add_samples(s: Scheduler, prompt: list[int], n: int, max_tokens: int) -> list[Sequence]:

@@ -4,7 +4,9 @@ A launched step is read back only when the next one has been launched, or when t
 finished it and no next step has come: whichever happens first. Waiting for the next step is the
 point: the scheduler answers step N's result with step N+2 while the device runs N+1, so N+2 is
 launched before N+1 ends and the device never waits for the host. Its decode inputs are the tokens
-the device just sampled, which never leave the device. Transport-agnostic: the gRPC servicer and
+the device just sampled, which never leave the device. A step's constrained rows are drawn once
+the step before it is read back (their masks need its tokens), while the device runs the step.
+Transport-agnostic: the gRPC servicer and
 the in-process benchmark both feed it a queue of StepRequests and forward the StepResults it yields.
 """
 
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from proto import worker_pb2 as wpb
-from worker_svc.grammar_mask import Masks
 from worker_svc.model_runner import ModelRunner, Pending
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
@@ -41,7 +42,8 @@ class Watcher:
         self.events: queue.Queue[tuple[int, torch.cuda.Event] | None] = queue.Queue()
         self.thread: threading.Thread | None = None
 
-    def watch(self, step_id: int, done: torch.cuda.Event | None) -> None:
+    def watch(self, step_id: int, pending: Pending) -> None:
+        done = pending.done
         if done is None:  # ran synchronously (CPU), or nothing to read back: ready now
             self.inbox.put(Ready(step_id))
             return
@@ -120,11 +122,16 @@ class Executor:
                 if pending is not None and self.runner.needs_history(seqs):
                     yield from self._finish(pending)  # penalties need every token's value on the host
                     pending = None
-                handle = self.runner.launch(seqs, counts, Masks.parse(list(req.mask_seq_ids), req.masks))
-                if pending is not None:
-                    yield from self._finish(pending)
+                handle = self.runner.launch(seqs, counts)
+                done = self.runner.collect(pending[1]) if pending is not None else None
+                if handle.deferred is not None:
+                    # Its constrained rows are drawn now that every token before theirs is on the
+                    # host and matched, while the device runs the step.
+                    self.runner.resolve(handle)
+                watcher.watch(req.step_id, handle)
+                if pending is not None and self.answer:
+                    yield to_result(pending[0], done or [])
                 pending = (req.step_id, handle)
-                watcher.watch(req.step_id, handle.done)
             if pending is not None:
                 yield from self._finish(pending)
         finally:
@@ -140,7 +147,11 @@ class Executor:
             if seq is not None:
                 self.runner.release(seq)
         for msg in req.added:
-            states[msg.seq_id] = to_state(msg)
+            states[msg.seq_id] = seq = to_state(msg)
+            if msg.HasField("grammar"):
+                if self.runner.matchers is None:
+                    raise ValueError("structured output is off on this worker (no xgrammar or tokenizer)")
+                self.runner.matchers.start(seq, msg.grammar)
         for seq_id, block_id in zip(req.block_seq_ids, req.block_ids, strict=True):
             states[seq_id].block_table.append(block_id)
         return [states[s] for s in req.seq_ids], list(req.num_tokens)

@@ -9,18 +9,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from worker_svc.attention import get_backend
-from worker_svc.batch import TableStore, prepare, to_host
+from worker_svc.batch import TableStore, prepare, to_device, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import DecodeGraphs
-from worker_svc.grammar_mask import Masks, apply_masks
+from worker_svc.grammar_mask import apply_masks
 from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.layers.parallel import all_gather
 from worker_svc.loader import fill_dummy, load_weights
+from worker_svc.matchers import Matchers
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.models.regions import Regions
@@ -29,13 +31,30 @@ from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 
 @dataclass
-class Pending:
-    """A launched step: the seqs that sample, and their results on their way to the host."""
+class Part:
+    """Seqs of a step sampled together, and their results on their way to the host."""
 
     seqs: list[SeqState]
-    tokens: torch.Tensor | None
+    tokens: torch.Tensor
     logprobs: Logprobs | None
-    done: torch.cuda.Event | None
+
+
+@dataclass
+class Deferred:
+    """A step's constrained rows: their logits, kept for `resolve` to draw under their masks."""
+
+    seqs: list[SeqState]
+    logits: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass
+class Pending:
+    """A launched step: its sampled parts, and the constrained rows still to sample."""
+
+    parts: list[Part]
+    deferred: Deferred | None = None
+    done: torch.cuda.Event | None = None
 
 
 class ModelRunner:
@@ -68,6 +87,7 @@ class ModelRunner:
         if config.compile:
             self.model.use_regions(Regions.compiled())
         self.sampler = Sampler(self.device, config.seed)
+        self.matchers = Matchers.load(config.model, self.vocab_size)  # None: structured output is off
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
         # for seqs added in the step that removes others.
         self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
@@ -101,12 +121,13 @@ class ModelRunner:
         """
         return self.collect(self.launch(seqs, num_tokens))
 
-    def launch(self, seqs: list[SeqState], num_tokens: list[int], masks: Masks | None = None) -> Pending:
+    def launch(self, seqs: list[SeqState], num_tokens: list[int]) -> Pending:
         """Queues a step on the device and returns without waiting for it. The sampled tokens stay
         on the device (a later step's decode reads them there) until `collect` brings them over.
-        `masks`: the grammar bitmasks of constrained seqs that sample in this step."""
+        Constrained seqs (with a matcher) are left to `resolve`: their masks need the tokens of the
+        step before on the host."""
         if not seqs:
-            return Pending([], None, None, None)
+            return Pending([])
         for seq in seqs:
             if seq.slot < 0:
                 if not self._free_slots:
@@ -123,27 +144,51 @@ class ModelRunner:
             for seq, n in zip(seqs, num_tokens, strict=True):
                 seq.num_computed += n
             if not batch.samplers:
-                return Pending([], None, None, None)
+                return Pending([])
             sampling = [seqs[i] for i in batch.samplers]
-            tokens, logprobs = self._sample(hidden[batch.sample_rows], sampling, masks)
-            self.last_tokens[batch.sample_slots] = tokens
-            host_tokens = to_host(tokens)
-            host_logprobs = logprobs.to_host() if logprobs is not None else None
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
-        for seq in sampling:
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            later = [i for i, s in enumerate(sampling) if s.matcher is not None]
+            if not later:
+                return self._launched(Pending([self._draw(logits, sampling, batch.sample_slots)]))
+            now = [i for i, s in enumerate(sampling) if s.matcher is None]
+            # Indexes through pinned memory: a blocking copy would wait for the step just queued.
+            now_at, later_at = to_device([np.array(now, dtype=np.int64), np.array(later, dtype=np.int64)], self.device)
+            parts = [self._draw(logits[now_at], [sampling[i] for i in now], batch.sample_slots[now_at])] if now else []
+            deferred = Deferred([sampling[i] for i in later], logits[later_at], batch.sample_slots[later_at])
+            return Pending(parts, deferred)
+
+    def resolve(self, pending: Pending) -> None:
+        """Draws a launched step's constrained rows under their grammars' masks. Every step before it
+        must be collected (its tokens accepted by the matchers); the step can then be collected."""
+        deferred, pending.deferred = pending.deferred, None
+        assert deferred is not None and self.matchers is not None, "resolve a step with constrained rows"
+        words = self.matchers.masks(deferred.seqs, pinned=self.device.type == "cuda")
+        with torch.inference_mode():
+            pending.parts.append(self._draw(deferred.logits, deferred.seqs, deferred.slots, words))
+        self._launched(pending)
+
+    def _draw(
+        self, logits: torch.Tensor, seqs: list[SeqState], slots: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> Part:
+        tokens, logprobs = self._sample(logits, seqs, masks)
+        self.last_tokens[slots] = tokens
+        for seq in seqs:
             seq.num_pending += 1
-        return Pending(sampling, host_tokens, host_logprobs, done)
+        return Part(seqs, to_host(tokens), logprobs.to_host() if logprobs is not None else None)
+
+    def _launched(self, pending: Pending) -> Pending:
+        if self.device.type == "cuda":
+            pending.done = torch.cuda.Event()
+            pending.done.record()
+        return pending
 
     def _sample(
-        self, hidden: torch.Tensor, seqs: list[SeqState], masks: Masks | None
+        self, logits: torch.Tensor, seqs: list[SeqState], masks: torch.Tensor | None
     ) -> tuple[torch.Tensor, Logprobs | None]:
-        """Tokens for the rows `hidden` of seqs, the same on every rank; logprobs on rank 0."""
-        logits = self.model.compute_logits(hidden)
+        """Tokens for the rows `logits` (this rank's vocabulary shard) of seqs, the same on every rank;
+        logprobs on rank 0."""
         if masks is not None:  # every rank masks its own vocabulary shard, before either draw
-            apply_masks(logits, seqs, masks, self.model.lm_head.start)
+            apply_masks(logits, masks, self.model.lm_head.start)
         if self.world_size == 1:
             return self.sampler.sample(logits, seqs)
         head = self.model.lm_head
@@ -163,17 +208,21 @@ class ModelRunner:
 
     def collect(self, pending: Pending) -> list[Sampled]:
         """Waits for a launched step and appends its sampled tokens to their seqs (every rank)."""
-        if pending.tokens is None:
-            return []
+        if pending.deferred is not None:
+            self.resolve(pending)
         if pending.done is not None:
             pending.done.synchronize()
-        token_ids = pending.tokens.tolist()
-        for seq, token_id in zip(pending.seqs, token_ids, strict=True):
-            seq.token_ids.append(token_id)
-            seq.num_pending -= 1
-        if self.rank != 0:
-            return []
-        return report(pending.seqs, token_ids, pending.logprobs)
+        samples: list[Sampled] = []
+        for part in pending.parts:
+            token_ids = part.tokens.tolist()
+            for seq, token_id in zip(part.seqs, token_ids, strict=True):
+                seq.token_ids.append(token_id)
+                seq.num_pending -= 1
+                if seq.matcher is not None:
+                    self.matchers.accept(seq, token_id)  # type: ignore[union-attr]
+            if self.rank == 0:
+                samples += report(part.seqs, token_ids, part.logprobs)
+        return samples
 
     def bind_thread(self) -> None:
         """Makes this runner's GPU the calling thread's current device. CUDA keeps the current

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class SeqState:
     slot: int = -1  # this seq's row in the runner's on-device buffer of last sampled tokens
     synced_blocks: int = 0  # leading block_table entries already in row `slot` of the TableStore
     noise_base: int | None = None  # the sampler's per-seq key for its noise seeds, once computed
+    matcher: Any = None  # structured output: its xgrammar GrammarMatcher (worker_svc/matchers.py)
 
     @property
     def num_tokens(self) -> int:

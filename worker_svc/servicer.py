@@ -37,6 +37,7 @@ def describe(runner: ModelRunner, rank: int, world_size: int) -> wpb.WorkerInfo:
         max_num_batched_tokens=runner.config.max_num_batched_tokens,
         device=runner.device.type,
         ready=True,
+        structured_output=runner.matchers is not None,
     )
 
 
