@@ -1,5 +1,5 @@
-"""Attention backend on flash-attn 2.x (the `flash_attn` package): varlen prefill over the paged
-cache and paged decode.
+"""Attention backend on flash-attn 2.x (the `flash-attn` package): varlen prefill over the paged
+cache and paged decode. flash-attn-4 (`flash_attn.cute`) has its own backend, flash4_backend.py.
 
 flash-attn is imported when the backend is built, not when this module is, so the module stays
 importable (and testable) where flash-attn is not installed. flash-attn has no kernel that writes
@@ -19,6 +19,7 @@ read back from them, and flash-attn sizes its launch (split count included) from
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from collections.abc import Callable
@@ -34,6 +35,16 @@ MIN_VERSION = (2, 6)  # flash_attn_varlen_func took block_table in March 2024; t
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 StoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def installed() -> bool:
+    """Whether flash-attn 2.x is installed, without importing it. Not `find_spec("flash_attn")`:
+    flash-attn-4 alone also makes `flash_attn` importable, as a namespace package around `cute`."""
+    try:
+        importlib.metadata.version("flash-attn")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def check_block_size(block_size: int) -> None:
@@ -57,8 +68,8 @@ class FlashAttnBackend:
             from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
         except ImportError as exc:  # also a build without its CUDA module, which lacks these names
             raise ImportError(
-                "attention backend 'flash-attn' needs the flash-attn package "
-                "(pip install 'nanovllm-grpc[flash]'); or pass --attention-backend triton"
+                "attention backend 'flash-attn' needs the flash-attn package (pip install 'nanovllm-grpc[flash]'), "
+                "or flash-attn-4 on Hopper or Blackwell ('nanovllm-grpc[flash4]'); or pass --attention-backend triton"
             ) from exc
         version = getattr(flash_attn, "__version__", "0")
         if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < MIN_VERSION:
@@ -68,7 +79,7 @@ class FlashAttnBackend:
             )
         self._varlen = flash_attn_varlen_func
         self._with_kvcache = flash_attn_with_kvcache
-        self._triton_store = _triton_store()
+        self._triton_store = triton_store()
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
@@ -137,7 +148,8 @@ class FlashAttnBackend:
         )  # fmt: skip
 
 
-def _triton_store() -> StoreFn | None:
+def triton_store() -> StoreFn | None:
+    """Our Triton K/V store where Triton is installed: flash-attn has no store into a paged cache by slot."""
     if importlib.util.find_spec("triton") is None:
         return None
     from worker_svc.attention.triton_backend import store_kvcache  # imports triton
