@@ -27,7 +27,8 @@ from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.models.regions import Regions
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
-from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
+from worker_svc.seq_state import Sampled, SeqState
+from worker_svc.warmup import compile_prefill, warm_up, warm_up_compile
 
 
 @dataclass
@@ -95,14 +96,14 @@ class ModelRunner:
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: DecodeGraphs | None = None  # captured once the cache exists
         if config.compile:
-            self._warm_up_compile()
+            warm_up_compile(self)
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
         if self.num_kv_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise the memory budget or shrink the batch")
         self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.cache_dtype, self.device)
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
-            self._compile_prefill()
+            compile_prefill(self)
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
             self.graphs.capture()
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
@@ -247,52 +248,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             return int(self.config.kv_cache_memory_gb * 2**30) // per_block
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._warm_up()
+        warm_up(self)
         return cuda_budget(self.device, self.config.gpu_memory_utilization) // per_block
-
-    def _warm_up(self) -> None:
-        """One step as large as the scheduler may send: max_num_batched_tokens tokens spread over
-        max_num_seqs seqs, all sampling, so activations and logits reach their peak. It runs
-        before the cache exists: every seq starts from scratch, so attention needs no cache."""
-        cfg = self.config
-        tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * self.max_model_len)
-        count = min(cfg.max_num_seqs, tokens)
-        lengths = [tokens // count + (i < tokens % count) for i in range(count)]
-        seqs = [
-            SeqState(i, [0] * n, n, 0, [0] * -(-n // self.block_size), SamplingOptions()) for i, n in enumerate(lengths)
-        ]
-        self.run(seqs, lengths)
-        for seq in seqs:
-            self.release(seq)
-
-    def _warm_up_compile(self) -> None:
-        """Steps of 1, 2 and 3 tokens, before the cache exists, so torch.compile compiles every region
-        now: once for one token (a size dynamo always specialises on) and, having seen the count vary,
-        once for any other count. Inductor keeps what it built in its cache on disk
-        (TORCHINDUCTOR_CACHE_DIR, else a folder in the temp dir): a restart only traces again."""
-        for n in (1, 2, 3):
-            seq = SeqState(0, [0] * n, n, 0, [0] * -(-n // self.block_size), SamplingOptions())
-            self.run([seq], [n])
-            self.release(seq)
-
-    def _compile_prefill(self) -> None:
-        """Runs one of each prefill shape the kernels specialise on (from scratch or after a cached
-        prefix, each with 16-, 64- and 128-row query tiles; decode rows mixed with a chunk; a single
-        row, which layers/gemv.py's kernels take), so
-        their JIT compilation happens now and not in some request's time to first token. Uses the
-        first blocks of the still unused cache. (The from-scratch 64-row tile ran in _warm_up.)"""
-        blocks = list(range(min(self.num_kv_blocks, -(-700 // self.block_size))))
-        need = -(-330 // self.block_size)
-        if len(blocks) <= 2 * need:
-            return  # a cache this small is a test setup, not a server worth warming
-        a = SeqState(0, [0] * 330, 300, 0, blocks[:need], SamplingOptions())
-        b = SeqState(1, [0] * 330, 300, 0, blocks[need : 2 * need], SamplingOptions())
-        c = SeqState(2, [0] * 10, 10, 0, blocks[2 * need : 2 * need + 1], SamplingOptions())
-        plan = ([a], [200]), ([c], [10]), ([a], [100]), ([a, b], [1, 40]), ([a, b], [1, 200]), ([b], [16]), ([a], [1])
-        for seqs, counts in plan:
-            self.run(seqs, counts)
-        for seq in (a, b, c):
-            self.release(seq)
 
 
 def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:

@@ -8,7 +8,7 @@ before the down projection; and the final add + norm. Attention (it reads the st
 host lists included, on which dynamo would guard and recompile), the row-parallel matmuls and
 their all-reduces stay eager. Taking the weights as arguments, every layer runs the same compiled
 graph; the token count is the one size that varies, which dynamo makes dynamic once it has seen
-two (see ModelRunner._warm_up_compile).
+two (see warmup.warm_up_compile).
 """
 
 from __future__ import annotations
