@@ -16,6 +16,7 @@ from scheduler_svc.core import EngineCore
 from scheduler_svc.messages import Add, Event, StepOutputs
 from scheduler_svc.sampling_params import Constraint, SamplingParams
 from scheduler_svc.sequence import FinishReason
+from tests.test_core_recovery import Finishes
 from worker_svc.config import WorkerConfig
 
 REGEX = "[ab]{12}c"
@@ -37,31 +38,20 @@ def run(
     model_dir: str, eos: int, adds: list[Add], max_inflight_steps: int
 ) -> tuple[list[wpb.StepRequest], list[Event]]:
     worker = Recording(WorkerConfig(model=model_dir, device="cpu", dtype="float32", num_kv_blocks=64))
-    events: list[Event] = []
+    emit = Finishes(len(adds))
 
     async def main() -> None:
-        done = asyncio.Event()
-        finished = 0
-
-        def emit(event: Event) -> None:
-            nonlocal finished
-            events.append(event)
-            if isinstance(event, StepOutputs):
-                finished += sum(reason is not None for _, _, reason, _, _ in event.updates)
-                if finished == len(adds):
-                    done.set()
-
         core = EngineCore(CoreConfig(max_inflight_steps=max_inflight_steps), worker, frozenset({eos}), emit, model_dir)
         await core.start()
         for add in adds:
             core.add(add)
         try:
-            await asyncio.wait_for(done.wait(), 120)
+            await asyncio.wait_for(emit.done.wait(), 120)
         finally:
             await core.stop()
 
     asyncio.run(main())
-    return worker.requests, events
+    return worker.requests, emit.events
 
 
 def outputs(events: list[Event]) -> dict[int, tuple[list[int], FinishReason | None]]:

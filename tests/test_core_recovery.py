@@ -65,33 +65,38 @@ class SimGroup:
         return None
 
 
+class Finishes:
+    """An engine core's `emit`: keeps every event, and sets `done` once `expected` sequences have finished."""
+
+    def __init__(self, expected: int) -> None:
+        self.events: list[Event] = []
+        self.expected, self.finished = expected, 0
+        self.done = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, StepOutputs):
+            self.finished += sum(reason is not None for _, _, reason, _, _ in event.updates)
+            if self.finished == self.expected:
+                self.done.set()
+
+
 def run_core(fail_at: int, adds: list[Add]) -> tuple[EngineCore, list[Event]]:
     """Runs `adds` to their end on a group that dies at its `fail_at`-th send, then on a fresh one."""
-    events: list[Event] = []
     groups = iter([SimGroup(fail_at), SimGroup(None)])
+    emit = Finishes(len(adds))
 
     async def main() -> EngineCore:
-        done = asyncio.Event()
-        finished = 0
-
-        def emit(event: Event) -> None:
-            nonlocal finished
-            events.append(event)
-            if isinstance(event, StepOutputs):
-                finished += sum(reason is not None for _, _, reason, _, _ in event.updates)
-                if finished == len(adds):
-                    done.set()
-
         with patch.object(EngineCore, "_group", lambda self: next(groups)):  # each group the core connects
             core = EngineCore(CoreConfig(), ("sim",), frozenset(), emit)
             await core.start()
             for add in adds:
                 core.add(add)
-            await asyncio.wait_for(done.wait(), 10)
+            await asyncio.wait_for(emit.done.wait(), 10)
             await core.stop()
         return core
 
-    return asyncio.run(main()), events
+    return asyncio.run(main()), emit.events
 
 
 def streamed(events: list[Event]) -> dict[int, list[int]]:
