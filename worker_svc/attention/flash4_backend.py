@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from worker_svc.attention.backend import QKNormRope
-from worker_svc.attention.flash_backend import HALF_DTYPES, scatter_kv, triton_store
+from worker_svc.attention.flash_backend import check_half, scatter_kv, triton_store
 from worker_svc.attention.metadata import AttnMetadata
 
 DIST = "flash-attn-4"
@@ -128,11 +128,7 @@ class FlashAttn4Backend:
         meta: AttnMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if q.dtype not in HALF_DTYPES:
-            raise ValueError(
-                f"flash-attn-4 computes in float16 or bfloat16 only, not {q.dtype}: "
-                "pass --dtype bfloat16, or --attention-backend triton"
-            )
+        check_half(q, "flash-attn-4")
         # Every argument past q, k, v by keyword: the positions moved between releases (qv came 4th).
         if not meta.has_prefix:
             # Every context is just this step's tokens (also the warm-up, before the cache exists).

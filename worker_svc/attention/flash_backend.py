@@ -47,6 +47,15 @@ def installed() -> bool:
     return True
 
 
+def check_half(q: torch.Tensor, backend: str) -> None:
+    """Raises unless q is float16 or bfloat16, the only dtypes flash-attn's kernels (2.x and 4) take."""
+    if q.dtype not in HALF_DTYPES:
+        raise ValueError(
+            f"{backend} computes in float16 or bfloat16 only, not {q.dtype}: "
+            "pass --dtype bfloat16, or --attention-backend triton"
+        )
+
+
 def check_block_size(block_size: int) -> None:
     """Raises unless flash-attn 2.x accepts a paged cache of this block size."""
     if block_size % PAGE_MULTIPLE:
@@ -121,11 +130,7 @@ class FlashAttnBackend:
         meta: AttnMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if q.dtype not in HALF_DTYPES:
-            raise ValueError(
-                f"flash-attn computes in float16 or bfloat16 only, not {q.dtype}: "
-                "pass --dtype bfloat16, or --attention-backend triton"
-            )
+        check_half(q, "flash-attn")
         if not meta.has_prefix:
             # Every context is just this step's tokens: attend to k/v directly, contiguous and valid
             # before the cache exists (warm-up). Checked before is_decode, like the Triton backend.
