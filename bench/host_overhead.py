@@ -1,6 +1,7 @@
 """The scheduler's own ceiling: the standard workload against a worker that answers instantly.
 
     python -m bench.host_overhead --model DIR [--grpc] [--profile out.prof]
+    python -m bench.host_overhead --model DIR --step-ms 4 --online 8      (bench.serve against it)
 
 No model runs: each step is answered at once with arbitrary tokens, so the output tokens/s is what
 the engine (scheduling, protobufs, detokenization, streaming) could sustain if the GPU took no time.
@@ -9,6 +10,8 @@ client streams from it, as in the full-stack benchmark: the ceiling of one sched
 both modes the engine core runs in the engine's own event loop (as with `--no-core-process`):
 the instant worker is an object of that process, which a separate core process could not reach.
 It runs on any machine; compare it with the GPU's step time to see whether the host keeps up.
+With --online RATES the gRPC server is driven by bench/serve.py instead (Poisson arrivals, streamed):
+the inter-token gaps the host alone adds, with every step taking --step-ms.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import cProfile
 import multiprocessing
 import pstats
 import signal
+import subprocess
+import sys
 import time
 
 from bench.throughput import consume, full_stack, model_dir
@@ -118,7 +123,9 @@ def serve(model: str, step_s: float, interval: int, port: multiprocessing.Value,
             prof.dump_stats(profile)
 
 
-def through_grpc(model: str, step_s: float, interval: int, profile: str | None) -> tuple[int, float]:
+def through_grpc(
+    model: str, step_s: float, interval: int, profile: str | None, online: str | None = None
+) -> tuple[int, float]:
     ctx = multiprocessing.get_context("spawn")  # no forked copy of this process's gRPC state
     port = ctx.Value("i", 0)
     child = ctx.Process(target=serve, args=(model, step_s, interval, port, profile))
@@ -128,6 +135,10 @@ def through_grpc(model: str, step_s: float, interval: int, profile: str | None) 
             if not child.is_alive():
                 raise SystemExit("the scheduler process died")
             time.sleep(0.1)
+        if online is not None:
+            cmd = [sys.executable, "-m", "bench.serve", "--addr", f"127.0.0.1:{port.value}", "--rates", online]
+            subprocess.run(cmd, check=True)
+            return 0, 0.0
         before = cpu_seconds(child.pid), time.process_time()
         n, secs = asyncio.run(full_stack(f"127.0.0.1:{port.value}", standard()))
         server, client = cpu_seconds(child.pid) - before[0], time.process_time() - before[1]
@@ -145,9 +156,13 @@ def main() -> None:
     p.add_argument("--grpc", action="store_true", help="behind the gRPC server, in a process of its own")
     p.add_argument("--step-ms", type=float, default=0.0, help="play a device taking this long per step")
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message (with --grpc)")
+    p.add_argument("--online", default=None, help="request rates for bench/serve.py against the gRPC server")
     args = p.parse_args()
     args.load_format = "dummy"
     model = model_dir(args)
+    if args.online:
+        through_grpc(model, args.step_ms / 1e3, args.stream_interval, args.profile, args.online)
+        return
     if args.grpc:
         n, secs = through_grpc(model, args.step_ms / 1e3, args.stream_interval, args.profile)
         print(f"scheduler process behind gRPC: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s")
