@@ -41,7 +41,7 @@ from scheduler_svc.messages import (
     WorkersLost,
 )
 from scheduler_svc.metrics import Load, Metrics
-from scheduler_svc.prompts import Prompts
+from scheduler_svc.prompts import Prompts, check_request
 from scheduler_svc.request import Output, Request
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
@@ -115,32 +115,6 @@ class Engine:
 
     # ---- requests ----
 
-    def _validate(self, prompt: list[int], params: SamplingParams, info: CoreInfo) -> None:
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        # Lengths first: a prompt too long for the model is refused before a scan of its ids holds the loop.
-        total = len(prompt) + params.max_tokens
-        if total > info.max_model_len:
-            raise InvalidRequest(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len ({info.max_model_len})"
-            )
-        need = -(-total // info.block_size)
-        if need > info.num_blocks:
-            raise InvalidRequest(
-                f"prompt + max_tokens needs {need} KV blocks but the cache has only "
-                f"{info.num_blocks}; lower max_tokens or shorten the prompt"
-            )
-        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
-        bad = next((t for t, _ in params.logit_bias if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.logit_bias has token id {bad}, out of range [0, {info.vocab_size})")
-
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         """Streams one request's outputs, each tagged with its sample's index (params.n samples);
         closing the iterator early aborts the request."""
@@ -152,7 +126,7 @@ class Engine:
             raise ShuttingDown("the server is shutting down and accepts no new requests; retry on another replica")
         if self.info is None:
             raise WorkerUnavailable("the engine is not started yet")
-        self._validate(prompt, params, self.info)
+        check_request(prompt, params, self.info)
         limit = self.config.max_queued_requests
         if limit and (queued := self.num_waiting()) >= limit:
             raise Overloaded(f"{queued} requests are already queued (limit {limit}); retry later")

@@ -1,4 +1,5 @@
-"""Text prompts and chat messages to token ids, off the event loop and within limits.
+"""Text prompts and chat messages to token ids, off the event loop and within limits; and the check
+that a request's ids and lengths fit the model and its cache.
 
 One tokenizing thread: the tokenizer must not be shared by threads, and its Rust code releases the
 GIL, so a long prompt being tokenized does not hold up the streams the event loop serves. Sizes
@@ -17,6 +18,8 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from scheduler_svc.errors import InvalidRequest
+from scheduler_svc.messages import CoreInfo
+from scheduler_svc.sampling_params import SamplingParams
 
 
 class Prompts:
@@ -70,3 +73,31 @@ class Prompts:
         if limit is not None and len(enc) > limit:
             raise InvalidRequest(f"the prompt has {len(enc)} tokens, more than max_model_len ({limit + 1}) allows")
         return enc.ids
+
+
+def check_request(prompt: list[int], params: SamplingParams, info: CoreInfo) -> None:
+    """Raises InvalidRequest unless the prompt ids and the sampling settings fit the model and its cache."""
+    if not prompt:
+        raise InvalidRequest("the prompt is empty")
+    # Lengths first: a prompt too long for the model is refused before a scan of its ids holds the loop.
+    total = len(prompt) + params.max_tokens
+    if total > info.max_model_len:
+        raise InvalidRequest(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+            f"max_model_len ({info.max_model_len})"
+        )
+    need = -(-total // info.block_size)
+    if need > info.num_blocks:
+        raise InvalidRequest(
+            f"prompt + max_tokens needs {need} KV blocks but the cache has only "
+            f"{info.num_blocks}; lower max_tokens or shorten the prompt"
+        )
+    bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt token id {bad} is out of range: ids must be in [0, {info.vocab_size})")
+    bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"sampling.stop_token_ids has {bad}, out of range [0, {info.vocab_size})")
+    bad = next((t for t, _ in params.logit_bias if not 0 <= t < info.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"sampling.logit_bias has token id {bad}, out of range [0, {info.vocab_size})")
