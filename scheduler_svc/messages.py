@@ -109,7 +109,7 @@ class Flushed:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A request the core did not queue: its constraint does not compile (the library's message)."""
+    """A request the core did not queue: its constraint does not compile, or no worker can apply one."""
 
     seq_id: int
     why: str

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from unittest.mock import patch
 
 from transformers import AutoTokenizer
 
@@ -13,11 +14,12 @@ from bench.local_worker import LocalWorker
 from proto import worker_pb2 as wpb
 from scheduler_svc.config import CoreConfig
 from scheduler_svc.core import EngineCore
-from scheduler_svc.messages import Add, Event, StepOutputs
+from scheduler_svc.messages import Add, Event, Rejected, StepOutputs
 from scheduler_svc.sampling_params import Constraint, SamplingParams
 from scheduler_svc.sequence import FinishReason
 from tests.test_core_recovery import Finishes
 from worker_svc.config import WorkerConfig
+from worker_svc.matchers import Matchers
 
 REGEX = "[ab]{12}c"
 
@@ -82,3 +84,24 @@ def test_a_constrained_row_samples_in_every_step_and_its_output_matches(tiny_mod
         steps = [i for i, req in enumerate(requests) if 0 in req.seq_ids]
         assert steps == list(range(steps[0], steps[0] + len(steps))), depth
         assert len(got[0][0]) <= len(steps) <= len(got[0][0]) + depth, depth
+
+
+def test_a_worker_without_grammars_gets_no_constrained_request(tiny_model_dir) -> None:
+    with patch.object(Matchers, "load", return_value=None):  # as a worker without xgrammar or a tokenizer
+        worker = Recording(WorkerConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=64))
+    events: list[Event] = []
+
+    async def main() -> None:
+        core = EngineCore(CoreConfig(), worker, frozenset({0}), events.append, str(tiny_model_dir))
+        await core.start()
+        params = SamplingParams(max_tokens=4, constraint=Constraint("regex", REGEX))
+        core.add(Add(0, [1, 2, 3], params))
+        await asyncio.sleep(0)
+        await core.stop()
+
+    asyncio.run(main())
+    rejected = [e for e in events if isinstance(e, Rejected)]
+    assert [(e.seq_id, e.why) for e in rejected] == [
+        (0, "structured output is off here: its workers lack xgrammar or the tokenizer")
+    ]
+    assert not worker.requests  # nothing reached the worker
