@@ -6,8 +6,8 @@ point: the scheduler answers step N's result with step N+2 while the device runs
 launched before N+1 ends and the device never waits for the host. Its decode inputs are the tokens
 the device just sampled, which never leave the device. A step's constrained rows are drawn once
 the step before it is read back (their masks need its tokens), while the device runs the step.
-Transport-agnostic: the gRPC servicer and
-the in-process benchmark both feed it a queue of StepRequests and forward the StepResults it yields.
+Transport-agnostic: the gRPC servicer and the in-process benchmark both feed it a queue of
+StepRequests and forward the StepResults it yields.
 """
 
 from __future__ import annotations
