@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from unittest.mock import patch
 
 from transformers import AutoTokenizer
@@ -96,7 +97,9 @@ def test_a_worker_without_grammars_gets_no_constrained_request(tiny_model_dir) -
         await core.start()
         params = SamplingParams(max_tokens=4, constraint=Constraint("regex", REGEX))
         core.add(Add(0, [1, 2, 3], params))
-        await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while not any(isinstance(e, Rejected) for e in events) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         await core.stop()
 
     asyncio.run(main())
