@@ -4,9 +4,10 @@ big mixed step.
     PYTHONPATH=. python3 bench/profile_prefill.py [--prompt 256] [--prompts 1] [--decodes 0]
 
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights and times steps that prefill `prompts`
-fresh `prompt`-token sequences and sample their first tokens (eager, as served: CUDA graphs cover
-decode only), next to `decodes` running sequences that each decode one token (the standard
-workload's first steps mix up to 8192 prompt tokens with the decodes of the prompts already in).
+fresh `prompt`-token sequences and sample their first tokens, next to `decodes` running sequences
+that each decode one token (the standard workload's first steps mix up to 8192 prompt tokens with
+the decodes of the prompts already in). As served, a step of up to --prefill-graph-tokens tokens
+replays a CUDA graph (0: every such step eager, as before those graphs existed).
 It prints the host time of the launch alone and of the whole step (host + device), then splits
 one such step's host time by function (cProfile) and its device time (torch profiler). Their sum
 against the measured step says whether the step is bound by the host's launches or by the GPU.
@@ -35,10 +36,18 @@ def main() -> None:
     p.add_argument("--decodes", type=int, default=0, help="running sequences decoding in the same step")
     p.add_argument("--context", type=int, default=600, help="the decoding sequences' length")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--prefill-graph-tokens", type=int, default=2048, help="the worker's setting")
     args = p.parse_args()
     n, k = args.prompt, args.prompts
     blocks = -(-n // 16)
-    runner = ModelRunner(WorkerConfig(args.model, load_format="dummy", device="cuda", max_model_len=4096))
+    config = WorkerConfig(
+        args.model,
+        load_format="dummy",
+        device="cuda",
+        max_model_len=4096,
+        prefill_graph_tokens=args.prefill_graph_tokens,
+    )
+    runner = ModelRunner(config)
     ids = iter(range(10**9))
     per_decode = -(-(args.context + args.repeats + 40) // 16)
     first = k * blocks

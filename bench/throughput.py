@@ -56,6 +56,8 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--num-kvcache-blocks", str(args.num_kvcache_blocks)]
     if args.enforce_eager:
         flags.append("--enforce-eager")
+    if args.prefill_graph_tokens is not None:
+        flags += ["--prefill-graph-tokens", str(args.prefill_graph_tokens)]
     if args.compile:
         flags.append("--compile")
     if args.no_core_process:
@@ -187,6 +189,7 @@ async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> t
             num_kv_blocks=args.num_kvcache_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
+            **({} if args.prefill_graph_tokens is None else {"prefill_graph_tokens": args.prefill_graph_tokens}),
             compile=args.compile,
             attention_backend=args.attention_backend,
             kv_cache_dtype=args.kv_cache_dtype,
@@ -235,6 +238,7 @@ def add_server_args(p: argparse.ArgumentParser, max_num_batched_tokens: int, mod
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--prefill-graph-tokens", type=int, default=None, help="the worker's (default: its default)")
     p.add_argument("--compile", action="store_true", help="the worker's --compile")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-core-process", action="store_true", help="full stack: the engine core in the scheduler")

@@ -35,7 +35,7 @@ def test_a_scheduler_says_whom_it_waits_for_and_both_log_what_they_run(tiny_mode
         assert "dtype torch.float32, device cpu, attention backend torch" in worker.wait_for("attention backend")
         kv = worker.wait_for("KV cache:")
         assert "32 blocks of 16 tokens = 512 tokens" in kv and "max model len 256" in kv
-        assert "none (eager)" in worker.wait_for("CUDA graph batch sizes")
+        assert "CUDA graphs: none (eager)" in worker.wait_for("CUDA graphs:")
         worker.wait_for("ready in")
         ready = scheduler.wait_for("ready in")
         assert "max model len 256, KV cache 32 blocks of 16 = 512 tokens over 1 rank(s)" in ready

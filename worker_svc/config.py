@@ -54,6 +54,9 @@ class WorkerConfig:
     kv_cache_memory_gb: float = setting(1.0, "KV cache budget in GiB on cpu")
     gpu_memory_utilization: float = setting(0.9, "share of the GPU this worker may fill on cuda")
     enforce_eager: bool = setting(False, "never capture CUDA graphs")
+    prefill_graph_tokens: int = setting(
+        2048, "prefill and mixed steps of up to this many tokens replay CUDA graphs (0: decode steps only)"
+    )
     # Off: on the CPU the compiled regions saved nothing (the matmuls are the step) and cost start-up time.
     compile: bool = setting(False, "torch.compile the decoder layers (models/regions.py), not our fused kernels")
     attention_backend: str = setting("auto", "attention kernels", choices=ATTENTION_BACKENDS)
@@ -78,6 +81,8 @@ class WorkerConfig:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("block_size", self.block_size)
+        if self.prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens must be >= 0; got {self.prefill_graph_tokens}")
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         _positive("kv_cache_memory_gb", self.kv_cache_memory_gb)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_device, to_host
 from worker_svc.config import WorkerConfig
-from worker_svc.cuda_graph import DecodeGraphs
+from worker_svc.cuda_graph import StepGraphs
 from worker_svc.grammar_mask import apply_masks
 from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
@@ -78,6 +78,7 @@ class ModelRunner:
         half = self.cache_dtype in (torch.float16, torch.bfloat16)  # flash-attn reads no fp8 cache
         backend = get_backend(config.attention_backend, config.device, config.block_size, half)
         self.model_backend = backend.name
+        self.graph_prefill = backend.captures_prefill
         with _default_dtype(self.dtype), self.device:
             self.model = MODELS[arch.model_type](arch, backend, self.max_model_len)
         if config.load_format == "dummy":
@@ -94,7 +95,7 @@ class ModelRunner:
         self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
         self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
-        self.graphs: DecodeGraphs | None = None  # captured once the cache exists
+        self.graphs: StepGraphs | None = None  # captured once the cache exists
         if config.compile:
             warm_up_compile(self)
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
@@ -103,8 +104,11 @@ class ModelRunner:
         self.kv_cache = allocate(self.model, self.num_kv_blocks, self.block_size, self.cache_dtype, self.device)
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
-            compile_prefill(self)
-            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, self.max_model_len, self.device)
+            compile_prefill(self)  # for the steps too large for a graph
+            tokens = min(config.prefill_graph_tokens, config.max_num_batched_tokens) if self.graph_prefill else 0
+            self.graphs = StepGraphs(
+                self.model, config.max_num_seqs, tokens, max_blocks, self.max_model_len, self.device
+            )
             self.graphs.capture()
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
@@ -138,8 +142,10 @@ class ModelRunner:
         with torch.inference_mode():
             if batch.fill_rows.numel():
                 batch.input_ids[batch.fill_rows] = self.last_tokens[batch.fill_slots]
-            if self.graphs is not None and self.graphs.fits(batch):
-                hidden = self.graphs.run(batch)
+            graphs = self.graphs
+            shape = graphs.pick(batch) if graphs is not None else None
+            if graphs is not None and shape is not None:
+                hidden = graphs.run(batch, shape)
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.meta)
             for seq, n in zip(seqs, num_tokens, strict=True):

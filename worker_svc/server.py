@@ -105,8 +105,7 @@ def log_ready(runner: ModelRunner, seconds: float) -> None:
         "KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB (%s); max model len %d",
         runner.num_kv_blocks, runner.block_size, tokens, cache_gib, runner.cache_dtype, runner.max_model_len,
     )  # fmt: skip
-    graphs = ", ".join(map(str, runner.graphs.sizes)) if runner.graphs is not None else "none (eager)"
-    log.info("CUDA graph batch sizes: %s", graphs)
+    log.info("CUDA graphs: %s", runner.graphs.describe() if runner.graphs is not None else "none (eager)")
     log.info("ready in %.1f s", seconds)
 
 

@@ -27,6 +27,9 @@ class QKNormRope:
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether a prefill or mixed step may run inside a CUDA graph: its launches then depend only on
+    # the tensors' shapes and on meta's bounds (max_query_len, max_seq_len), never on the host lists.
+    captures_prefill: bool
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata

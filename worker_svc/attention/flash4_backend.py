@@ -69,6 +69,7 @@ class FlashAttn4Backend:
     """AttentionBackend on flash-attn-4's `flash_attn_varlen_func`; K/V stores go through `store_kvcache`."""
 
     name = "flash-attn"
+    captures_prefill = False  # never captured on a GPU: left eager
 
     def __init__(self, capability: tuple[int, int] | None = None) -> None:
         version = installed_version()

@@ -70,6 +70,7 @@ class FlashAttnBackend:
     """AttentionBackend on flash-attn 2.x kernels; K/V stores go through `store_kvcache`."""
 
     name = "flash-attn"
+    captures_prefill = False  # never captured on a GPU: left eager
 
     def __init__(self) -> None:
         try:

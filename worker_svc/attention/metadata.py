@@ -14,9 +14,10 @@ class AttnMetadata:
     query_start_loc: torch.Tensor  # int32 [S + 1]: cumulative new-token counts, so seq i is [loc[i], loc[i+1])
     seq_lens: torch.Tensor  # int32 [S]: context length of each seq, the new tokens included
     block_tables: torch.Tensor  # int32 [S, max_blocks]: each seq's blocks in order, padded with 0
-    max_query_len: int
+    max_query_len: int  # in a step captured in a CUDA graph, this and max_seq_len are only bounds
     max_seq_len: int
-    # Host copies of query_start_loc and seq_lens, so backends that loop on the host need no sync.
+    # Host copies of query_start_loc and seq_lens, so backends that loop on the host need no sync;
+    # empty in a captured step, whose values change at every replay.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
     is_decode: bool  # every seq has exactly one new token

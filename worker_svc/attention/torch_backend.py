@@ -11,6 +11,7 @@ from worker_svc.attention.metadata import AttnMetadata
 
 class TorchBackend:
     name = "torch"
+    captures_prefill = False
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata

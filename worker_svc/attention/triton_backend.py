@@ -261,6 +261,7 @@ class TritonBackend:
     """AttentionBackend on Triton kernels: paged store, split-K GQA decode, varlen paged prefill."""
 
     name = "triton"
+    captures_prefill = True
 
     def __init__(self, num_sms: int | None = None) -> None:
         self.num_sms = num_sms  # None: ask the device (lets tests or tuning pin the split count)
@@ -333,9 +334,10 @@ class TritonBackend:
     def is_mixed(self, meta: AttnMetadata) -> bool:
         """Whether the step mixes short (<= SHORT_Q, e.g. decode) and long query runs; computed once
         per step from the host copy of query_start_loc (every layer sees the same meta object). A
-        stale answer could only cost speed: both launch plans cover every sequence."""
+        stale answer could only cost speed: both launch plans cover every sequence. A captured step
+        (no host copy) may hold anything: both launches."""
         if self._mixed_cache[0] is not meta:
             loc = meta.query_start_loc_host
-            shortest = min((b - a for a, b in itertools.pairwise(loc)), default=0)
+            shortest = min((b - a for a, b in itertools.pairwise(loc)), default=0)  # 0: unknown
             self._mixed_cache = (meta, shortest <= SHORT_Q < meta.max_query_len)
         return self._mixed_cache[1]
