@@ -51,7 +51,7 @@ step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b
 step throughput_json 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,json
 step throughput_fp8 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc --stream-interval 4 --kv-cache-dtype fp8
 # Online serving: Poisson arrivals of the standard prompts at several rates (bench/serve.py).
-step serve 400 python3 -m bench.serve --model bench/qwen3-0.6b --rates 8,16,32,64
+step serve 400 python3 -m bench.serve --model bench/qwen3-0.6b --rates 8,16,32,64,inf
 # torch.compile's regions (--compile) against our fused kernels, the same runs both ways (steps compile_*).
 step compile_profile_fused 200 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30
 step compile_profile 300 python3 bench/profile_step.py --batch 1,64,256 --context 1024 --steps 30 --compile

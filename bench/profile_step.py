@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: one process per GPU")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
     p.add_argument("--compile", action="store_true", help="the worker's --compile")
+    p.add_argument("--prefill-graph-tokens", type=int, default=2048, help="the worker's setting")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -68,7 +69,7 @@ def profile(rank: int, args: argparse.Namespace) -> None:
     blocks_per = -(-(args.context + 3 * args.steps + 10) // 16)  # three timed runs of `steps` decodes
     config = WorkerConfig(
         args.model, load_format="dummy", device="cuda", max_model_len=4096, num_kv_blocks=max(batches) * blocks_per,
-        tensor_parallel_size=args.tp, compile=args.compile,
+        tensor_parallel_size=args.tp, compile=args.compile, prefill_graph_tokens=args.prefill_graph_tokens,
     )  # fmt: skip
     if args.tp > 1:
         init_distributed(config, rank, "127.0.0.1", 29517)

@@ -50,14 +50,17 @@ def test_small_run_through_the_grpc_api(tmp_path: Path, capsys: pytest.CaptureFi
     model = write_model(tmp_path / "config.json", tmp_path / "model")
     serve.main([
         "--model", str(model), "--device", "cpu", "--max-model-len", "512", "--num-requests", "6",
-        "--max-prompt", "40", "--max-tokens", "6", "--idle", "1", "--rates", "20,200",
+        "--max-prompt", "40", "--max-tokens", "6", "--idle", "1", "--rates", "20,inf",
     ])  # fmt: skip
     out = capsys.readouterr().out
     assert re.search(r"idle: TPOT [\d.]+ ms", out)
-    for rate in ("20", "200"):
-        # 6 requests of 6 tokens each (ignore_eos), and the worker's share of the wall time.
-        assert re.search(rf"rate {rate} req/s: 6 requests in [\d.]+ s, [\d,]+ output tok/s, worker busy \d+%", out)
+    for rate in ("20", "inf"):
+        # 6 requests of 6 tokens each (ignore_eos), and the share of the wall time a step was in flight.
+        line = rf"rate {rate} req/s: 6 requests in [\d.]+ s, [\d,]+ output tok/s, a step in flight \d+% of the time"
+        assert re.search(line, out)
     assert len(re.findall(r"TTFT \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out)) == 2
     assert len(re.findall(r"ITL \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+worst gap [\d.]+ ms", out)) == 2
-    assert re.search(r"highest rate with p99 TTFT < 1 s: (200|20) req/s", out)
-    assert re.search(r"nearest 80% busy: \S+ req/s \(\d+%\): p99 ITL [\d.]+ ms is (under|over) 3x idle TPOT", out)
+    assert re.search(r"highest rate with p99 TTFT < 1 s: (inf|20) req/s", out)
+    # The verdict is read at the rate other than the one with the highest throughput.
+    verdict = r"nearest 80% of the highest throughput \([\d,]+ tok/s at (inf|20) req/s\): (20|inf) req/s \(\d+%\)"
+    assert re.search(verdict + r": p99 ITL [\d.]+ ms is (under|over) 3x idle TPOT", out)
