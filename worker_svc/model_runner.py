@@ -5,9 +5,7 @@ sampled tokens (drawn alike from the ranks' vocabulary shards, or broadcast by r
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +24,7 @@ from worker_svc.matchers import Matchers
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.models.regions import Regions
+from worker_svc.placement import check_group, default_dtype, model_dtype, rank_device, resolve_device
 from worker_svc.sampler import Logprobs, Sampler, penalised, report
 from worker_svc.seq_state import Sampled, SeqState
 from worker_svc.warmup import compile_prefill, warm_up, warm_up_compile
@@ -61,7 +60,7 @@ class Pending:
 class ModelRunner:
     def __init__(self, config: WorkerConfig, rank: int = 0, world_size: int = 1) -> None:
         config = resolve_device(config)
-        _check_group(config, rank, world_size)
+        check_group(config, rank, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         arch = ModelArch.read(config.model)
         if arch.model_type not in MODELS:
@@ -72,14 +71,14 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len} exceeds the model's {arch.max_position_embeddings} positions"
             )
         self.block_size, self.vocab_size = config.block_size, arch.vocab_size
-        self.device = _device(config, rank)
-        self.dtype = _dtype(config, arch)
+        self.device = rank_device(config, rank)
+        self.dtype = model_dtype(config, arch)
         self.cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         half = self.cache_dtype in (torch.float16, torch.bfloat16)  # flash-attn reads no fp8 cache
         backend = get_backend(config.attention_backend, config.device, config.block_size, half)
         self.model_backend = backend.name
         self.graph_prefill = backend.captures_prefill
-        with _default_dtype(self.dtype), self.device:
+        with default_dtype(self.dtype), self.device:
             self.model = MODELS[arch.model_type](arch, backend, self.max_model_len)
         if config.load_format == "dummy":
             fill_dummy(self.model, config.seed)
@@ -256,48 +255,3 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         warm_up(self)
         return cuda_budget(self.device, self.config.gpu_memory_utilization) // per_block
-
-
-def _check_group(config: WorkerConfig, rank: int, world_size: int) -> None:
-    if world_size != config.tensor_parallel_size:
-        raise ValueError(f"world_size {world_size} differs from tensor_parallel_size {config.tensor_parallel_size}")
-    if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
-        raise ValueError(f"world_size {world_size} needs torch.distributed initialised with that many ranks")
-    if world_size > 1 and dist.get_rank() != rank:
-        raise ValueError(f"rank {rank} differs from torch.distributed's rank {dist.get_rank()}")
-
-
-def resolve_device(config: WorkerConfig) -> WorkerConfig:
-    """The config with its device set: cuda when torch sees a GPU, else cpu."""
-    if config.device is None:
-        return replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' needs a GPU, and torch sees none (use --device cpu)")
-    return config
-
-
-def _device(config: WorkerConfig, rank: int) -> torch.device:
-    if config.device == "cpu":
-        return torch.device("cpu")
-    # One process per GPU of one host: rank r drives GPU r.
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
-def _dtype(config: WorkerConfig, arch: ModelArch) -> torch.dtype:
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    if config.device == "cpu":
-        return torch.float32
-    return getattr(torch, arch.torch_dtype or "bfloat16")
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

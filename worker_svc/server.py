@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        from worker_svc.model_runner import ModelRunner, resolve_device  # torch import after the port is taken
+        from worker_svc.model_runner import ModelRunner  # torch import after the port is taken
         from worker_svc.models.arch import ModelArch
+        from worker_svc.placement import resolve_device
 
         try:
             config = resolve_device(config)
