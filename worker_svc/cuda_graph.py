@@ -21,7 +21,7 @@ from torch import nn
 from worker_svc.attention import AttnMetadata
 from worker_svc.batch import Batch
 
-FIRST_PREFILL_TOKENS = 16  # below this a step of several tokens is rare, and a graph of 16 covers it
+FIRST_PREFILL_TOKENS = 16  # the smallest prefill graph: a step of fewer tokens pads to it
 
 
 class Shape(NamedTuple):
@@ -63,18 +63,18 @@ class StepGraphs:
         self,
         model: nn.Module,
         max_bs: int,
-        prefill_tokens: int,
+        max_prefill_tokens: int,
         max_blocks: int,
         max_model_len: int,
         device: torch.device,
     ) -> None:
-        """Decode graphs for 1..max_bs seqs; prefill graphs for steps of up to prefill_tokens tokens
-        over up to max_bs seqs (0: none)."""
+        """Decode graphs for 1..max_bs seqs; prefill graphs for steps of up to max_prefill_tokens
+        tokens over up to max_bs seqs (0: none)."""
         self.model = model
         self.max_model_len = max_model_len
         self.decode = [Shape(bs, bs, True) for bs in decode_sizes(max_bs)]
-        self.prefill = prefill_shapes(prefill_tokens, max_bs)
-        tokens = max(max_bs, prefill_tokens)
+        self.prefill = prefill_shapes(max_prefill_tokens, max_bs)
+        tokens = max(max_bs, max_prefill_tokens)
         i64, i32 = torch.int64, torch.int32
         self.input_ids = torch.zeros(tokens, dtype=i64, device=device)
         self.positions = torch.zeros(tokens, dtype=i64, device=device)
