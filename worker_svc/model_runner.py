@@ -77,7 +77,6 @@ class ModelRunner:
         half = self.cache_dtype in (torch.float16, torch.bfloat16)  # flash-attn reads no fp8 cache
         backend = get_backend(config.attention_backend, config.device, config.block_size, half)
         self.model_backend = backend.name
-        self.graph_prefill = backend.captures_prefill
         with default_dtype(self.dtype), self.device:
             self.model = MODELS[arch.model_type](arch, backend, self.max_model_len)
         if config.load_format == "dummy":
@@ -104,7 +103,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.model_backend != "torch":
             max_blocks = -(-self.max_model_len // self.block_size)
             compile_prefill(self)  # for the steps too large for a graph
-            tokens = min(config.prefill_graph_tokens, config.max_num_batched_tokens) if self.graph_prefill else 0
+            tokens = min(config.prefill_graph_tokens, config.max_num_batched_tokens) if backend.captures_prefill else 0
             self.graphs = StepGraphs(
                 self.model, config.max_num_seqs, tokens, max_blocks, self.max_model_len, self.device
             )
