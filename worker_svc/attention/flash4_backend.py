@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from worker_svc.attention.backend import QKNormRope
-from worker_svc.attention.flash_backend import check_half, scatter_kv, triton_store
+from worker_svc.attention.flash_backend import check_half, store_kv
 from worker_svc.attention.metadata import AttnMetadata
 
 DIST = "flash-attn-4"
@@ -92,16 +92,12 @@ class FlashAttn4Backend:
                 f"not {major}.{minor}: install flash-attn 2.x instead, or pass --attention-backend triton"
             )
         self._varlen: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = flash_attn_varlen_func
-        self._triton_store = triton_store()
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
     ) -> None:
         check_cache(k_cache)
-        if self._triton_store is not None and k.is_cuda:
-            self._triton_store(k, v, k_cache, v_cache, meta.slot_mapping)
-        else:
-            scatter_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def fuses_store(self, k_cache: torch.Tensor) -> bool:
         check_cache(k_cache)  # `store` is skipped where the model's kernel stores: check here too

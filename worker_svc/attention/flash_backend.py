@@ -19,6 +19,7 @@ read back from them, and flash-attn sizes its launch (split count included) from
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -89,7 +90,6 @@ class FlashAttnBackend:
             )
         self._varlen = flash_attn_varlen_func
         self._with_kvcache = flash_attn_with_kvcache
-        self._triton_store = triton_store()
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
@@ -97,10 +97,7 @@ class FlashAttnBackend:
         # Every step with a cache stores before it attends, so this is the first place the block
         # size can be checked (the backend only learns it from the cache's shape).
         check_block_size(k_cache.shape[1])
-        if self._triton_store is not None and k.is_cuda:
-            self._triton_store(k, v, k_cache, v_cache, meta.slot_mapping)
-        else:
-            scatter_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def fuses_store(self, k_cache: torch.Tensor) -> bool:
         # flash-attn reads the same [num_blocks, block_size, kv_heads, head_dim] layout that `store`
@@ -154,6 +151,7 @@ class FlashAttnBackend:
         )  # fmt: skip
 
 
+@functools.cache
 def triton_store() -> StoreFn | None:
     """Our Triton K/V store where Triton is installed: flash-attn has no store into a paged cache by slot."""
     if importlib.util.find_spec("triton") is None:
@@ -161,6 +159,17 @@ def triton_store() -> StoreFn | None:
     from worker_svc.attention.triton_backend import store_kvcache  # imports triton
 
     return store_kvcache
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """The flash-attn backends' store: the Triton kernel on CUDA where Triton is installed, else scatter_kv."""
+    kernel = triton_store() if k.is_cuda else None
+    if kernel is not None:
+        kernel(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        scatter_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def scatter_kv(
