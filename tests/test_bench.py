@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import random
 
@@ -11,7 +12,8 @@ import pytest
 from bench import timing
 from tests.triton_interpreter import require_triton
 
-TOOLS = ["throughput", "timeline", "host_overhead", "profile_step", "profile_prefill", "bench_decode", "bench_gemv"]
+TOOLS = ["throughput", "timeline", "host_overhead", "host_path", "profile_step", "profile_prefill", "bench_decode"]
+TOOLS += ["bench_gemv"]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])
@@ -35,3 +37,16 @@ def test_tool_imports(tool: str) -> None:
     """The tools run on a GPU only; importing one checks its wiring to the harness and the services here."""
     require_triton()
     assert callable(importlib.import_module(f"bench.{tool}").main)
+
+
+@pytest.mark.slow
+def test_host_path_runs_the_real_processes_on_an_emulated_device() -> None:
+    """bench/host_path.py on the tiny model: the real worker, scheduler and core processes serve the
+    single-request benchmark, and no token comes faster than the emulated device's step."""
+    from bench import host_path, throughput
+
+    model = throughput.model_dir(argparse.Namespace(model="bench/qwen3-tiny"))  # 4096 positions, 2048 ids
+    res = host_path.measure(model, 3.0, 0.0, [])
+    assert res["tpot_ms"] >= 3.0 * 0.99, res
+    assert {"cpu_ms_per_token_worker", "cpu_ms_per_token_core", "cpu_ms_per_token_scheduler"} <= res.keys()
+    assert all(v > 0 for k, v in res.items() if k.startswith("cpu")), res
