@@ -1,6 +1,7 @@
 """Where the standard workload's wall time goes on the device: every step of a real run, timed.
 
     PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b [--inproc] [--stream-interval N]
+    PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b --single
 
 Runs the throughput benchmark's workload once (bench/throughput.py), with the worker's
 `ModelRunner.launch` wrapped to record a CUDA event before and after each step it queues. Full
@@ -9,7 +10,9 @@ stack (default): a worker process (`python -m worker_svc`, wrapped) and a schedu
 engine. Afterwards it prints, by kind of step (prefill or mixed, decode by batch size), the device
 time the steps took, the time the device sat idle before them waiting for the host, and the KV
 cache they read, so the run's wall time splits into attention-bound work, fixed per-step work
-and host gaps.
+and host gaps. With --single the full stack serves the single-request benchmark instead (one
+256-token prompt and 512 greedy tokens at a time, bench/throughput.py's `latency`): its decode
+steps' idle time is what the host adds to each token beyond the device's step.
 """
 
 from __future__ import annotations
@@ -141,8 +144,11 @@ def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
         sched_flags += ["--stream-interval", str(args.stream_interval)]
         sched = throughput.start([sys.executable, "-m", "scheduler_svc", *common, *sched_flags], "scheduler ready")
         try:
-            n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
-            print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
+            if args.single:
+                print(f"single request: {asyncio.run(throughput.latency('127.0.0.1:50251'))}", flush=True)
+            else:
+                n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
+                print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
         finally:
             sched.send_signal(signal.SIGINT)
             sched.wait(timeout=60)
@@ -177,7 +183,10 @@ def main() -> None:
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="as bench/throughput.py")
+    p.add_argument("--single", action="store_true", help="one request at a time (full stack only)")
     args = p.parse_args()
+    if args.single and args.inproc:
+        p.error("--single runs the full stack only")
     from bench import throughput
     from bench.workload import standard
 
