@@ -11,11 +11,17 @@ It runs in float32: on random weights bf16 rounding alone decides greedy choices
 own bf16 and fp32 runs agree on no prompt, docs/lab-notes.md), and each TP size sums partial
 products in another order. Exits 1 on failure.
 Throughput at each size: `python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp N`.
+
+Larger shapes: `--config ../shared/models/qwen3-32b/config.json --layers 8` keeps the model's widths
+(hidden size, heads, MLP) but only its first 8 layers, so that the float32 weights fit one GPU for
+the TP=1 reference (Qwen3-32B's 64 layers would take 128 GB). Every matmul and collective of a
+layer is still the real one's shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import threading
@@ -54,16 +60,24 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--config", default="bench/qwen3-0.6b/config.json")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0: all)")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (gloo)")
     args = p.parse_args()
-    ckpt = Path("/tmp/qwen3-0.6b-random-tp")
-    write_model(Path(args.config), ckpt)  # a full-vocabulary tokenizer for the scheduler
-    write_checkpoint(Path(args.config), ckpt, seed=0)
+    cfg = json.loads(Path(args.config).read_text())
+    if args.layers:
+        cfg["num_hidden_layers"] = cfg["max_window_layers"] = args.layers
+    ckpt = Path(f"/tmp/{Path(args.config).parent.name}-{cfg['num_hidden_layers']}-layers-random-tp")
+    config = ckpt.with_suffix(".json")
+    config.write_text(json.dumps(cfg, indent=2))
+    write_model(config, ckpt)  # a full-vocabulary tokenizer for the scheduler
+    write_checkpoint(config, ckpt, seed=0)
     rng = random.Random(0)
-    prompts = [[rng.randrange(150_000) for _ in range(rng.randint(8, 300))] for _ in range(args.prompts)]
+    vocab = min(cfg["vocab_size"], 150_000)  # ids the synthetic tokenizer decodes
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(8, 300))] for _ in range(args.prompts)]
     results = {}
     for tp, port in ((1, 50251), (args.tp, 50252)):
-        flags = ["--tensor-parallel-size", str(tp), "--dtype", "float32", "--max-model-len", "1024"]
-        proc, _ = start_server(str(ckpt), port, [*flags, "--max-num-seqs", "64"])
+        flags = ["--tensor-parallel-size", str(tp), "--dtype", "float32", "--device", args.device]
+        proc, _ = start_server(str(ckpt), port, [*flags, "--max-model-len", "1024", "--max-num-seqs", "64"])
         try:
             results[tp] = {mode: generate(port, prompts, sampling) for mode, sampling in MODES.items()}
         finally:
