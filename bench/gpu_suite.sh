@@ -5,15 +5,16 @@
 #
 # Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
 # sweep is left out, being slow), decode attention by batch and row order (bench_decode.py), the
-# decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py), and the
+# decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py) and of the
+# single request, the single request's host path against an emulated device (host_path.py), and the
 # throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, with 10% of the
 # requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving
 # at several request rates (serve), --compile against our fused kernels (compile_*), the workload
 # while the worker is killed three times (chaos), and with two GPUs or more the tensor-parallel
-# checks and benchmarks (tp_*). STEPs pick some of them by name (default: all). A failing step is
-# reported and the rest still run; the exit status is that of the last failure. docs/benchmarks.md
-# says how to read the results.
+# checks and benchmarks (tp_*, on Qwen3-8B and Qwen3-32B as well). STEPs pick some of them by name
+# (default: all). A failing step is reported and the rest still run; the exit status is that of the
+# last failure. docs/benchmarks.md says how to read the results.
 set -u
 LOG_DIR=${1:-${OUT:-/tmp}/gpu-suite}
 shift || true
@@ -46,6 +47,8 @@ step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
 step timeline 300 python3 -m bench.timeline
+step timeline_single 200 python3 -m bench.timeline --single
+step host_path 200 python3 -m bench.host_path --step-ms 0.5,1
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
 step throughput_no_core 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --no-core-process
 step throughput_json 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,json
@@ -66,5 +69,11 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     step tp_throughput_2 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 2
     step tp_throughput_1 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --tp 1
     step tp_check 400 python3 tests/gpu/check_tp.py --tp 2
+    # Where TP pays: Qwen3-8B (its matmuls dominate a step) and Qwen3-32B (64 GB of weights).
+    step tp_8b_throughput_2 600 python3 -m bench.throughput --model bench/qwen3-8b --modes full,latency --tp 2
+    step tp_8b_throughput_1 600 python3 -m bench.throughput --model bench/qwen3-8b --modes full,latency --tp 1
+    step tp_32b_throughput_2 600 python3 -m bench.throughput --model bench/qwen3-32b --modes full,latency --tp 2
+    step tp_8b_check 900 python3 tests/gpu/check_tp.py --tp 2 --config bench/qwen3-8b/config.json --prompts 16
+    step tp_32b_check 900 python3 tests/gpu/check_tp.py --tp 2 --config bench/qwen3-32b/config.json --layers 8 --prompts 16
 fi
 exit $status
