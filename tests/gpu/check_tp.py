@@ -67,7 +67,7 @@ def main() -> int:
     if args.layers:
         cfg["num_hidden_layers"] = cfg["max_window_layers"] = args.layers
     ckpt = Path(f"/tmp/{Path(args.config).parent.name}-{cfg['num_hidden_layers']}-layers-random-tp")
-    config = ckpt.with_suffix(".json")
+    config = Path(f"{ckpt}.json")  # (with_suffix would cut "qwen3-0.6b-..." at its dot)
     config.write_text(json.dumps(cfg, indent=2))
     write_model(config, ckpt)  # a full-vocabulary tokenizer for the scheduler
     write_checkpoint(config, ckpt, seed=0)
