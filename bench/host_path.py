@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import threading
 import time
@@ -80,21 +79,13 @@ def measure(model: str, step_ms: float, launch_us: float, scheduler_flags: list[
     common = ["--model", model, "--max-model-len", "4096"]
     worker_flags = ["--device", "cpu", "--load-format", "dummy", "--port", str(WORKER_PORT)]
     me = [sys.executable, "-m", "bench.host_path", "--as-worker", str(step_ms), str(launch_us), "--"]
-    worker = throughput.start([*me, *common, *worker_flags], "ready on")
-    try:
-        flags = ["--workers", f"127.0.0.1:{WORKER_PORT}", "--port", str(SCHEDULER_PORT), *scheduler_flags]
-        sched = throughput.start([sys.executable, "-m", "scheduler_svc", *common, *flags], "scheduler ready")
-        try:
-            pids = {"worker": worker.pid, **throughput.process_tree(sched.pid)}
-            before = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
-            result = asyncio.run(throughput.latency(f"127.0.0.1:{SCHEDULER_PORT}"))
-            after = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
-        finally:
-            sched.send_signal(signal.SIGINT)
-            sched.wait(timeout=60)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
+    flags = ["--workers", f"127.0.0.1:{WORKER_PORT}", "--port", str(SCHEDULER_PORT), *scheduler_flags]
+    sched_cmd = [sys.executable, "-m", "scheduler_svc", *common, *flags]
+    with throughput.worker_and_scheduler([*me, *common, *worker_flags], sched_cmd) as (worker, sched):
+        pids = {"worker": worker.pid, **throughput.process_tree(sched.pid)}
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
+        result = asyncio.run(throughput.latency(f"127.0.0.1:{SCHEDULER_PORT}"))
+        after = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
     cpu = {f"cpu_ms_per_token_{role}": 1e3 * (after[role] - before[role]) / TOKENS for role in after}
     return result | cpu
 

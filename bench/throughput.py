@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -167,6 +170,26 @@ def start_server(model: str, port: int, flags: list[str]) -> tuple[subprocess.Po
     """Runs `nanovllm serve` on this port; returns once it serves (its output goes to stderr)."""
     cmd = [sys.executable, "-m", "nanovllm_grpc", "serve", "--model", model, "--port", str(port), *flags]
     return start(cmd, "scheduler ready"), f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def worker_and_scheduler(
+    worker_cmd: list[str], scheduler_cmd: list[str]
+) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
+    """A worker process and a scheduler process started apart (the benchmark wraps the worker), each
+    once it is ready; yields both. On the way out the scheduler stops first (SIGINT, ending
+    its step stream), then the worker (SIGTERM, as `nanovllm serve` stops it)."""
+    worker = start(worker_cmd, "ready on")
+    try:
+        sched = start(scheduler_cmd, "scheduler ready")
+        try:
+            yield worker, sched
+        finally:
+            sched.send_signal(signal.SIGINT)
+            sched.wait(timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
 
 
 async def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> tuple[int, float]:

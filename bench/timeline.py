@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -138,23 +137,15 @@ def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
     common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     worker_flags = ["--load-format", "dummy", "--port", "50261", "--gpu-memory-utilization", "0.9"]
     worker_cmd = [sys.executable, "-m", "bench.timeline", "--as-worker", str(out), "--", *common, *worker_flags]
-    worker = throughput.start(worker_cmd, "ready on")
-    try:
-        sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251"]
-        sched_flags += ["--stream-interval", str(args.stream_interval)]
-        sched = throughput.start([sys.executable, "-m", "scheduler_svc", *common, *sched_flags], "scheduler ready")
-        try:
-            if args.single:
-                print(f"single request: {asyncio.run(throughput.latency('127.0.0.1:50251'))}", flush=True)
-            else:
-                n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
-                print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
-        finally:
-            sched.send_signal(signal.SIGINT)
-            sched.wait(timeout=60)
-    finally:
-        worker.send_signal(signal.SIGTERM)  # it writes its steps to `out` as it stops
-        worker.wait(timeout=60)
+    sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251", "--stream-interval", str(args.stream_interval)]
+    sched_cmd = [sys.executable, "-m", "scheduler_svc", *common, *sched_flags]
+    # The worker writes its steps to `out` as it stops, on leaving this block.
+    with throughput.worker_and_scheduler(worker_cmd, sched_cmd):
+        if args.single:
+            print(f"single request: {asyncio.run(throughput.latency('127.0.0.1:50251'))}", flush=True)
+        else:
+            n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
+            print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
     data = json.loads(out.read_text())
     report([Step(**s) for s in data["steps"]], data["bandwidth"])
 
