@@ -29,7 +29,6 @@ from bench import throughput
 from bench.timing import cpu_seconds
 
 WORKER_PORT, SCHEDULER_PORT = 50461, 50451
-TOKENS = 8 + 3 * 512  # the latency benchmark's warm-up and its three requests
 
 
 class EmulatedEvent:
@@ -86,7 +85,7 @@ def measure(model: str, step_ms: float, launch_us: float, scheduler_flags: list[
         before = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
         result = asyncio.run(throughput.latency(f"127.0.0.1:{SCHEDULER_PORT}"))
         after = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
-    cpu = {f"cpu_ms_per_token_{role}": 1e3 * (after[role] - before[role]) / TOKENS for role in after}
+    cpu = {f"cpu_ms_per_token_{role}": 1e3 * (after[role] - before[role]) / throughput.LATENCY_TOKENS for role in after}
     return result | cpu
 
 

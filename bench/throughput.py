@@ -107,6 +107,9 @@ async def full_stack(addr: str, jobs: list[Job]) -> tuple[int, float]:
         return await run_jobs(lambda j: c.generate(j.prompt, **client_kwargs(j)), jobs, "full stack")
 
 
+LATENCY_TOKENS = 8 + 3 * 512  # `latency`'s warm-up and its three requests
+
+
 async def latency(addr: str, repeats: int = 3) -> dict[str, float]:
     ttft, tpot, per_token = [], [], []
     async with AsyncClient(addr) as c:
@@ -305,9 +308,15 @@ def main() -> None:
                     results[k] = v
                     print(f"json share {k}: {v:,.3f}", flush=True)
             if "latency" in modes:
+                # CPU time per process per token: where a host-bound stream spends its time.
+                procs = process_tree(proc.pid)
+                before = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
                 for k, v in asyncio.run(latency(addr)).items():
                     results[k] = v
                     print(f"latency {k}: {v:.3f}", flush=True)
+                after = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
+                busy = ", ".join(f"{k} {1e3 * (after[k] - before[k]) / LATENCY_TOKENS:.3f}" for k in before)
+                print(f"latency: CPU ms per token {busy}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
