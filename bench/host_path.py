@@ -26,7 +26,6 @@ import threading
 import time
 
 from bench import throughput
-from bench.timing import cpu_seconds
 
 WORKER_PORT, SCHEDULER_PORT = 50461, 50451
 
@@ -82,9 +81,9 @@ def measure(model: str, step_ms: float, launch_us: float, scheduler_flags: list[
     sched_cmd = [sys.executable, "-m", "scheduler_svc", *common, *flags]
     with throughput.worker_and_scheduler([*me, *common, *worker_flags], sched_cmd) as (worker, sched):
         pids = {"worker": worker.pid, **throughput.process_tree(sched.pid)}
-        before = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
+        before = throughput.cpu_times(pids)
         result = asyncio.run(throughput.latency(f"127.0.0.1:{SCHEDULER_PORT}"))
-        after = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
+        after = throughput.cpu_times(pids)
     cpu = {f"cpu_ms_per_token_{role}": 1e3 * (after[role] - before[role]) / throughput.LATENCY_TOKENS for role in after}
     return result | cpu
 

@@ -153,6 +153,11 @@ def process_tree(pid: int) -> dict[str, int]:
     return roles
 
 
+def cpu_times(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process by role (as process_tree names them), and of this client."""
+    return {role: cpu_seconds(pid) for role, pid in pids.items()} | {"client": time.process_time()}
+
+
 def start(cmd: list[str], ready: str) -> subprocess.Popen:
     """Runs cmd, its output passed on to stderr; returns once it prints a line containing `ready`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -294,9 +299,9 @@ def main() -> None:
             if "full" in modes:
                 # CPU time per process over the run: a process near 1 CPU-second per second is the bottleneck.
                 procs = process_tree(proc.pid)
-                before = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
+                before = cpu_times(procs)
                 n, secs = asyncio.run(full_stack(addr, jobs))
-                after = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
+                after = cpu_times(procs)
                 results["full_tok_s"] = n / secs
                 print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
                 busy = ", ".join(f"{k} {(after[k] - before[k]) / secs:.0%}" for k in before)
@@ -310,11 +315,11 @@ def main() -> None:
             if "latency" in modes:
                 # CPU time per process per token: where a host-bound stream spends its time.
                 procs = process_tree(proc.pid)
-                before = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
+                before = cpu_times(procs)
                 for k, v in asyncio.run(latency(addr)).items():
                     results[k] = v
                     print(f"latency {k}: {v:.3f}", flush=True)
-                after = {k: cpu_seconds(p) for k, p in procs.items()} | {"client": time.process_time()}
+                after = cpu_times(procs)
                 busy = ", ".join(f"{k} {1e3 * (after[k] - before[k]) / LATENCY_TOKENS:.3f}" for k in before)
                 print(f"latency: CPU ms per token {busy}", flush=True)
         finally:
