@@ -5,9 +5,10 @@
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights (with --compile, its torch.compile
 regions in place of our fused kernels), and for each batch size puts `batch` sequences of `context`
 tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: back to back with
-the next step launched before the last is read (the host's share hidden), and one at a time (host +
-device), with a cProfile of the host's share. A torch profile of a few steps splits device time
-into attention, matmuls, sampling and the rest. The floor is the KV cache and weights read once
+the next step launched before the last is read (the host's share hidden, unless its launch takes
+as long as the step: that time is printed too), and one at a time (host + device), with a cProfile
+of the host's share. A torch profile of a few steps splits device time into attention, matmuls,
+sampling and the rest. The floor is the KV cache and weights read once
 per step at the measured copy bandwidth. With --tp N it runs one process per GPU, joined by NCCL
 as the workers are, and rank 0 reports (its shares of the weights and the KV cache).
 """
@@ -92,14 +93,17 @@ def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args
     one = [1] * bs
 
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, launching = time.perf_counter(), 0.0
     pending = runner.launch(seqs, one)
     for _ in range(args.steps - 1):
+        start = time.perf_counter()
         nxt = runner.launch(seqs, one)
+        launching += time.perf_counter() - start
         runner.collect(pending)
         pending = nxt
     runner.collect(pending)
     overlapped = (time.perf_counter() - t) / args.steps
+    launch = launching / (args.steps - 1)  # near `overlapped`: the host, not the device, sets the pace
     t = time.perf_counter()
     for _ in range(args.steps):
         runner.run(seqs, one)
@@ -131,6 +135,7 @@ def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args
     print(f"\nbatch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
     print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
+    print(f"  of which the host spent launching it:       {1e3 * launch:.2f} ms")
     print(f"step, one at a time (host + device):          {1e3 * serial:.2f} ms")
     print(f"device time per step (profiler): {device:.2f} ms")
     for name, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
