@@ -11,15 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker_svc.sampler import (
-    Sampler,
-    apply_logit_bias,
-    apply_min_p,
-    apply_min_tokens,
-    apply_penalties,
-    apply_top_k_top_p,
-    report,
-)
+from worker_svc.logit_stages import apply_logit_bias, apply_min_p, apply_min_tokens, apply_penalties, apply_top_k_top_p
+from worker_svc.sampler import Sampler, report
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 CPU = torch.device("cpu")

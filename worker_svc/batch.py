@@ -69,6 +69,15 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t, non_blocking=True)
 
 
+def upload(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor on device without a device sync: the copy to a GPU starts from pinned memory
+    (from pageable memory it would first wait for all queued device work)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """int64 arrays -> device tensors, through one pinned buffer and one non-blocking copy."""
     sizes = [a.size for a in arrays]

@@ -20,12 +20,13 @@ from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
 from worker_svc.layers.parallel import all_gather
 from worker_svc.loader import fill_dummy, load_weights
+from worker_svc.logit_stages import penalised
 from worker_svc.matchers import Matchers
 from worker_svc.models import MODELS
 from worker_svc.models.arch import ModelArch
 from worker_svc.models.regions import Regions
 from worker_svc.placement import check_group, default_dtype, model_dtype, rank_device, resolve_device
-from worker_svc.sampler import Logprobs, Sampler, penalised, report
+from worker_svc.sampler import Logprobs, Sampler, report
 from worker_svc.seq_state import Sampled, SeqState
 from worker_svc.warmup import compile_prefill, warm_up, warm_up_compile
 

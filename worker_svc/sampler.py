@@ -1,8 +1,8 @@
 """Turns the logits of the sequences that sample this step into tokens, with per-seq settings.
 
 Order: logit bias, repetition penalty, presence/frequency penalties, min_tokens masking,
-temperature (0: greedy), top-k, top-p, min-p, then one random draw per token. Every stage is
-skipped when no seq in the batch uses it, since this runs every decode step.
+temperature (0: greedy), top-k, top-p, min-p (the stages of logit_stages.py), then one random draw
+per token. Every stage is skipped when no seq in the batch uses it, since this runs every decode step.
 
 On CUDA the draw is the one-pass Triton kernel of sampling_kernel.py; when no seq needs a stage
 before it, the kernel reads the model's logits as they are, in their own dtype. Elsewhere (the CPU)
@@ -18,22 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker_svc.batch import to_host
+from worker_svc.batch import to_host, upload
+from worker_svc.logit_stages import (
+    apply_filters,
+    apply_logit_bias,
+    apply_min_tokens,
+    apply_penalties,
+    filters,
+    min_tokens_active,
+    penalised,
+)
 from worker_svc.seq_state import Sampled, SamplingOptions, SeqState
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1  # row seeds travel as int64
 _UNFILTERED = SamplingOptions()  # no top-k, top-p or min-p
 _UNSEEDED = 0x5EED  # keeps an unseeded seq's stream apart from one seeded with the same number
-
-
-def _tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small tensor on device without a device sync: the copy to a GPU starts from pinned memory
-    (from pageable memory it would first wait for all queued device work)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Sampler:
         if all(_plain(s, vocab) for s in seqs):
             seeds_dev, (temps,) = _upload(seeds, [[o.temperature for o in opts]], self.device)
             return self.kernel(logits, temps, seeds_dev)
-        filtered = [o.temperature > 0 and _filters(o, vocab) for o in opts]
+        filtered = [o.temperature > 0 and filters(o, vocab) for o in opts]
         work = logits.to(torch.float32, copy=True)  # keep the raw logits intact for the logprobs
         apply_logit_bias(work, seqs)
         apply_penalties(work, seqs)
@@ -117,7 +117,7 @@ class Sampler:
         seeds_dev, (temps_dev, scales_dev) = _upload(seeds, [temps, scales], self.device)
         if any(filtered):
             work = work / scales_dev.unsqueeze(1)
-            work = _apply_filters(work, [o if f else _UNFILTERED for o, f in pairs], self.device)
+            work = apply_filters(work, [o if f else _UNFILTERED for o, f in pairs], self.device)
         return self.kernel(work, temps_dev, seeds_dev)
 
     def _row_seeds(self, seqs: list[SeqState]) -> np.ndarray:
@@ -141,7 +141,7 @@ class Sampler:
     def _sample_torch(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
         work = logits
-        if any(penalised(o) or o.logit_bias_ids for o in opts) or any(_min_tokens_active(s) for s in seqs):
+        if any(penalised(o) or o.logit_bias_ids for o in opts) or any(min_tokens_active(s) for s in seqs):
             work = logits.clone()  # keep the raw logits intact for the logprobs
             apply_logit_bias(work, seqs)
             apply_penalties(work, seqs)
@@ -151,14 +151,14 @@ class Sampler:
             if all(o.temperature > 0 for o in opts):
                 tokens = self._draw(work, seqs)
             else:
-                greedy = _tensor([o.temperature == 0 for o in opts], self.device)
+                greedy = upload([o.temperature == 0 for o in opts], self.device)
                 tokens = torch.where(greedy, tokens, self._draw(work, seqs))
         return tokens
 
     def _draw(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         opts = [s.sampling for s in seqs]
-        temps = _tensor([o.temperature or 1.0 for o in opts], self.device)
-        logits = _apply_filters(logits / temps.unsqueeze(1), opts, self.device)
+        temps = upload([o.temperature or 1.0 for o in opts], self.device)
+        logits = apply_filters(logits / temps.unsqueeze(1), opts, self.device)
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, from
         # one draw per vocab entry. A seq's draw depends only on its own noise row, so a seeded seq
@@ -178,25 +178,7 @@ class Sampler:
 def _plain(seq: SeqState, vocab: int) -> bool:
     """Whether the seq's row goes to the one-pass kernel as the model's logits, with no torch stage."""
     o = seq.sampling
-    return not (
-        (o.temperature > 0 and _filters(o, vocab)) or penalised(o) or _min_tokens_active(seq) or o.logit_bias_ids
-    )
-
-
-def _filters(o: SamplingOptions, vocab: int) -> bool:
-    return 0 < o.top_k < vocab or o.top_p < 1 or o.min_p > 0
-
-
-def _apply_filters(logits: torch.Tensor, opts: list[SamplingOptions], device: torch.device) -> torch.Tensor:
-    """Top-k, top-p, then min-p on temperature-scaled logits; rows without them come out unchanged."""
-    vocab = logits.size(1)
-    if any(0 < o.top_k < vocab or o.top_p < 1 for o in opts):
-        top_k = _tensor([o.top_k if 0 < o.top_k < vocab else vocab for o in opts], device)
-        top_p = _tensor([o.top_p for o in opts], device)
-        logits = apply_top_k_top_p(logits, top_k, top_p)
-    if any(o.min_p > 0 for o in opts):
-        logits = apply_min_p(logits, _tensor([o.min_p for o in opts], device))
-    return logits
+    return not ((o.temperature > 0 and filters(o, vocab)) or penalised(o) or min_tokens_active(seq) or o.logit_bias_ids)
 
 
 def _upload(
@@ -215,72 +197,13 @@ def _upload(
     return dev[: len(seeds)], list(floats.unbind(0))
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[SeqState]) -> None:
-    """In place. Repetition penalty over prompt and output tokens (positive logits divided, negative
-    multiplied); presence and frequency penalties over output tokens only."""
-    rows = [i for i, s in enumerate(seqs) if penalised(s.sampling)]
-    if not rows:
-        return
-    picked = [seqs[i] for i in rows]
-    device, vocab = logits.device, logits.size(1)
-    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-    seen[_scatter_index([s.token_ids for s in picked], device)] = True
-    counts = torch.zeros(len(rows), vocab, device=device)
-    out_index = _scatter_index([s.token_ids[s.num_prompt_tokens :] for s in picked], device)
-    counts.index_put_(out_index, torch.ones(out_index[0].numel(), device=device), accumulate=True)
-
-    def per_row(values: list[float]) -> torch.Tensor:
-        return _tensor(values, device).unsqueeze(1)
-
-    rep = torch.where(seen, per_row([s.sampling.repetition_penalty for s in picked]), 1.0)
-    sub = logits[rows]
-    sub = torch.where(sub > 0, sub / rep, sub * rep)
-    sub -= per_row([s.sampling.frequency_penalty for s in picked]) * counts
-    sub -= per_row([s.sampling.presence_penalty for s in picked]) * (counts > 0)
-    logits[rows] = sub
-
-
-def apply_logit_bias(logits: torch.Tensor, seqs: list[SeqState]) -> None:
-    """In place: adds each seq's logit_bias to its row."""
-    ids = [s.sampling.logit_bias_ids for s in seqs]
-    if any(ids):
-        values = [v for s in seqs for v in s.sampling.logit_bias_values]
-        logits.index_put_(_scatter_index(ids, logits.device), _tensor(values, logits.device), accumulate=True)
-
-
-def apply_min_tokens(logits: torch.Tensor, seqs: list[SeqState]) -> None:
-    """In place: bans min_tokens_banned_ids (EOS, stop ids) until a seq has min_tokens outputs."""
-    banned = [s.sampling.min_tokens_banned_ids if _min_tokens_active(s) else [] for s in seqs]
-    if any(banned):
-        logits[_scatter_index(banned, logits.device)] = float("-inf")
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keeps each row's top_k best tokens, then the fewest of those whose probability reaches top_p."""
-    ordered, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.size(1), device=logits.device)
-    drop = ranks.unsqueeze(0) >= top_k.unsqueeze(1)
-    probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the best one always stays
-    # Rows with top_p = 1 are left alone: rounding could push `before` to 1 near the tail.
-    drop |= (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-    return torch.empty_like(logits).scatter_(-1, order, ordered.masked_fill(drop, float("-inf")))
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drops tokens less likely than min_p times the row's most likely token."""
-    probs = logits.softmax(dim=-1)
-    floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-    return logits.masked_fill(probs < floor, float("-inf"))
-
-
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SeqState]) -> Logprobs | None:
     rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs > 0]
     if not rows:
         return None
     # From the raw logits, before penalties and temperature: what vLLM returns by default, and
     # what describes the model rather than the sampling settings.
-    index = _tensor(rows, raw.device, torch.long)
+    index = upload(rows, raw.device, torch.long)
     logprobs = raw[index].float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
     most = min(max(seqs[i].sampling.logprobs for i in rows), logprobs.size(1))
@@ -298,21 +221,6 @@ def report(seqs: list[SeqState], token_ids: list[int], logprobs: Logprobs | None
         n = seqs[i].sampling.logprobs
         out[i].logprob, out[i].top_ids, out[i].top_logprobs = chosen[j], ids[j][:n], values[j][:n]
     return out
-
-
-def penalised(o: SamplingOptions) -> bool:
-    return o.repetition_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
-
-
-def _min_tokens_active(seq: SeqState) -> bool:
-    return seq.num_output < seq.sampling.min_tokens and bool(seq.sampling.min_tokens_banned_ids)
-
-
-def _scatter_index(ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, id) index tensors addressing ids[r] in row r of a [len(ids), vocab] tensor."""
-    rows = [r for r, row in enumerate(ids) for _ in row]
-    flat = [t for row in ids for t in row]
-    return _tensor(rows, device, torch.long), _tensor(flat, device, torch.long)
 
 
 def _splitmix64(x: int) -> int:
