@@ -8,9 +8,9 @@ tokens in the cache, then times decode steps (CUDA graphs, as served) two ways: 
 the next step launched before the last is read (the host's share hidden, unless its launch takes
 as long as the step: that time is printed too), and one at a time (host + device), with a cProfile
 of the host's share. A torch profile of a few steps splits device time into attention, matmuls,
-sampling and the rest. The floor is the KV cache and weights read once
-per step at the measured copy bandwidth. With --tp N it runs one process per GPU, joined by NCCL
-as the workers are, and rank 0 reports (its shares of the weights and the KV cache).
+sampling and the rest. The floor is the KV cache and weights read once per step at the measured
+copy bandwidth. With --tp N it runs one process per GPU, joined by NCCL as the workers are, and
+rank 0 reports (its shares of the weights and the KV cache).
 """
 
 from __future__ import annotations
