@@ -192,7 +192,7 @@ def test_row_seeds_are_the_seeds_mixed_with_the_output_index() -> None:
 
     seeds = [0, 7, 2**63 + 5, 2**64 - 1]
     seqs = [SeqState(i, [1] * (3 + i), 2, 0, [], SamplingOptions(seed=s)) for i, s in enumerate(seeds)]
-    got = Sampler(torch.device("cpu"), 0)._row_seeds(seqs).tolist()
+    got = Sampler(torch.device("cpu"), 0).row_seeds(seqs).tolist()
     assert got == [_mix(s, q.num_output) & _MASK63 for s, q in zip(seeds, seqs, strict=True)]
     unseeded = [SeqState(i, [1, 2], 1, 0, [], SamplingOptions()) for i in range(3)]
-    assert len(set(Sampler(torch.device("cpu"), 0)._row_seeds(unseeded).tolist())) == 3
+    assert len(set(Sampler(torch.device("cpu"), 0).row_seeds(unseeded).tolist())) == 3

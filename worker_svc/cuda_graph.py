@@ -86,6 +86,7 @@ class StepGraphs:
         self.order = self.rows[:max_bs].clone()
         self.graphs: dict[Shape, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[Shape, torch.Tensor] = {}
+        self.pool: tuple[int, int] | None = None  # the graphs' memory pool, once captured
 
     def _meta(self, shape: Shape) -> AttnMetadata:
         t, s = shape.tokens, shape.seqs
@@ -116,6 +117,7 @@ class StepGraphs:
                 self.outputs[shape] = self.model(*args)
             pool = graph.pool()
             self.graphs[shape] = graph
+        self.pool = pool
         torch.cuda.synchronize()
 
     def pick(self, batch: Batch) -> Shape | None:

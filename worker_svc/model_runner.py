@@ -15,6 +15,7 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_device, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import StepGraphs
+from worker_svc.decode_graph import DecodeGraphs, Draw
 from worker_svc.grammar_mask import apply_masks
 from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
@@ -90,11 +91,12 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.matchers = Matchers.load(config.model, self.vocab_size)  # None: structured output is off
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
-        # for seqs added in the step that removes others.
-        self.last_tokens = torch.zeros(2 * config.max_num_seqs, dtype=torch.long, device=self.device)
-        self._free_slots = list(range(len(self.last_tokens) - 1, -1, -1))
+        # for seqs added in the step that removes others, plus one for the decode graphs' padding.
+        self.last_tokens = torch.zeros(2 * config.max_num_seqs + 1, dtype=torch.long, device=self.device)
+        self._free_slots = list(range(2 * config.max_num_seqs - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: StepGraphs | None = None  # captured once the cache exists
+        self.decode_graphs: DecodeGraphs | None = None  # small plain decode steps, whole (decode_graph.py)
         if config.compile:
             warm_up_compile(self)
         self.num_kv_blocks = config.num_kv_blocks or self._budget_blocks()
@@ -109,6 +111,9 @@ class ModelRunner:
                 self.model, config.max_num_seqs, tokens, max_blocks, self.max_model_len, self.device
             )
             self.graphs.capture()
+            if world_size == 1 and self.sampler.kernel is not None:
+                self.decode_graphs = self.small_decode_graphs(self.sampler.kernel)
+                self.decode_graphs.capture(self.graphs.pool)
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             self.compiles.install()
@@ -135,8 +140,11 @@ class ModelRunner:
         for seq in seqs:
             if seq.slot < 0:
                 if not self._free_slots:
-                    raise ValueError(f"more than {len(self.last_tokens)} sequences held at once")
+                    raise ValueError(f"more than {2 * self.config.max_num_seqs} sequences held at once")
                 seq.slot = self._free_slots.pop()
+        if self.decode_graphs is not None and (fast := self.decode_graphs.launch(seqs, num_tokens)) is not None:
+            tokens, done = fast
+            return Pending([Part(seqs, tokens, None)], done=done)
         batch = prepare(seqs, num_tokens, self.block_size, self.max_model_len, self.device, self.tables)
         with torch.inference_mode():
             if batch.fill_rows.numel():
@@ -179,6 +187,7 @@ class ModelRunner:
         tokens, logprobs = self._sample(logits, seqs, masks)
         self.last_tokens[slots] = tokens
         for seq in seqs:
+            seq.held = seq.num_tokens
             seq.num_pending += 1
         return Part(seqs, to_host(tokens), logprobs.to_host() if logprobs is not None else None)
 
@@ -198,7 +207,7 @@ class ModelRunner:
         if self.world_size == 1:
             return self.sampler.sample(logits, seqs)
         head = self.model.lm_head
-        if self.sampler.shardable(seqs, self.vocab_size):
+        if self.sampler.one_pass(seqs, self.vocab_size):
             # Each rank draws over its own slice of the vocabulary and the ranks swap their best
             # candidates: no rank gathers the logits (77 MB from each rank at batch 256), and
             # every rank has the tokens without a broadcast.
@@ -230,6 +239,15 @@ class ModelRunner:
                 samples += report(part.seqs, token_ids, part.logprobs)
         return samples
 
+    def small_decode_graphs(self, draw: Draw) -> DecodeGraphs:
+        """Whole-step graphs for small plain decode steps, drawing with `draw` (the sampling kernel);
+        captured by the caller on a GPU, run eagerly elsewhere."""
+        max_blocks = -(-self.max_model_len // self.block_size)
+        return DecodeGraphs(
+            self.model, draw, self.sampler, self.vocab_size, self.last_tokens,
+            self.config.max_num_seqs, max_blocks, self.block_size, self.max_model_len,
+        )  # fmt: skip
+
     def bind_thread(self) -> None:
         """Makes this runner's GPU the calling thread's current device. CUDA keeps the current
         device per thread, and Triton launches on it: a step run from a server thread would
@@ -246,7 +264,7 @@ class ModelRunner:
         if seq.slot >= 0:
             self.tables.clear(seq)
             self._free_slots.append(seq.slot)
-            seq.slot = -1
+            seq.slot = seq.held = -1
 
     def _budget_blocks(self) -> int:
         per_block = block_bytes(self.model, self.block_size, self.cache_dtype)

@@ -74,9 +74,10 @@ class Sampler:
         tokens = self._sample_torch(logits.float(), seqs) if self.kernel is None else self._sample_kernel(logits, seqs)
         return tokens, _logprobs(logits, tokens, seqs)
 
-    def shardable(self, seqs: list[SeqState], vocab: int) -> bool:
-        """Whether sample_shard can draw these seqs' tokens: the one-pass kernel, with no stage that
-        needs a whole row of logits (penalties, min_tokens, top-k/top-p/min-p, logprobs)."""
+    def one_pass(self, seqs: list[SeqState], vocab: int) -> bool:
+        """Whether the one-pass kernel alone draws these seqs' tokens from the model's logits, with
+        no stage that needs a whole row (penalties, min_tokens, top-k/top-p/min-p, logprobs): as
+        sample_shard does, and as the decode graphs do."""
         return self.shard_kernel is not None and all(_plain(s, vocab) and not s.sampling.logprobs for s in seqs)
 
     def sample_shard(
@@ -90,15 +91,15 @@ class Sampler:
     ) -> torch.Tensor:
         """The tokens `sample` would draw from the whole rows, from this rank's vocab shard: logits
         [S, W] hold entries [offset, offset + vocab). Every rank calls it with the same seqs and gets
-        the same tokens (see sampling_kernel.sample_shard). Only for seqs that are `shardable`."""
+        the same tokens (see sampling_kernel.sample_shard). Only for seqs that are `one_pass`."""
         assert self.shard_kernel is not None
-        seeds_dev, (temps,) = _upload(self._row_seeds(seqs), [[s.sampling.temperature for s in seqs]], self.device)
+        seeds_dev, (temps,) = _upload(self.row_seeds(seqs), [[s.sampling.temperature for s in seqs]], self.device)
         return self.shard_kernel(logits, temps, seeds_dev, offset, vocab, ranks, all_gather)
 
     def _sample_kernel(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
         assert self.kernel is not None
         opts = [s.sampling for s in seqs]
-        seeds = self._row_seeds(seqs)
+        seeds = self.row_seeds(seqs)
         vocab = logits.size(1)
         if all(_plain(s, vocab) for s in seqs):
             seeds_dev, (temps,) = _upload(seeds, [[o.temperature for o in opts]], self.device)
@@ -120,7 +121,7 @@ class Sampler:
             work = apply_filters(work, [o if f else _UNFILTERED for o, f in pairs], self.device)
         return self.kernel(work, temps_dev, seeds_dev)
 
-    def _row_seeds(self, seqs: list[SeqState]) -> np.ndarray:
+    def row_seeds(self, seqs: list[SeqState]) -> np.ndarray:
         """int64 seeds, one a row: _mix(key, output index), the key being the seq's seed (unseeded:
         from the worker's seed and the seq's id). A row's noise thus depends on nothing else in the
         batch, comes out the same after preemption recomputes it, and agrees on every

@@ -35,6 +35,7 @@ class SeqState:
     # reads such a token there (by `slot`), so a step can launch before the last one's values land.
     num_pending: int = 0
     slot: int = -1  # this seq's row in the runner's on-device buffer of last sampled tokens
+    held: int = -1  # index of the token whose value that row holds (-1: none of this seq's)
     synced_blocks: int = 0  # leading block_table entries already in row `slot` of the TableStore
     noise_base: int | None = None  # the sampler's per-seq key for its noise seeds, once computed
     matcher: Any = None  # structured output: its xgrammar GrammarMatcher (worker_svc/matchers.py)

@@ -160,9 +160,21 @@ def main() -> int:
         )
         # One prompt at a time: every decode step is a single row, which runs layers/gemv.py's
         # fused kernels (in the batch-1 graph, and for the LM head).
+        graphs, whole = runner.decode_graphs, []
+        if graphs is not None:  # count the decode steps run as whole-step graphs (decode_graph.py)
+
+            def counted(seqs: list, counts: list[int], launch=graphs.launch, whole=whole) -> object:
+                out = launch(seqs, counts)
+                whole.append(out is not None)
+                return out
+
+            graphs.launch = counted
         alone = [greedy_steps(runner, [pr], chunk=128)[0] for pr in prompts[:4]]
         alone_agree = sum(g == r for g, r in zip(alone, refs[dtype], strict=False))
-        print(f"[{name}] one prompt at a time (single-row steps): {alone_agree}/{len(alone)} prompts agree")
+        print(
+            f"[{name}] one prompt at a time (single-row steps): {alone_agree}/{len(alone)} prompts agree; "
+            f"{sum(whole)} of {len(whole)} small decode steps ran as whole-step graphs"
+        )
         # On random weights even transformers' bf16 and fp32 runs part within a few tokens (printed
         # above), so the token criterion is held in fp32, where rounding cannot explain a difference;
         # bf16 is held to the logits tolerance above.
