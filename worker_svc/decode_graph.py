@@ -52,11 +52,16 @@ class Inputs:
     def __init__(self, rows: int, max_blocks: int, device: torch.device, pin: bool = False) -> None:
         self.max_blocks, self.views = max_blocks, {}
         shapes = [(rows, max_blocks) if cols == 0 else (rows,) for _, _, cols in self.FIELDS]
-        sizes = [math.prod(shape) * dtype.itemsize for shape, (_, dtype, _) in zip(shapes, self.FIELDS, strict=True)]
+        # Each field 16-byte aligned, as Triton specialises kernels on their pointers' alignment.
+        sizes = [
+            -(-math.prod(shape) * dtype.itemsize // 16) * 16
+            for shape, (_, dtype, _) in zip(shapes, self.FIELDS, strict=True)
+        ]
         self.buffer = torch.zeros(sum(sizes), dtype=torch.uint8, device=device, pin_memory=pin)
         start = 0
         for (name, dtype, _), shape, size in zip(self.FIELDS, shapes, sizes, strict=True):
-            self.views[name] = self.buffer[start : start + size].view(dtype).view(shape)
+            used = math.prod(shape) * dtype.itemsize
+            self.views[name] = self.buffer[start : start + used].view(dtype).view(shape)
             start += size
         self.table_offset = start - sizes[-1]
 
