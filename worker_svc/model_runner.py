@@ -15,7 +15,7 @@ from worker_svc.attention import get_backend
 from worker_svc.batch import TableStore, prepare, to_device, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import StepGraphs
-from worker_svc.decode_graph import DecodeGraphs, Draw
+from worker_svc.decode_graph import DecodeGraphs
 from worker_svc.grammar_mask import apply_masks
 from worker_svc.jit_watch import CompileWatch, GraphWatch
 from worker_svc.kv_cache import allocate, block_bytes, cuda_budget
@@ -112,7 +112,10 @@ class ModelRunner:
             )
             self.graphs.capture()
             if world_size == 1 and self.sampler.kernel is not None:
-                self.decode_graphs = self.small_decode_graphs(self.sampler.kernel)
+                self.decode_graphs = DecodeGraphs(
+                    self.model, self.sampler.kernel, self.sampler, self.vocab_size, self.last_tokens,
+                    config.max_num_seqs, max_blocks, self.block_size, self.max_model_len,
+                )  # fmt: skip
                 self.decode_graphs.capture(self.graphs.pool)
         self.compiles = CompileWatch()  # from here on, a Triton compile stalls the requests running
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
@@ -238,15 +241,6 @@ class ModelRunner:
             if self.rank == 0:
                 samples += report(part.seqs, token_ids, part.logprobs)
         return samples
-
-    def small_decode_graphs(self, draw: Draw) -> DecodeGraphs:
-        """Whole-step graphs for small plain decode steps, drawing with `draw` (the sampling kernel);
-        captured by the caller on a GPU, run eagerly elsewhere."""
-        max_blocks = -(-self.max_model_len // self.block_size)
-        return DecodeGraphs(
-            self.model, draw, self.sampler, self.vocab_size, self.last_tokens,
-            self.config.max_num_seqs, max_blocks, self.block_size, self.max_model_len,
-        )  # fmt: skip
 
     def bind_thread(self) -> None:
         """Makes this runner's GPU the calling thread's current device. CUDA keeps the current
