@@ -174,3 +174,52 @@ def test_whole_step_matches_the_general_path(monkeypatch: pytest.MonkeyPatch) ->
     assert tokens.tolist() == expected.tolist()
     assert [last[i].item() for i in (4, 0, 6)] == expected.tolist() and last[:8].sum() != saved[:8].sum()
     torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess")
+def test_pipelined_steps_give_the_general_paths_tokens(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner on the tiny checkpoint decodes three seqs (greedy, and two seeded at temperature 0.8)
+    with each step launched before the last is read back, as the executor runs them: once with the
+    whole-step graphs, once without. The same tokens; from the first decode on, every step runs whole."""
+    from tests.runner_utils import Blocks, make_runner, new_seq, outputs
+    from tests.triton_interpreter import fix_interpreter
+    from worker_svc import model_runner
+    from worker_svc.attention.triton_backend import TritonBackend
+    from worker_svc.sampling_kernel import sample_tokens
+
+    fix_interpreter()
+    monkeypatch.setattr(model_runner, "get_backend", lambda *args: TritonBackend(num_sms=1))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the fused kernels' path
+    cpu, prompts = torch.device("cpu"), [[5, 6, 7, 8, 9], [20, 30], [40, 53, 66, 79, 92, 105, 118]]
+
+    def decode(whole: bool) -> tuple[list[list[int]], list[bool]]:
+        runner = make_runner(tiny_model_dir, max_num_seqs=4)
+        runner.sampler = Sampler(cpu, 0, kernel=True)
+        ran: list[bool] = []
+        if whole:
+            graphs = DecodeGraphs(
+                runner.model, sample_tokens, runner.sampler, runner.vocab_size, runner.last_tokens, 4,
+                MAX_LEN // 4, 4, MAX_LEN,
+            )  # fmt: skip
+            launch = graphs.launch
+            graphs.launch = lambda seqs, counts: ran.append(r := launch(seqs, counts)) or r  # type: ignore[method-assign]
+            runner.decode_graphs = graphs
+        blocks = Blocks()
+        seqs = [
+            new_seq(i, p, blocks, MAX_LEN, SamplingOptions(temperature=t, seed=i))
+            for i, (p, t) in enumerate(zip(prompts, [0.0, 0.8, 0.8], strict=True))
+        ]
+        runner.run(seqs, [len(p) for p in prompts])  # the prompts, and each seq's first token
+        pending = None
+        for _ in range(6):
+            launched = runner.launch(seqs, [1, 1, 1])
+            if pending is not None:
+                runner.collect(pending)
+            pending = launched
+        runner.collect(pending)  # type: ignore[arg-type]
+        return [outputs(s) for s in seqs], [r is not None for r in ran]
+
+    whole, ran = decode(True)
+    general, _ = decode(False)
+    assert whole == general and all(len(o) == 7 for o in whole)
+    assert ran == [False] + [True] * 6  # the prompts' step is not a decode; every decode ran whole
