@@ -188,8 +188,8 @@ class DecodeGraphs:
         h["order"][:rows] = sorted(range(n), key=ends.__getitem__, reverse=True) + list(range(n, rows))
         h["temps"][:rows] = temps + [0.0] * pad
         tables = h["block_tables"]
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
+        for i, (s, p) in enumerate(zip(seqs, positions, strict=True)):
+            tables[i, : p // bs + 1] = s.block_table[: p // bs + 1]  # the blocks up to the new token's
         tables[n:rows, 0] = 0  # padding rows attend to one token of block 0
         end = self.dev.end(rows)
         self.dev.buffer[:end].copy_(self.host[turn].buffer[:end], non_blocking=True)
