@@ -69,6 +69,15 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t, non_blocking=True)
 
 
+def step_done() -> torch.cuda.Event:
+    """An event recorded after the work queued so far on the current stream. Blocking: whoever waits
+    on it (the watcher, `collect`) sleeps until the step ends instead of spinning a core beside the
+    thread that launches the next step."""
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    return done
+
+
 def upload(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small tensor on device without a device sync: the copy to a GPU starts from pinned memory
     (from pageable memory it would first wait for all queued device work)."""

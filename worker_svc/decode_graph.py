@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from worker_svc.attention import AttnMetadata
-from worker_svc.batch import SMALL_DECODE, to_host
+from worker_svc.batch import SMALL_DECODE, step_done, to_host
 from worker_svc.cuda_graph import decode_sizes
 from worker_svc.sampler import Sampler
 from worker_svc.seq_state import SeqState
@@ -204,6 +204,5 @@ class DecodeGraphs:
             s.num_pending += 1
         done = None
         if self.cuda:
-            done = self.sent[turn] = torch.cuda.Event()
-            done.record()
+            done = self.sent[turn] = step_done()
         return tokens, done

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from worker_svc.attention import get_backend
-from worker_svc.batch import TableStore, prepare, to_device, to_host
+from worker_svc.batch import TableStore, prepare, step_done, to_device, to_host
 from worker_svc.config import WorkerConfig
 from worker_svc.cuda_graph import StepGraphs
 from worker_svc.decode_graph import DecodeGraphs
@@ -196,8 +196,7 @@ class ModelRunner:
 
     def _launched(self, pending: Pending) -> Pending:
         if self.device.type == "cuda":
-            pending.done = torch.cuda.Event()
-            pending.done.record()
+            pending.done = step_done()
         return pending
 
     def _sample(
