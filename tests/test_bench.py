@@ -12,8 +12,16 @@ import pytest
 from bench import timing
 from tests.triton_interpreter import require_triton
 
-TOOLS = ["throughput", "timeline", "host_overhead", "host_path", "profile_step", "profile_prefill", "bench_decode"]
-TOOLS += ["bench_gemv"]
+TOOLS = [
+    "throughput",
+    "timeline",
+    "host_overhead",
+    "host_path",
+    "profile_step",
+    "profile_prefill",
+    "bench_decode",
+    "bench_gemv",
+]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])

@@ -91,9 +91,11 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.matchers = Matchers.load(config.model, self.vocab_size)  # None: structured output is off
         # Each held seq's last sampled token, on the device: up to max_num_seqs running, plus room
-        # for seqs added in the step that removes others, plus one for the decode graphs' padding.
-        self.last_tokens = torch.zeros(2 * config.max_num_seqs + 1, dtype=torch.long, device=self.device)
-        self._free_slots = list(range(2 * config.max_num_seqs - 1, -1, -1))
+        # for seqs added in the step that removes others, plus one past them for the decode graphs'
+        # padding rows.
+        self.max_held = 2 * config.max_num_seqs
+        self.last_tokens = torch.zeros(self.max_held + 1, dtype=torch.long, device=self.device)
+        self._free_slots = list(range(self.max_held - 1, -1, -1))
         self.tables = TableStore(len(self.last_tokens), -(-self.max_model_len // self.block_size))
         self.graphs: StepGraphs | None = None  # captured once the cache exists
         self.decode_graphs: DecodeGraphs | None = None  # small plain decode steps, whole (decode_graph.py)
@@ -143,7 +145,7 @@ class ModelRunner:
         for seq in seqs:
             if seq.slot < 0:
                 if not self._free_slots:
-                    raise ValueError(f"more than {2 * self.config.max_num_seqs} sequences held at once")
+                    raise ValueError(f"more than {self.max_held} sequences held at once")
                 seq.slot = self._free_slots.pop()
         if self.decode_graphs is not None and (fast := self.decode_graphs.launch(seqs, num_tokens)) is not None:
             tokens, done = fast
