@@ -1,6 +1,7 @@
 """Where the standard workload's wall time goes on the device: every step of a real run, timed.
 
     PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b [--inproc] [--stream-interval N]
+    PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b --kv-cache-dtype fp8
     PYTHONPATH=. python3 -m bench.timeline --model bench/qwen3-0.6b --single
 
 Runs the throughput benchmark's workload once (bench/throughput.py), with the worker's
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from bench.timing import copy_bandwidth
 from bench.workload import Job
+from worker_svc.config import KV_CACHE_DTYPES
 
 KV_BYTES_PER_TOKEN = 28 * 2 * 8 * 128 * 2  # Qwen3-0.6B, bf16: layers x (K, V) x kv heads x head_dim
 BUCKETS = ((0, 8), (9, 32), (33, 64), (65, 128), (129, 192), (193, 256))
@@ -88,7 +90,7 @@ def workload_steps(steps: list[Step]) -> list[Step]:
     return max(runs, key=len)
 
 
-def report(steps: list[Step], bandwidth: float) -> None:
+def report(steps: list[Step], bandwidth: float, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN) -> None:
     steps = workload_steps(steps)
     steps[0].gap_ms = 0.0
     wall = sum(s.span_ms + s.gap_ms for s in steps) / 1e3
@@ -105,7 +107,7 @@ def report(steps: list[Step], bandwidth: float) -> None:
             continue
         n, device = len(group), sum(s.span_ms for s in group) / 1e3
         idle = sum(s.gap_ms for s in group) / 1e3
-        kv = sum(s.context for s in group if s.decode) * KV_BYTES_PER_TOKEN
+        kv = sum(s.context for s in group if s.decode) * kv_bytes_per_token
         floor = kv / bandwidth
         other = (device - floor) / n * 1e3 if kv else float("nan")
         host = sum(s.host_s for s in group) / n * 1e3
@@ -136,6 +138,7 @@ def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
     common = ["--model", model, "--max-num-seqs", "256", "--max-model-len", str(args.max_model_len)]
     common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     worker_flags = ["--load-format", "dummy", "--port", "50261", "--gpu-memory-utilization", "0.9"]
+    worker_flags += ["--kv-cache-dtype", args.kv_cache_dtype]
     worker_cmd = [sys.executable, "-m", "bench.timeline", "--as-worker", str(out), "--", *common, *worker_flags]
     sched_flags = ["--workers", "127.0.0.1:50261", "--port", "50251", "--stream-interval", str(args.stream_interval)]
     sched_cmd = [sys.executable, "-m", "scheduler_svc", *common, *sched_flags]
@@ -147,7 +150,11 @@ def full_stack(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
             n, secs = asyncio.run(throughput.full_stack("127.0.0.1:50251", jobs))
             print(f"full stack: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
     data = json.loads(out.read_text())
-    report([Step(**s) for s in data["steps"]], data["bandwidth"])
+    report([Step(**s) for s in data["steps"]], data["bandwidth"], kv_bytes_per_token(args))
+
+
+def kv_bytes_per_token(args: argparse.Namespace) -> int:
+    return KV_BYTES_PER_TOKEN // 2 if args.kv_cache_dtype == "fp8" else KV_BYTES_PER_TOKEN
 
 
 def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
@@ -156,12 +163,13 @@ def in_process(args: argparse.Namespace, model: str, jobs: list[Job]) -> None:
     steps: list[Step] = []
     resolve = install(steps)
     flags = ["--model", args.model, "--stream-interval", str(args.stream_interval)]
+    flags += ["--kv-cache-dtype", args.kv_cache_dtype]
     flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len)]
     bench_args = throughput.parse_args(flags)
     n, secs = asyncio.run(throughput.in_process(bench_args, model, jobs))
     print(f"in-process: {n} output tokens in {secs:.2f} s = {n / secs:,.0f} tok/s", flush=True)
     resolve()
-    report(steps, copy_bandwidth())
+    report(steps, copy_bandwidth(), kv_bytes_per_token(args))
 
 
 def main() -> None:
@@ -175,6 +183,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="as bench/throughput.py")
     p.add_argument("--single", action="store_true", help="one request at a time (full stack only)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     args = p.parse_args()
     if args.single and args.inproc:
         p.error("--single runs the full stack only")
