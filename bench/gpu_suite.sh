@@ -4,10 +4,10 @@
 #   bench/gpu_suite.sh [LOG_DIR [STEP...]]   (from the repo root, on a machine with a GPU)
 #
 # Runs the kernel and worker correctness checks, the one-row GEMV timings (bench_gemv.py; its tile
-# sweep is left out, being slow), decode attention by batch and row order (bench_decode.py), the
-# decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py) and of the
-# single request, the single request's host path against an emulated device (host_path.py), and the
-# throughput benchmark (full stack, in-process, single-request latency; the full stack again with
+# sweep is left out, being slow), decode attention by batch and row order (bench_decode.py; bf16 and fp8
+# caches), the decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py; bf16
+# and fp8 caches) and of the single request, the single request's host path against an emulated device
+# (host_path.py), and the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
 # four tokens a streamed message, with the engine core in the scheduler process, with 10% of the
 # requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving
 # at several request rates (serve), --compile against our fused kernels (compile_*), the workload
@@ -43,10 +43,12 @@ step kernels 300 python3 tests/gpu/check_kernels.py
 step worker 300 python3 tests/gpu/check_worker.py --prompts 32 --config bench/qwen3-0.6b/config.json
 step gemv 120 python3 bench/bench_gemv.py --no-sweep
 step decode 150 python3 bench/bench_decode.py
+step decode_fp8 150 python3 bench/bench_decode.py --kv-cache-dtype fp8
 step profile_256 200 python3 bench/profile_step.py --batch 256 --context 1024
 step profile_1 200 python3 bench/profile_step.py --batch 1 --context 512
 step throughput 400 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full,inproc,latency
 step timeline 300 python3 -m bench.timeline
+step timeline_fp8 300 python3 -m bench.timeline --kv-cache-dtype fp8
 step timeline_single 200 python3 -m bench.timeline --single
 step host_path 200 python3 -m bench.host_path --step-ms 0.5,1
 step throughput_interval4 300 python3 -m bench.throughput --model bench/qwen3-0.6b --modes full --stream-interval 4
