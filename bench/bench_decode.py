@@ -7,8 +7,8 @@ achieved KV-read bandwidth per batch size and split count, and whether the order
 Each row's context length is drawn uniformly from [lo, hi] (seed 0); the cache holds them in
 shuffled blocks of 16. Every figure is the median of CUDA-graph replays with L2 flushed before
 each (triton.testing.do_bench), in µs and GB/s of K and V read. `auto` marks the split count the
-backend picks (triton_backend.choose_num_splits). --sweep times, per batch, every split count,
-shortest split and K/V tile instead, and prints the fastest (rows longest first).
+backend picks (triton_backend.choose_num_splits). --sweep times, per batch, every combination of
+split count, shortest split, K/V tile and warps instead, and prints the fastest (rows longest first).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from triton.runtime.errors import OutOfResources
 
 from bench.timing import replay_us
 from worker_svc.attention import triton_backend as tb
+from worker_svc.config import KV_CACHE_DTYPES
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--lo", type=int, default=200)
     p.add_argument("--hi", type=int, default=2000)
     p.add_argument("--batches", default="16,32,48,64,96,128,192,256")
-    p.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="as the worker's (auto: bf16)")
     p.add_argument("--sweep", action="store_true", help="time every combination of the four lists below")
     p.add_argument("--splits", default="1,2,4,8,16,32", help="--sweep: split counts")
     p.add_argument("--min-split", default="32,64,128,256", help="--sweep: shortest split lengths")
@@ -66,7 +67,7 @@ def main() -> None:
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     sms = tb.device_num_sms(torch.device("cuda"))
     name = torch.cuda.get_device_name()
-    print(f"{name}, {sms} SMs; contexts uniform in [{args.lo}, {args.hi}], {args.kv_cache_dtype} cache")
+    print(f"{name}, {sms} SMs; contexts uniform in [{args.lo}, {args.hi}], {cache_dtype} cache")
     for b in map(int, args.batches.split(",")):
         rng = random.Random(0)
         lens = [rng.randint(args.lo, args.hi) for _ in range(b)]

@@ -7,9 +7,9 @@
 # sweep is left out, being slow), decode attention by batch and row order (bench_decode.py; bf16 and fp8
 # caches), the decode-step profile at batch 256 and 1, the timeline of a full-stack run (timeline.py; bf16
 # and fp8 caches) and of the single request, the single request's host path against an emulated device
-# (host_path.py), and the throughput benchmark (full stack, in-process, single-request latency; the full stack again with
-# four tokens a streamed message, with the engine core in the scheduler process, with 10% of the
-# requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving
+# (host_path.py), and the throughput benchmark (full stack, in-process, single-request latency; the full
+# stack again with four tokens a streamed message, with the engine core in the scheduler process, with
+# 10% of the requests constrained by a JSON schema (needs xgrammar), and with an fp8 KV cache), online serving
 # at several request rates (serve), --compile against our fused kernels (compile_*), the workload
 # while the worker is killed three times (chaos), and with two GPUs or more the tensor-parallel
 # checks and benchmarks (tp_*, on Qwen3-8B and Qwen3-32B as well). STEPs pick some of them by name

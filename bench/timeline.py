@@ -90,7 +90,7 @@ def workload_steps(steps: list[Step]) -> list[Step]:
     return max(runs, key=len)
 
 
-def report(steps: list[Step], bandwidth: float, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN) -> None:
+def report(steps: list[Step], bandwidth: float, kv_bytes_per_token: int) -> None:
     steps = workload_steps(steps)
     steps[0].gap_ms = 0.0
     wall = sum(s.span_ms + s.gap_ms for s in steps) / 1e3
