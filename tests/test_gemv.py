@@ -100,7 +100,7 @@ def test_gemv_builds_for_h100_without_spills() -> None:
     shapes += [(gemv.PLAIN, 151936, 1024), (gemv.PLAIN, 1024, 1024), (gemv.SILU, 1024, 1536)]
     for prologue, n, k in shapes:
         cfg = gemv.config(n, k, prologue)
-        consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM}
+        consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM, "ONE_PASS": cfg["BLOCK_K"] >= k}
         consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")}
         sig = {a: "constexpr" if a in consts else ("*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
         sig["eps"] = "fp32"

@@ -47,35 +47,53 @@ def _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE: tl.constexpr
 
 
 @triton.jit
+def _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    # NORM's first pass over the (small, cached) input row for its RMS; program 0 also stores the
+    # new residual stream.
+    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+            if pid == 0:
+                tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
+        sum_sq += x * x
+    return tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, N, K, stride_w, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    rstd = 0.0
-    if PROLOGUE == 1:
-        # A first pass over the (small, cached) input row for its RMS; program 0 also stores the
-        # new residual stream.
-        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if ONE_PASS:
+        # BLOCK_K covers K: the program's whole tile of W is requested first, so its HBM latency
+        # runs under the prologue's norm pass instead of after it.
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        rstd = 0.0
+        if PROLOGUE == 1:
+            rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL, BLOCK_K)
+        a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
+        acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    else:
+        rstd = 0.0
+        if PROLOGUE == 1:
+            rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL, BLOCK_K)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
-                if pid == 0:
-                    tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
-            sum_sq += x * x
-        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -85,7 +103,7 @@ def config(n: int, k: int, prologue: int) -> dict[str, int]:
     if prologue == SILU:  # the whole K row in one pass: 4.8 against 6.4 µs at 1 x 1024 (run AL)
         return {"BLOCK_N": 4, "BLOCK_K": min(4096, triton.next_power_of_2(k)), "num_warps": 8}
     if prologue == NORM:
-        return {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 1}
+        return {"BLOCK_N": 2, "BLOCK_K": min(1024, triton.next_power_of_2(k)), "num_warps": 1}
     if n >= 8 * k:  # the LM head: many short rows
         return {"BLOCK_N": 1, "BLOCK_K": 1024, "num_warps": 1}
     return {"BLOCK_N": 2, "BLOCK_K": min(2048, triton.next_power_of_2(k)), "num_warps": 4}
@@ -119,6 +137,7 @@ def gemv(
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         new_residual if new_residual is not None else x, weight, out, n, k, weight.stride(0), eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, num_stages=1, **cfg, **_EXACT_ROUNDING,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ONE_PASS=cfg["BLOCK_K"] >= k, num_stages=1,
+        **cfg, **_EXACT_ROUNDING,
     )  # fmt: skip
     return out, new_residual
