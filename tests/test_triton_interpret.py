@@ -35,7 +35,7 @@ def test_triton_kernels_under_interpreter() -> None:
 def _arg_type(name: str) -> str:
     if name == "slot_mapping_ptr":
         return "*i64"
-    if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr"):
+    if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr", "tickets_ptr"):
         return "*i32"
     if name == "positions_ptr":
         return "*i64"
@@ -73,14 +73,17 @@ def test_kernels_compile_for_h100_without_spills() -> None:
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
-    dec |= {"NUM_Q_HEADS": 16, "SATURATE": False}
+    dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False}
+    split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "ROPE": True}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**split8, "FUSED_MERGE": True}, 4, 3),
+        (k.decode_split_kernel, {**split8, "ROPE": True, "FUSED_MERGE": True}, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
         (k.prefill_kernel, {**pre, "PAGED": True}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
@@ -227,9 +230,18 @@ def test_prefill_from_new_kv_without_cache(tiles: tuple[int | None, int | None])
     ],
 )
 @pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("fused_merge", [False, True])
 def test_decode_attention_matches_reference(
-    ctx_lens: list[int], block_size: int, num_splits: int, heads: tuple[int, int], head_dim: int, ordered: bool
+    ctx_lens: list[int],
+    block_size: int,
+    num_splits: int,
+    heads: tuple[int, int],
+    head_dim: int,
+    ordered: bool,
+    fused_merge: bool,
 ) -> None:
+    """With splits, the partials are merged by a merge kernel or (fused_merge) by each (sequence, kv
+    head)'s last split, which leaves its ticket zeroed for the next launch."""
     q_lens = [1 if c > 0 else 0 for c in ctx_lens]
     _, k, v, k_cache, v_cache, slots, block_tables, seq_lens, _ = make_batch(
         ctx_lens, q_lens, block_size, seed=num_splits, heads=heads, head_dim=head_dim
@@ -242,7 +254,13 @@ def test_decode_attention_matches_reference(
     out = torch.full((num_seqs, heads[0], head_dim), float("nan"))
     # Longest first, as prepare() orders decode steps: each program must still write its own row.
     order = torch.argsort(seq_lens, descending=True, stable=True).int() if ordered else None
-    tk.decode_attention(qd, k_cache, v_cache, block_tables, seq_lens, 0.3, num_splits, out=out, order=order)
+    tickets = torch.zeros(num_seqs * heads[1], dtype=torch.int32) if fused_merge else None
+    for _ in range(2):  # the second launch reuses the tickets the first left
+        out.fill_(float("nan"))
+        tk.decode_attention(
+            qd, k_cache, v_cache, block_tables, seq_lens, 0.3, num_splits, out=out, order=order, tickets=tickets
+        )
+        assert tickets is None or not tickets.any()
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32)
     ref = reference_attention(qd.contiguous(), k_cache, v_cache, block_tables, seq_lens, qsl, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -174,6 +174,7 @@ def check_prefill(dtype: torch.dtype) -> None:
 
 def check_decode(dtype: torch.dtype) -> None:
     sms = tb.device_num_sms(torch.device(DEV))
+    tickets = torch.zeros(tb.MERGE_TICKETS, dtype=torch.int32, device=DEV)  # as the backend keeps them
     for batch, max_ctx in ((1, 4096), (7, 4096), (64, 4096), (256, 2048), (512, 1024)):
         ctx = rand_lens(batch, 1, max_ctx)
         c = make_case(ctx, [1] * len(ctx), dtype)
@@ -182,14 +183,23 @@ def check_decode(dtype: torch.dtype) -> None:
         auto = tb.choose_num_splits(batch, 8, max(ctx), sms)
         longest_first = torch.argsort(c.meta.seq_lens, descending=True, stable=True).int()
         for splits in sorted({auto, 1, 5, tb.choose_num_splits(batch, 8, 40960, sms)}):
-            for order in (None, longest_first):  # as built by prepare() for a decode step
+            for order, merge_tickets in ((None, None), (longest_first, None), (longest_first, tickets)):
                 out = poisoned(c.q)
                 m = c.meta
-                tb.decode_attention(
-                    c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=out, order=order
-                )
+                args = (c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits)
+                tb.decode_attention(*args, out=out, order=order, tickets=merge_tickets)
                 label = " longest first" if order is not None else ""
+                label += " fused merge" if merge_tickets is not None and splits > 1 else ""
                 report(f"decode b={batch} ctx<={max_ctx} splits={splits}{label} {dtype}", out, ref, dtype)
+                if merge_tickets is not None and splits > 1:
+                    # The last split reads the others' partials: a missed ordering would show as a
+                    # launch that differs from the first, or a ticket not reset.
+                    again = [
+                        tb.decode_attention(*args, out=poisoned(c.q), order=order, tickets=tickets) for _ in range(50)
+                    ]
+                    same = all(torch.equal(a, out) for a in again) and not tickets.any()
+                    print(f"  50 launches more: {'identical, tickets reset' if same else 'DIFFER'}")
+                    FAILURES.extend([] if same else [f"fused merge b={batch} splits={splits} {dtype}"])
 
 
 def fp8_step(x: torch.Tensor) -> torch.Tensor:

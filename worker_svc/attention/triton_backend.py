@@ -27,6 +27,7 @@ LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 4  # decode programs resident on an SM at once (see choose_num_splits)
+MERGE_TICKETS = 1 << 16  # (sequence, kv head) pairs decode's fused merge serves; past that, a merge kernel
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -104,6 +105,7 @@ def decode_attention(
     num_stages: int = 3,
     rope: QKNormRope | None = None,
     slot_mapping: torch.Tensor | None = None,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D].
     order: int32 [S], a permutation of the rows to start the programs in (longest first pays).
@@ -113,7 +115,10 @@ def decode_attention(
     row's k and v to the caches at slot_mapping[s] (-1: not stored) before it reads them back:
     what qk_norm_rope with the cache store and then this function without rope do, in one launch.
     On a GPU the two agree to rounding, not bit for bit: this variant is built without FMA
-    contraction, and its sums of squares run in another order (tests/gpu/check_kernels.py)."""
+    contraction, and its sums of squares run in another order (tests/gpu/check_kernels.py).
+
+    tickets: zeroed int32, one per (sequence, kv head) at least, left zeroed: with splits, the last
+    split of each pair to finish merges the partials, instead of a merge kernel after the launch."""
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
@@ -134,6 +139,7 @@ def decode_attention(
     # Triton's pipeliner also prefetch the block-table entries a step ahead (with 2 it issues that
     # load synchronously right before the K/V copies, exposing its latency every step).
     block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32)
+    fused_merge = num_splits > 1 and tickets is not None and tickets.numel() >= num_seqs * num_kv_heads
     if num_splits > 1:
         mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -141,6 +147,7 @@ def decode_attention(
         mid_o = mid_lse = out  # not touched by the NUM_SPLITS == 1 specialisation
     decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens, out, mid_o, mid_lse,
+        tickets if fused_merge else seq_lens,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2),
@@ -150,23 +157,26 @@ def decode_attention(
         *((rope.q_weight, rope.k_weight, rope.cos, rope.sin, rope.positions, slot_mapping,
            rope.cos.stride(0), rope.sin.stride(0), rope.eps) if rope is not None else (q,) * 6 + (0, 0, 0.0)),
         GROUP=group,
+        GROUP_POW2=triton.next_power_of_2(group),
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
         NUM_SPLITS=num_splits,
+        SPLITS_POW2=triton.next_power_of_2(num_splits),
         ORDERED=order is not None,
         DOT_PRECISION=dot_precision(q),
         ROPE=rope is not None,
         NUM_Q_HEADS=num_heads,
         SATURATE=k_cache.dtype == torch.float8_e4m3fn,
+        FUSED_MERGE=fused_merge,
         num_warps=num_warps,
         num_stages=num_stages,
         # The norm and RoPE round like the torch path only without FMA contraction (layers/fused.py).
         enable_fp_fusion=rope is None,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         decode_merge_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads,
@@ -265,6 +275,7 @@ class TritonBackend:
 
     def __init__(self, num_sms: int | None = None) -> None:
         self.num_sms = num_sms  # None: ask the device (lets tests or tuning pin the split count)
+        self._tickets: torch.Tensor | None = None  # decode's fused merge (see tickets())
         self._mixed_cache: tuple[AttnMetadata | None, bool] = (None, False)
 
     def store(
@@ -298,8 +309,9 @@ class TritonBackend:
             sms = self.num_sms or device_num_sms(q.device)
             splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
             return decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order
-            )
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order,
+                tickets=self.tickets(q.device),
+            )  # fmt: skip
         return prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
             split_short=self.is_mixed(meta),
@@ -328,8 +340,18 @@ class TritonBackend:
         q = qkv[:, : num_heads * head_dim].view(num_seqs, num_heads, head_dim)
         return decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order,
-            rope=rope, slot_mapping=meta.slot_mapping,
+            rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
         )  # fmt: skip
+
+    def tickets(self, device: torch.device) -> torch.Tensor | None:
+        """Zeroed tickets for decode's fused merge, made on first use. Not inside a CUDA graph's
+        capture: a buffer made there would live in the graph's memory pool, which other graphs reuse
+        (the steps' graphs run a step eagerly before capturing it, so the first use is outside)."""
+        if self._tickets is None or self._tickets.device != device:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            self._tickets = torch.zeros(MERGE_TICKETS, dtype=torch.int32, device=device)
+        return self._tickets
 
     def is_mixed(self, meta: AttnMetadata) -> bool:
         """Whether the step mixes short (<= SHORT_Q, e.g. decode) and long query runs; computed once

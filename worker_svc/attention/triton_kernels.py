@@ -97,6 +97,7 @@ def decode_split_kernel(
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    tickets_ptr,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -115,17 +116,20 @@ def decode_split_kernel(
     stride_sin,
     eps,
     GROUP: tl.constexpr,
+    GROUP_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
     ORDERED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     SATURATE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
     # so every K/V tile is fetched from HBM once per group instead of once per query head. The
@@ -199,6 +203,53 @@ def decode_split_kernel(
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
         tl.store(mid_lse_ptr + row, lse, mask=hmask)
+        if FUSED_MERGE:
+            # The split of (sequence, kv head) that finishes last merges the group's partials, so no
+            # merge kernel follows. Its ticket's release orders this program's partial stores (all
+            # threads', after the barrier) before the count; the acquire of the last ticket makes
+            # every split's partials visible to the merging program.
+            tl.debug_barrier()
+            ticket_ptr = tickets_ptr + s.to(tl.int64) * tl.num_programs(0) + kvh
+            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")  # ready for the next launch
+                # Only the group's real heads (BLOCK_H pads them for tl.dot): the merge's tiles stay small.
+                mh = kvh * GROUP + tl.arange(0, GROUP_POW2)
+                mh_ok = mh < (kvh + 1) * GROUP
+                base = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + mh) * NUM_SPLITS
+                dst = out_ptr + s.to(tl.int64) * stride_ot + mh[:, None] * stride_oh + d[None, :]
+                active = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)  # splits holding keys
+                _merge_partials(mid_o_ptr, mid_lse_ptr, base, mh_ok, active, dst, HEAD_DIM, SPLITS_POW2, CHUNK=8)
+
+
+@triton.jit
+def _merge_partials(
+    mid_o_ptr, mid_lse_ptr, base, hmask, active, dst,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """decode_merge_kernel's sum for the heads of one kv-head group (rows `base` + split of the
+    partials) over its first `active` splits (the rest are empty), from inside the split kernel.
+    CHUNK splits' partials are loaded at once, so their L2 latencies overlap. Loads go through L2
+    (.cg): other programs wrote them."""
+    d = tl.arange(0, HEAD_DIM)
+    sp = tl.arange(0, SPLITS_POW2)
+    lse = tl.load(
+        mid_lse_ptr + base[:, None] + sp[None, :], mask=hmask[:, None] & (sp < active)[None, :],
+        other=float("-inf"), cache_modifier=".cg",
+    )  # fmt: skip
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights become 0, output 0
+    w_sum = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    acc = tl.zeros([base.shape[0], HEAD_DIM], tl.float32)
+    c = tl.arange(0, CHUNK)
+    for c0 in range(0, active, CHUNK):
+        rows = base[:, None] + c0 + c[None, :]  # [heads, CHUNK]
+        ok = hmask[:, None] & (c0 + c < active)[None, :]
+        w = tl.exp2(tl.load(mid_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg") - m[:, None])
+        o = tl.load(mid_o_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        acc += tl.sum(o * w[:, :, None], 1)
+    res = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+    tl.store(dst, res.to(dst.dtype.element_ty), mask=hmask[:, None])
 
 
 @triton.jit
