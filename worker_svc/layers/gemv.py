@@ -47,20 +47,26 @@ def _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE: tl.constexpr
 
 
 @triton.jit
-def _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rstd(
+    x_ptr, res_ptr, res_out_ptr, pid, K, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # NORM's first pass over the (small, cached) input row for its RMS; program 0 also stores the
-    # new residual stream.
-    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
-            if pid == 0:
-                tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
-        sum_sq += x * x
-    return tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+    # new residual stream. The other prologues take no RMS (0.0, unused).
+    rstd = 0.0
+    if PROLOGUE == 1:
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = round_to(x + tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+                if pid == 0:
+                    tl.store(res_out_ptr + ks, x.to(x_ptr.dtype.element_ty), mask=k_ok)
+            sum_sq += x * x
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+    return rstd
 
 
 @triton.jit
@@ -78,15 +84,11 @@ def _gemv_kernel(
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        rstd = 0.0
-        if PROLOGUE == 1:
-            rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL, BLOCK_K)
+        rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
         a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
         acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     else:
-        rstd = 0.0
-        if PROLOGUE == 1:
-            rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, HAS_RESIDUAL, BLOCK_K)
+        rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
