@@ -226,10 +226,10 @@ def _merge_partials(
     mid_o_ptr, mid_lse_ptr, base, hmask, active, dst,
     HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """decode_merge_kernel's sum for the heads of one kv-head group (rows `base` + split of the
-    partials) over its first `active` splits (the rest are empty), from inside the split kernel.
-    CHUNK splits' partials are loaded at once, so their L2 latencies overlap. Loads go through L2
-    (.cg): other programs wrote them."""
+    """The log-sum-exp weighted sum of split partials for a group of heads (rows `base` + split)
+    over their first `active` splits (the rest are empty): the split kernel's fused merge, and
+    decode_merge_kernel's for one head. CHUNK splits' partials are loaded at once, so their L2
+    latencies overlap. Loads go through L2 (.cg): other programs wrote them."""
     d = tl.arange(0, HEAD_DIM)
     sp = tl.arange(0, SPLITS_POW2)
     lse = tl.load(
@@ -307,22 +307,12 @@ def decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
 ):
-    # Program = (sequence, query head): log-sum-exp weighted sum of the split partials.
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    sp = tl.arange(0, SPLITS_POW2)
-    d = tl.arange(0, HEAD_DIM)
-    spmask = sp < NUM_SPLITS
-    row = (s.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS
-    lse = tl.load(mid_lse_ptr + row + sp, mask=spmask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights become 0, output 0
-    w = tl.exp2(lse - m)
-    o = tl.load(mid_o_ptr + (row + sp)[:, None] * HEAD_DIM + d[None, :], mask=spmask[:, None], other=0.0)
-    w_sum = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
-    dst = out_ptr + s.to(tl.int64) * stride_ot + h * stride_oh + d
-    tl.store(dst, res.to(out_ptr.dtype.element_ty))
+    # Program = (sequence, query head): the split kernel's fused merge for one head, all splits at once.
+    s = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) + tl.arange(0, 1)  # a one-head group
+    dst = out_ptr + s * stride_ot + h[:, None] * stride_oh + tl.arange(0, HEAD_DIM)[None, :]
+    base = (s * NUM_HEADS + h) * NUM_SPLITS
+    _merge_partials(mid_o_ptr, mid_lse_ptr, base, h < NUM_HEADS, NUM_SPLITS, dst, HEAD_DIM, SPLITS_POW2, SPLITS_POW2)
 
 
 @triton.jit
