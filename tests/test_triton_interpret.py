@@ -301,6 +301,23 @@ def test_decode_with_rope_equals_rope_kernel_then_decode(num_splits: int, cache_
     assert not torch.equal(caches[0], torch.stack([k_cache, v_cache]).view(torch.uint8))  # something was stored
 
 
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_bf16_over_fp8_cache(num_splits: int) -> None:
+    """A bf16 query over an fp8 cache takes the fp16 dots: it must match the fp32 reference over the
+    same widened cache to bf16's precision, in 128-key tiles across block boundaries."""
+    ctx_lens = [300, 1, 129]
+    _, k, v, k_cache, v_cache, slots, tables, seq_lens, _ = make_batch(ctx_lens, [1, 1, 1], 16, seed=5)
+    tk.store_kvcache(k, v, k_cache, v_cache, slots)
+    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    q = torch.randn(len(ctx_lens), NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    out = tk.decode_attention(q.to(torch.bfloat16), k8, v8, tables, seq_lens, 0.3, num_splits)
+    qsl = torch.arange(len(ctx_lens) + 1, dtype=torch.int32)
+    ref = reference_attention(q.to(torch.bfloat16).float(), k8.float(), v8.float(), tables, seq_lens, qsl, 0.3)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def _meta(
     slots: torch.Tensor, qsl: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor, prefix: bool
 ) -> AttnMetadata:
