@@ -32,7 +32,9 @@ def test_triton_kernels_under_interpreter() -> None:
     run_under_interpreter(__file__)
 
 
-def _arg_type(name: str) -> str:
+def _arg_type(name: str, fp8_cache: bool = False) -> str:
+    if fp8_cache and name in ("k_cache_ptr", "v_cache_ptr"):
+        return "*fp8e4nv"
     if name == "slot_mapping_ptr":
         return "*i64"
     if name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr", "tickets_ptr"):
@@ -45,16 +47,22 @@ def _arg_type(name: str) -> str:
 
 
 def _compile_sm90(
-    fn: object, consts: dict[str, int | bool], num_warps: int, num_stages: int, fp_fusion: bool = True
+    fn: object,
+    consts: dict[str, int | bool],
+    num_warps: int,
+    num_stages: int,
+    fp_fusion: bool = True,
+    fp8_cache: bool = False,
 ) -> str:
     """AOT-compile a kernel for the H100 (no GPU needed) as the runtime would specialise it: bf16
-    data, 16-byte aligned pointers and strides (block-table rows excepted). Returns ptxas's log."""
+    data (an fp8 KV cache if asked), 16-byte aligned pointers and strides (block-table rows
+    excepted). Returns ptxas's log."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names  # type: ignore[attr-defined]
-    sig = {n: "constexpr" if n in consts else _arg_type(n) for n in names}
+    sig = {n: "constexpr" if n in consts else _arg_type(n, fp8_cache) for n in names}
     aligned = [i for i, n in enumerate(names) if (sig[n][0] == "*" or "stride" in n) and n != "stride_bt"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn, sig, consts, attrs)
@@ -89,9 +97,13 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16}, 4, 3),  # short rows of a mixed batch
     ]
-    for fn, consts, warps, stages in builds:
-        log = _compile_sm90(fn, consts, warps, stages, fp_fusion=not consts.get("ROPE", False))
-        assert " 0 bytes spill stores" in log, f"{fn.__name__} {consts}: {log}"
+    fp8 = [  # an fp8 cache: 128-key tiles, fp16 dots
+        (k.decode_split_kernel, {**dec, "BLOCK_N": 128, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 4, 3),
+        (k.decode_split_kernel, {**split8, "BLOCK_N": 128, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 4, 3),
+    ]
+    for (fn, consts, warps, stages), fp8_cache in [(b, False) for b in builds] + [(b, True) for b in fp8]:
+        log = _compile_sm90(fn, consts, warps, stages, fp_fusion=not consts.get("ROPE", False), fp8_cache=fp8_cache)
+        assert " 0 bytes spill stores" in log, f"{fn.__name__} {consts} fp8 cache {fp8_cache}: {log}"
 
 
 HEAD_DIM, NUM_HEADS, NUM_KV_HEADS = 16, 4, 2
