@@ -97,9 +97,9 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16}, 4, 3),  # short rows of a mixed batch
     ]
-    fp8 = [  # an fp8 cache: 128-key tiles, fp16 dots
-        (k.decode_split_kernel, {**dec, "BLOCK_N": 128, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 4, 3),
-        (k.decode_split_kernel, {**split8, "BLOCK_N": 128, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 4, 3),
+    fp8 = [  # an fp8 cache: fp16 dots, two warps a program
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 2, 3),
+        (k.decode_split_kernel, {**split8, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 2, 3),
     ]
     for (fn, consts, warps, stages), fp8_cache in [(b, False) for b in builds] + [(b, True) for b in fp8]:
         log = _compile_sm90(fn, consts, warps, stages, fp_fusion=not consts.get("ROPE", False), fp8_cache=fp8_cache)
@@ -317,7 +317,7 @@ def test_decode_with_rope_equals_rope_kernel_then_decode(num_splits: int, cache_
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_bf16_over_fp8_cache(num_splits: int) -> None:
     """A bf16 query over an fp8 cache takes the fp16 dots: it must match the fp32 reference over the
-    same widened cache to bf16's precision, in 128-key tiles across block boundaries."""
+    same widened cache to bf16's precision, in tiles across block boundaries."""
     ctx_lens = [300, 1, 129]
     _, k, v, k_cache, v_cache, slots, tables, seq_lens, _ = make_batch(ctx_lens, [1, 1, 1], 16, seed=5)
     tk.store_kvcache(k, v, k_cache, v_cache, slots)

@@ -101,7 +101,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
     rope: QKNormRope | None = None,
     slot_mapping: torch.Tensor | None = None,
@@ -138,9 +138,10 @@ def decode_attention(
     # so the tiles still fit the register/shared-memory budget of a 4-warp program. num_stages=3 lets
     # Triton's pipeliner also prefetch the block-table entries a step ahead (with 2 it issues that
     # load synchronously right before the K/V copies, exposing its latency every step).
-    # An fp8 tile is half the bytes of a bf16 one: twice the keys keep as many bytes in flight.
-    widen = 2 if k_cache.element_size() == 1 else 1
-    block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32) * widen
+    # Over an fp8 cache the loop is bound by widening the keys and values, not by HBM; two warps a
+    # program leave room for twice the programs on an SM, and so for twice the loads in flight.
+    block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32)
+    num_warps = num_warps or (2 if k_cache.element_size() == 1 else 4)
     fused_merge = num_splits > 1 and tickets is not None and tickets.numel() >= num_seqs * num_kv_heads
     if num_splits > 1:
         mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
