@@ -138,8 +138,8 @@ def decode_attention(
     # so the tiles still fit the register/shared-memory budget of a 4-warp program. num_stages=3 lets
     # Triton's pipeliner also prefetch the block-table entries a step ahead (with 2 it issues that
     # load synchronously right before the K/V copies, exposing its latency every step).
-    # Over an fp8 cache the loop is bound by widening the keys and values, not by HBM; two warps a
-    # program leave room for twice the programs on an SM, and so for twice the loads in flight.
+    # Widening fp8 tiles to fp16 takes registers: a 4-warp program then needs so many (sm_90: ~145
+    # a thread) that only 3 fit an SM, where 2-warp programs fit 4, each with its tiles in flight.
     block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32)
     num_warps = num_warps or (2 if k_cache.element_size() == 1 else 4)
     fused_merge = num_splits > 1 and tickets is not None and tickets.numel() >= num_seqs * num_kv_heads
