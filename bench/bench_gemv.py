@@ -5,9 +5,10 @@ against the fused Triton kernel of worker_svc/layers/gemv.py, over its tile conf
 
 Every figure is the time per call inside a CUDA graph (as decode runs), with the call cycling over
 enough copies of the weight that none is still in L2 from its last use, as in a forward pass where
-each layer has its own weights. For each of Qwen3-0.6B's projections it prints
-cuBLAS alone, cuBLAS plus the kernel it would fuse, the best tile configuration found, its rate,
-and the time of the configuration `gemv.config` picks.
+each layer has its own weights. The calls run back to back, as a step's matmuls do: on sm_90 each
+is launched with programmatic dependent launch, so it reads its weights while the one before ends.
+For each of Qwen3-0.6B's projections it prints cuBLAS alone, cuBLAS plus the kernel it would fuse,
+the best tile configuration found, its rate, and the time of the configuration `gemv.config` picks.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def test_gemv(dtype: torch.dtype, prologue: str) -> None:
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_gemv_builds_for_h100_without_spills() -> None:
     """Each prologue at the shapes of Qwen3-0.6B's projections (TP=1 and 2), with the tiles config()
-    picks: no register spills."""
+    picks and programmatic dependent launch on, as on an H100: no register spills; the
+    wait for the kernel before comes after the weight loads where the tile covers K (before them
+    otherwise), and the next kernel is released only after it."""
     pytest.importorskip("triton.backends.nvidia")
     from worker_svc.layers import fused, gemv
 
@@ -100,10 +102,14 @@ def test_gemv_builds_for_h100_without_spills() -> None:
     shapes += [(gemv.PLAIN, 151936, 1024), (gemv.PLAIN, 1024, 1024), (gemv.SILU, 1024, 1536)]
     for prologue, n, k in shapes:
         cfg = gemv.config(n, k, prologue)
-        consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM, "ONE_PASS": cfg["BLOCK_K"] >= k}
+        one_pass = cfg["BLOCK_K"] >= k
+        consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM, "ONE_PASS": one_pass, "PDL": True}
         consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")}
         sig = {a: "constexpr" if a in consts else ("*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
         sig["eps"] = "fp32"
         options = {"num_warps": cfg["num_warps"], "num_stages": 1, **fused._EXACT_ROUNDING}
-        _, log = build_for_h100(fn, sig, consts, options)
+        ptx, log = build_for_h100(fn, sig, consts, options)
         assert " 0 bytes spill stores" in log, f"{prologue} {n}x{k}: {log}"
+        load, wait = ptx.find("ld.global"), ptx.find("griddepcontrol.wait")
+        assert -1 < wait < ptx.find("griddepcontrol.launch_dependents")
+        assert (-1 < load < wait) if one_pass else (-1 < wait < load), f"{prologue} {n}x{k}"

@@ -415,6 +415,41 @@ def check_gemv(dtype: torch.dtype) -> None:
                 FAILURES.append(f"{name} residual")
 
 
+def check_gemv_chain(dtype: torch.dtype) -> None:
+    """Four layers' one-row matmuls, each fed by the one before, captured in one CUDA graph as a decode
+    step runs them (on sm_90 launched with programmatic dependent launch, so each may start before the
+    one before it ends): every replay, on new inputs, must equal the same calls run one at a time
+    with the device synchronised between them, bit for bit."""
+    p = layer_parts(dtype)
+    shapes = [(gemv.NORM, 4096, HIDDEN), (gemv.PLAIN, HIDDEN, 4096), (gemv.NORM, 2 * MLP, HIDDEN)]
+    shapes += [(gemv.SILU, HIDDEN, MLP)]
+    weights = [(torch.randn(n, k, device=DEV) / k**0.5).to(dtype) for _ in range(4) for _, n, k in shapes]
+    x, residual = torch.empty(1, HIDDEN, dtype=dtype, device=DEV), torch.empty(1, HIDDEN, dtype=dtype, device=DEV)
+
+    def chain(sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h, res = x, residual
+        for i, w in enumerate(weights):
+            prologue = shapes[i % len(shapes)][0]
+            h, new_res = gemv.gemv(h, w, prologue, res if prologue == gemv.NORM else None, p.norm.weight, EPS)
+            res = new_res if new_res is not None else res
+            if sync:
+                torch.cuda.synchronize()
+        return h, res
+
+    chain(False)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, out_res = chain(False)
+    for i in range(3):
+        x.copy_(3 * torch.randn(x.shape, device=DEV))
+        residual.copy_(5 * torch.randn(residual.shape, device=DEV))
+        graph.replay()
+        ref, ref_res = chain(True)
+        ok = torch.equal(out, ref) and torch.equal(out_res, ref_res)
+        verdict(f"gemv chain of {len(weights)} in a CUDA graph, replay {i} {dtype}", ok)
+
+
 def check_fused_cuda_graph(dtype: torch.dtype) -> None:
     """The three fused launches captured in one graph, replayed on new inputs and positions."""
     p, rows, heads, d = layer_parts(dtype), 64, QWEN3["heads"], QWEN3["head_dim"]
@@ -834,6 +869,7 @@ def main() -> int:
         check_fused(dtype)
         check_fused_cuda_graph(dtype)
         check_gemv(dtype)
+        check_gemv_chain(dtype)
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
         check_decode_rope(dtype)

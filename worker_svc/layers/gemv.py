@@ -12,6 +12,11 @@ computes its own input:
 The prologue rounds to the model dtype where layers/fused.py's kernels (and the torch paths, and
 Hugging Face's model) round, so the product sees the input the unfused ops would give it.
 
+On sm_90 and later the kernel is launched with programmatic dependent launch (layers/pdl.py): a
+program requests its tile of W, which no earlier kernel writes, while the kernel before it is still
+running, and only then waits for it. A chain of one-row matmuls then pays the latency of those
+loads under the previous kernel's tail instead of after it.
+
 From two rows on, cuBLAS was as fast or faster (the same benchmark), so callers use this for a
 single row only. The launcher reads shapes and Python numbers only: CUDA-graph capturable. This
 module imports triton: import it only for CUDA tensors.
@@ -25,8 +30,12 @@ import triton.language as tl
 
 from worker_svc.attention.triton_kernels import round_to
 from worker_svc.layers.fused import _EXACT_ROUNDING
+from worker_svc.layers.pdl import enter, launch_options
 
 PLAIN, NORM, SILU = 0, 1, 2
+# A grid of many waves (the LM head's 151,936 one-row programs) streams at full bandwidth anyway, and
+# took 185 µs with PDL against 100 without (run AL): it launches without.
+MAX_PDL_GRID = 8192
 
 
 @triton.jit
@@ -73,21 +82,23 @@ def _rstd(
 def _gemv_kernel(
     x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, N, K, stride_w, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ONE_PASS: tl.constexpr,
+    ONE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if ONE_PASS:
         # BLOCK_K covers K: the program's whole tile of W is requested first, so its HBM latency
-        # runs under the prologue's norm pass instead of after it.
+        # runs under the kernel before (with PDL) and the prologue's norm pass instead of after them.
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        enter(PDL)
         rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
         a = _input(x_ptr, res_ptr, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
         acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     else:
+        enter(PDL)
         rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, K, eps, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -136,10 +147,12 @@ def gemv(
         assert residual is None or (residual.shape == x.shape and residual.stride(-1) == 1)
         new_residual = torch.empty_like(x) if residual is not None else x
     cfg = cfg or config(n, k, prologue)
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    grid = triton.cdiv(n, cfg["BLOCK_N"])
+    pdl = launch_options(x) if grid <= MAX_PDL_GRID else {"PDL": False}
+    _gemv_kernel[(grid,)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         new_residual if new_residual is not None else x, weight, out, n, k, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ONE_PASS=cfg["BLOCK_K"] >= k, num_stages=1,
-        **cfg, **_EXACT_ROUNDING,
+        **pdl, **cfg, **_EXACT_ROUNDING,
     )  # fmt: skip
     return out, new_residual
