@@ -1,13 +1,13 @@
 """The matmuls of a one-row decode step: cuBLAS (and the separate norm / SiLU kernel before it)
 against the fused Triton kernel of worker_svc/layers/gemv.py, over its tile configurations.
 
-    PYTHONPATH=. python3 bench/bench_gemv.py [--config bench/qwen3-8b/config.json] [--tp 1] [--no-sweep]
+    PYTHONPATH=. python3 bench/bench_gemv.py [--model bench/qwen3-8b] [--tp 1] [--no-sweep]
 
 Every figure is the time per call inside a CUDA graph (as decode runs), with the call cycling over
 enough copies of the weight that none is still in L2 from its last use, as in a forward pass where
 each layer has its own weights. The calls run back to back, as a step's matmuls do: on sm_90 each
 is launched with programmatic dependent launch, so it reads its weights while the one before ends.
-For each projection of the model (Qwen3-0.6B's unless --config names another) it prints cuBLAS
+For each projection of the model (Qwen3-0.6B's unless --model names another) it prints cuBLAS
 alone, cuBLAS plus the kernel it would fuse, the best tile configuration found, its rate, and the
 time of the configuration `gemv.config` picks.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from triton.runtime.errors import OutOfResources
 
 from bench.timing import graph_us
 from worker_svc.layers import fused, gemv
+from worker_svc.models.arch import ModelArch
 
 MIN_BYTES = 256 << 20  # weight copies cycled through: several times the 50 MB L2
 
@@ -38,17 +38,15 @@ def candidates() -> list[dict[str, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="bench/qwen3-0.6b/config.json", help="a Hugging Face config.json: its shapes")
+    p.add_argument("--model", default="bench/qwen3-0.6b", help="a model folder: the shapes of its config.json")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true", help="time only the configuration gemv.config picks")
     args = p.parse_args()
     torch.manual_seed(0)
     dt, dev, tp = torch.bfloat16, torch.device("cuda"), args.tp
-    with open(args.config) as f:
-        c = json.load(f)
-    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    arch = ModelArch.read(args.model)
+    hidden, inter, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     shapes = [  # name, N, K, prologue
         ("qkv", (q + 2 * kv) // tp, hidden, gemv.NORM),
         ("o", hidden, q // tp, gemv.PLAIN),
@@ -57,7 +55,7 @@ def main() -> None:
         ("lm_head", vocab // tp, hidden, gemv.PLAIN),
     ]
     norm_w = torch.ones(hidden, dtype=dt, device=dev)
-    print(f"{torch.cuda.get_device_name()}, {args.config}, tp={tp}; µs per call in a CUDA graph, weights past L2")
+    print(f"{torch.cuda.get_device_name()}, {args.model}, tp={tp}; µs per call in a CUDA graph, weights past L2")
     print("shape    cuBLAS  +unfused  fused(best)  GB/s   best BLOCK_N BLOCK_K warps  fused(picked)")
     for name, n, k, prologue in shapes:
         copies = max(2, -(-MIN_BYTES // (n * k * 2)))
