@@ -9,6 +9,8 @@ differ only by the fp32 summation order (and, in 16-bit dtypes, the final roundi
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from tests.triton_interpreter import (
 )
 from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
+from worker_svc.models.arch import ModelArch
 
 require_triton()
 
@@ -90,19 +93,28 @@ def test_gemv(dtype: torch.dtype, prologue: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_gemv_builds_for_h100_without_spills() -> None:
-    """Each prologue at the shapes of Qwen3-0.6B's projections (TP=1 and 2), with the tiles config()
-    picks and programmatic dependent launch on, as on an H100: no register spills; the
+    """Each projection of Qwen3-0.6B, 8B and 32B (TP=1 and 2), with the tiles config() picks and
+    programmatic dependent launch on, as on an H100: no register spills; the
     wait for the kernel before comes after the weight loads where the tile covers K (before them
     otherwise), and the next kernel is released only after it."""
     pytest.importorskip("triton.backends.nvidia")
     from worker_svc.layers import fused, gemv
 
     fn = gemv._gemv_kernel
-    shapes = [(gemv.NORM, 4096, 1024), (gemv.PLAIN, 1024, 2048), (gemv.NORM, 6144, 1024), (gemv.SILU, 1024, 3072)]
-    shapes += [(gemv.PLAIN, 151936, 1024), (gemv.PLAIN, 1024, 1024), (gemv.SILU, 1024, 1536)]
-    for prologue, n, k in shapes:
-        cfg = gemv.config(n, k, prologue)
-        one_pass = cfg["BLOCK_K"] >= k
+    builds = {}  # a build depends on the tiles and the prologue, not on N or K
+    for model, tp in itertools.product(("qwen3-0.6b", "qwen3-8b", "qwen3-32b"), (1, 2)):
+        a = ModelArch.read(f"bench/{model}")
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        for prologue, n, k in [
+            (gemv.NORM, (q + 2 * kv) // tp, a.hidden_size),
+            (gemv.PLAIN, a.hidden_size, q // tp),
+            (gemv.NORM, 2 * a.intermediate_size // tp, a.hidden_size),
+            (gemv.SILU, a.hidden_size, a.intermediate_size // tp),
+            (gemv.PLAIN, a.vocab_size // tp, a.hidden_size),
+        ]:
+            cfg = gemv.config(n, k, prologue)
+            builds[(prologue, cfg["BLOCK_K"] >= k, *cfg.values())] = (n, k, cfg)
+    for (prologue, one_pass, *_), (n, k, cfg) in builds.items():
         consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM, "ONE_PASS": one_pass, "PDL": True}
         consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")}
         sig = {a: "constexpr" if a in consts else ("*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}

@@ -111,15 +111,27 @@ def _gemv_kernel(
 
 
 def config(n: int, k: int, prologue: int) -> dict[str, int]:
-    """Rows of W a program, K chunk and warps: the fastest of bench/bench_gemv.py's sweep on an H100
-    for each of Qwen3-0.6B's projections (docs/lab-notes.md)."""
-    if prologue == SILU:  # the whole K row in one pass: 4.8 against 6.4 µs at 1 x 1024 (run AL)
-        return {"BLOCK_N": 4, "BLOCK_K": min(4096, triton.next_power_of_2(k)), "num_warps": 8}
-    if prologue == NORM:
-        return {"BLOCK_N": 2, "BLOCK_K": min(1024, triton.next_power_of_2(k)), "num_warps": 1}
-    if n >= 8 * k:  # the LM head: many short rows
-        return {"BLOCK_N": 1, "BLOCK_K": 1024, "num_warps": 1}
-    return {"BLOCK_N": 2, "BLOCK_K": min(2048, triton.next_power_of_2(k)), "num_warps": 4}
+    """Rows of W a program, K chunk and warps, from bench/bench_gemv.py's sweeps on an H100 with PDL at
+    the projections of Qwen3-0.6B, 8B and 32B (TP 1 and 2; docs/lab-notes.md, run AR).
+
+    Under PDL a program's whole tile is requested before it waits for the kernel before, so the
+    fastest tiles cover K in one pass and are large: about 8,192 weights (16 KB) a program, which
+    is more in flight per SM than the one-warp tiles that were best without PDL."""
+    whole = triton.next_power_of_2(k)
+    if prologue == PLAIN and n >= 8 * k:  # the LM head: many short rows, launched without PDL
+        block_k = whole if whole <= 4096 else 2048
+        return {"BLOCK_N": 1, "BLOCK_K": block_k, "num_warps": max(1, block_k // 1024)}
+    if whole > 4096:  # K in steps: the 8B and 32B down projections, the 32B qkv and gate_up
+        return {"BLOCK_N": 4, "BLOCK_K": 2048 if prologue == NORM else 1024, "num_warps": 4}
+    if prologue == SILU:  # reads two inputs a weight
+        return {"BLOCK_N": 4, "BLOCK_K": whole, "num_warps": 8}
+    if prologue == PLAIN:  # o: a few programs an SM where N is small (0.6B), one row a program otherwise
+        return (
+            {"BLOCK_N": 8, "BLOCK_K": whole, "num_warps": 8}
+            if n <= 1024
+            else {"BLOCK_N": 1, "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
+        )
+    return {"BLOCK_N": min(8, max(1, 8192 // whole)), "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
 
 
 def gemv(
