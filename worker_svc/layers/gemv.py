@@ -4,7 +4,7 @@ op before them fused in.
 y = x @ W.T for one row x reads all of W and does two flops a weight: its cost is bandwidth and a
 launch. In a CUDA graph cuBLAS took 5.3-7.0 µs for Qwen3-0.6B's layer projections (0.7-1.8 TB/s,
 bench/bench_gemv.py), plus 1.1-1.6 µs for the separate norm or SiLU kernel before each. Here the
-programs split W's rows finely (one to two rows each), so all SMs stream it, and the kernel also
+programs split W's rows finely (one to eight rows each), so all SMs stream it, and the kernel also
 computes its own input:
   - NORM: RMSNorm of x (times the norm weight), after adding the residual if one is given; the
     first program also writes the new residual stream (x + residual);
