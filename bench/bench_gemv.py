@@ -36,6 +36,19 @@ def candidates() -> list[dict[str, int]]:
     ]
 
 
+def projections(arch: ModelArch, tp: int) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, prologue) of each one-row matmul of a decode step, as one of tp ranks runs it."""
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return [
+        ("qkv", (q + 2 * kv) // tp, hidden, gemv.NORM),
+        ("o", hidden, q // tp, gemv.PLAIN),
+        ("gate_up", 2 * inter // tp, hidden, gemv.NORM),
+        ("down", hidden, inter // tp, gemv.SILU),
+        ("lm_head", arch.vocab_size // tp, hidden, gemv.PLAIN),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench/qwen3-0.6b", help="a model folder: the shapes of its config.json")
@@ -45,19 +58,10 @@ def main() -> None:
     torch.manual_seed(0)
     dt, dev, tp = torch.bfloat16, torch.device("cuda"), args.tp
     arch = ModelArch.read(args.model)
-    hidden, inter, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    shapes = [  # name, N, K, prologue
-        ("qkv", (q + 2 * kv) // tp, hidden, gemv.NORM),
-        ("o", hidden, q // tp, gemv.PLAIN),
-        ("gate_up", 2 * inter // tp, hidden, gemv.NORM),
-        ("down", hidden, inter // tp, gemv.SILU),
-        ("lm_head", vocab // tp, hidden, gemv.PLAIN),
-    ]
-    norm_w = torch.ones(hidden, dtype=dt, device=dev)
+    norm_w = torch.ones(arch.hidden_size, dtype=dt, device=dev)
     print(f"{torch.cuda.get_device_name()}, {args.model}, tp={tp}; µs per call in a CUDA graph, weights past L2")
     print("shape    cuBLAS  +unfused  fused(best)  GB/s   best BLOCK_N BLOCK_K warps  fused(picked)")
-    for name, n, k, prologue in shapes:
+    for name, n, k, prologue in projections(arch, tp):
         copies = max(2, -(-MIN_BYTES // (n * k * 2)))
         weights = [torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for _ in range(copies)]
         print(row(name, prologue, weights, norm_w, not args.no_sweep))

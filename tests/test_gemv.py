@@ -98,20 +98,13 @@ def test_gemv_builds_for_h100_without_spills() -> None:
     wait for the kernel before comes after the weight loads where the tile covers K (before them
     otherwise), and the next kernel is released only after it."""
     pytest.importorskip("triton.backends.nvidia")
+    from bench.bench_gemv import projections
     from worker_svc.layers import fused, gemv
 
     fn = gemv._gemv_kernel
     builds = {}  # a build depends on the tiles and the prologue, not on N or K
     for model, tp in itertools.product(("qwen3-0.6b", "qwen3-8b", "qwen3-32b"), (1, 2)):
-        a = ModelArch.read(f"bench/{model}")
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        for prologue, n, k in [
-            (gemv.NORM, (q + 2 * kv) // tp, a.hidden_size),
-            (gemv.PLAIN, a.hidden_size, q // tp),
-            (gemv.NORM, 2 * a.intermediate_size // tp, a.hidden_size),
-            (gemv.SILU, a.hidden_size, a.intermediate_size // tp),
-            (gemv.PLAIN, a.vocab_size // tp, a.hidden_size),
-        ]:
+        for _, n, k, prologue in projections(ModelArch.read(f"bench/{model}"), tp):
             cfg = gemv.config(n, k, prologue)
             builds[(prologue, cfg["BLOCK_K"] >= k, *cfg.values())] = (n, k, cfg)
     for (prologue, one_pass, *_), (n, k, cfg) in builds.items():
