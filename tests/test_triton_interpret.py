@@ -83,6 +83,8 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
     dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False}
     split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
+    # a single sequence's: 128-key tiles, up to 16 splits
+    one_seq = {**split8, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": 128, "NUM_SPLITS": 16, "SPLITS_POW2": 16}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
@@ -92,6 +94,7 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8, "ROPE": True}, 4, 3),
         (k.decode_split_kernel, {**split8, "FUSED_MERGE": True}, 4, 3),
         (k.decode_split_kernel, {**split8, "ROPE": True, "FUSED_MERGE": True}, 4, 3),
+        (k.decode_split_kernel, one_seq, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
         (k.prefill_kernel, {**pre, "PAGED": True}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
@@ -281,7 +284,10 @@ def test_decode_attention_matches_reference(
 @needs_interpreter
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
-def test_decode_with_rope_equals_rope_kernel_then_decode(num_splits: int, cache_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("block_n", [None, 128])  # 128: the one-row tiles
+def test_decode_with_rope_equals_rope_kernel_then_decode(
+    num_splits: int, cache_dtype: torch.dtype, block_n: int | None
+) -> None:
     """decode_attention(rope=...) on a raw qkv row against what it replaces: qk_norm_rope storing k
     and v, then decode_attention. The new tokens' slots hold stale values beforehand, so a key loop
     that read one before its store would differ. Same outputs and caches, bit for bit."""
@@ -307,7 +313,10 @@ def test_decode_with_rope_equals_rope_kernel_then_decode(num_splits: int, cache_
         if not fuse:
             fused.qk_norm_rope(x, positions, rope.cos, rope.sin, *w, *heads, eps, (kc, vc, slots))
         args = (q, kc, vc, tables, seq_lens, 0.3, num_splits)
-        outs.append(tk.decode_attention(*args, rope=rope, slot_mapping=slots) if fuse else tk.decode_attention(*args))
+        if fuse:
+            outs.append(tk.decode_attention(*args, rope=rope, slot_mapping=slots, block_n=block_n))
+        else:
+            outs.append(tk.decode_attention(*args, block_n=block_n))
         caches.append(torch.stack([kc, vc]).view(torch.uint8))
     assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
     assert not torch.equal(caches[0], torch.stack([k_cache, v_cache]).view(torch.uint8))  # something was stored

@@ -341,9 +341,13 @@ class TritonBackend:
         if num_seqs * num_kv_heads * splits > 2 * PROGRAMS_PER_SM * sms:
             return None
         q = qkv[:, : num_heads * head_dim].view(num_seqs, num_heads, head_dim)
+        # One sequence (a single request's decode) has few programs: fewer, longer splits over
+        # 128-key tiles keep each one streaming longer per wait, and leave fewer partials to merge.
+        one = num_seqs == 1 and k_cache.element_size() == 2 and head_dim <= 128
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order,
-            rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 16) if one else splits,
+            order=meta.decode_order, rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
+            block_n=128 if one else None,
         )  # fmt: skip
 
     def tickets(self, device: torch.device) -> torch.Tensor | None:
