@@ -1,7 +1,7 @@
 """The matmuls of a one-row decode step: cuBLAS (and the separate norm / SiLU kernel before it)
 against the fused Triton kernel of worker_svc/layers/gemv.py, over its tile configurations.
 
-    PYTHONPATH=. python3 bench/bench_gemv.py [--model bench/qwen3-8b] [--tp 1] [--no-sweep]
+    PYTHONPATH=. python3 bench/bench_gemv.py [--model bench/qwen3-8b] [--tp 1] [--rows 1] [--no-sweep]
 
 Every figure is the time per call inside a CUDA graph (as decode runs), with the call cycling over
 enough copies of the weight that none is still in L2 from its last use, as in a forward pass where
@@ -9,7 +9,8 @@ each layer has its own weights. The calls run back to back, as a step's matmuls 
 is launched with programmatic dependent launch, so it reads its weights while the one before ends.
 For each projection of the model (Qwen3-0.6B's unless --model names another) it prints cuBLAS
 alone, cuBLAS plus the kernel it would fuse, the best tile configuration found, its rate, and the
-time of the configuration `gemv.config` picks.
+time of the configuration `gemv.config` picks. --rows M times M rows a call (the decode step of M
+sequences; layers/linear.py sends 1 and 2 rows to the kernels).
 """
 
 from __future__ import annotations
@@ -53,24 +54,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench/qwen3-0.6b", help="a model folder: the shapes of its config.json")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--rows", type=int, default=1, help="rows of x a call (a power of two)")
     p.add_argument("--no-sweep", action="store_true", help="time only the configuration gemv.config picks")
     args = p.parse_args()
     torch.manual_seed(0)
     dt, dev, tp = torch.bfloat16, torch.device("cuda"), args.tp
     arch = ModelArch.read(args.model)
     norm_w = torch.ones(arch.hidden_size, dtype=dt, device=dev)
-    print(f"{torch.cuda.get_device_name()}, {args.model}, tp={tp}; µs per call in a CUDA graph, weights past L2")
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, {args.model}, tp={tp}, {args.rows} rows; µs per call in a CUDA graph, weights past L2")
     print("shape    cuBLAS  +unfused  fused(best)  GB/s   best BLOCK_N BLOCK_K warps  fused(picked)")
     for name, n, k, prologue in projections(arch, tp):
         copies = max(2, -(-MIN_BYTES // (n * k * 2)))
         weights = [torch.randn(n, k, dtype=dt, device=dev) / k**0.5 for _ in range(copies)]
-        print(row(name, prologue, weights, norm_w, not args.no_sweep))
+        print(row(name, prologue, weights, norm_w, args.rows, not args.no_sweep))
 
 
-def row(name: str, prologue: int, weights: list[torch.Tensor], norm_w: torch.Tensor, sweep: bool) -> str:
+def row(name: str, prologue: int, weights: list[torch.Tensor], norm_w: torch.Tensor, rows: int, sweep: bool) -> str:
     (n, k), dt, dev = weights[0].shape, weights[0].dtype, weights[0].device
-    x = torch.randn(1, 2 * k if prologue == gemv.SILU else k, dtype=dt, device=dev)
-    res = torch.randn(1, k, dtype=dt, device=dev)
+    x = torch.randn(rows, 2 * k if prologue == gemv.SILU else k, dtype=dt, device=dev)
+    res = torch.randn(rows, k, dtype=dt, device=dev)
     cublas = graph_us([lambda w=w: F.linear(x[:, :k], w) for w in weights])
     if prologue == gemv.NORM:
         unfused = graph_us([lambda w=w: F.linear(fused.add_rms_norm(x, res, norm_w, 1e-6)[0], w) for w in weights])

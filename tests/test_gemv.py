@@ -23,6 +23,7 @@ from tests.triton_interpreter import (
     run_under_interpreter,
 )
 from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.linear import GEMV_ROWS
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.models.arch import ModelArch
 
@@ -55,13 +56,14 @@ def assert_product(out: torch.Tensor, ref: torch.Tensor) -> None:
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("prologue", ["plain", "norm", "add_norm", "silu"])
-def test_gemv(dtype: torch.dtype, prologue: str) -> None:
+@pytest.mark.parametrize("rows", [1, 2, 4])  # the one-row kernel, and the few-rows one
+def test_gemv(dtype: torch.dtype, prologue: str, rows: int) -> None:
     gen = torch.Generator().manual_seed(len(prologue))
     k, n = 192, 72  # neither a multiple of the tiles below: masks on both edges
     weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
     width = 2 * k if prologue == "silu" else k
-    x = (3 * torch.randn(1, width, generator=gen)).to(dtype)
-    residual = (2 * torch.randn(1, k, generator=gen)).to(dtype) if prologue == "add_norm" else None
+    x = (3 * torch.randn(rows, width, generator=gen)).to(dtype)
+    residual = (2 * torch.randn(rows, k, generator=gen)).to(dtype) if prologue == "add_norm" else None
     x_before, residual_before = x.clone(), None if residual is None else residual.clone()
     norm = RMSNorm(k, EPS)
     norm.weight.data = (1 + 0.3 * torch.randn(k, generator=gen)).to(dtype)
@@ -80,6 +82,12 @@ def test_gemv(dtype: torch.dtype, prologue: str) -> None:
             assert new_res is not None and torch.equal(new_res, ref_res)
         else:
             assert new_res is None
+    # Each of several rows is summed in the one-row kernel's order: the same bits, K in one pass or in steps.
+    for cfg in (None, {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}) if rows > 1 else ():
+        out = gemv.gemv(x, weight, code, residual, norm.weight, EPS, cfg)[0]
+        for r in range(rows):
+            res_r = None if residual is None else residual[r : r + 1]
+            assert torch.equal(out[r], gemv.gemv(x[r : r + 1], weight, code, res_r, norm.weight, EPS, cfg)[0][0])
     # Through an identity weight the product is the prologue's output itself, which must round
     # exactly as the torch ops do (in fp32 only ulps of another exp and sum order remain).
     out, _ = gemv.gemv(x, torch.eye(k, dtype=dtype), code, residual, norm.weight, EPS)
@@ -93,28 +101,29 @@ def test_gemv(dtype: torch.dtype, prologue: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the compiling (non-interpreted) kernels")
 def test_gemv_builds_for_h100_without_spills() -> None:
-    """Each projection of Qwen3-0.6B, 8B and 32B (TP=1 and 2), with the tiles config() picks and
-    programmatic dependent launch on, as on an H100: no register spills; the
+    """Each projection of Qwen3-0.6B, 8B and 32B (TP=1 and 2), for each row count the layers send,
+    with the tiles config() picks and programmatic dependent launch on, as on an H100: no register spills; the
     wait for the kernel before comes after the weight loads where the tile covers K (before them
     otherwise), and the next kernel is released only after it."""
     pytest.importorskip("triton.backends.nvidia")
     from bench.bench_gemv import projections
     from worker_svc.layers import fused, gemv
 
-    fn = gemv._gemv_kernel
-    builds = {}  # a build depends on the tiles and the prologue, not on N or K
+    builds = {}  # a build depends on the tiles, the prologue and the rows, not on N or K
     for model, tp in itertools.product(("qwen3-0.6b", "qwen3-8b", "qwen3-32b"), (1, 2)):
         for _, n, k, prologue in projections(ModelArch.read(f"bench/{model}"), tp):
-            cfg = gemv.config(n, k, prologue)
-            builds[(prologue, cfg["BLOCK_K"] >= k, *cfg.values())] = (n, k, cfg)
-    for (prologue, one_pass, *_), (n, k, cfg) in builds.items():
+            for rows in GEMV_ROWS:
+                cfg = gemv.config(n, k, prologue, rows)
+                builds[(prologue, cfg["BLOCK_K"] >= k, rows, *cfg.values())] = (n, k, cfg)
+    for (prologue, one_pass, rows, *_), (n, k, cfg) in builds.items():
+        fn = gemv._gemv_kernel if rows == 1 else gemv._gemv_rows_kernel
         consts = {"PROLOGUE": prologue, "HAS_RESIDUAL": prologue == gemv.NORM, "ONE_PASS": one_pass, "PDL": True}
-        consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")}
+        consts |= {key: v for key, v in cfg.items() if key.startswith("BLOCK")} | ({"ROWS": rows} if rows > 1 else {})
         sig = {a: "constexpr" if a in consts else ("*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
         sig["eps"] = "fp32"
         options = {"num_warps": cfg["num_warps"], "num_stages": 1, **fused._EXACT_ROUNDING}
         ptx, log = build_for_h100(fn, sig, consts, options)
-        assert " 0 bytes spill stores" in log, f"{prologue} {n}x{k}: {log}"
+        assert " 0 bytes spill stores" in log, f"{prologue} {n}x{k} {rows} rows: {log}"
         load, wait = ptx.find("ld.global"), ptx.find("griddepcontrol.wait")
         assert -1 < wait < ptx.find("griddepcontrol.launch_dependents")
-        assert (-1 < load < wait) if one_pass else (-1 < wait < load), f"{prologue} {n}x{k}"
+        assert (-1 < load < wait) if one_pass else (-1 < wait < load), f"{prologue} {n}x{k} {rows} rows"

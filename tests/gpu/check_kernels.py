@@ -26,6 +26,7 @@ from worker_svc.attention import triton_backend as tb
 from worker_svc.attention.metadata import AttnMetadata
 from worker_svc.layers import fused, gemv
 from worker_svc.layers.activation import SiluAndMul
+from worker_svc.layers.linear import GEMV_ROWS
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.rotary import RotaryEmbedding, apply_rotary
 from worker_svc.sampler import Sampler
@@ -382,8 +383,8 @@ def check_fused(dtype: torch.dtype) -> None:
         report_rounding(f"silu_and_mul b={rows} {dtype}", fused.silu_and_mul(g), SiluAndMul().forward_torch(g))
 
 
-def check_gemv(dtype: torch.dtype) -> None:
-    """Each prologue at Qwen3-0.6B's projection shapes (TP=1 and a TP=2 rank's share): through an
+def check_gemv(dtype: torch.dtype, rows: int) -> None:
+    """Each prologue at Qwen3-0.6B's projection shapes (TP=1 and a TP=2 rank's share), for `rows` rows: through an
     identity weight the output is the prologue's own, which must round like the torch ops; through
     a random weight the product must match fp32 math on the same (torch-path) input."""
     p = layer_parts(dtype)
@@ -391,8 +392,8 @@ def check_gemv(dtype: torch.dtype) -> None:
     shapes += [(gemv.SILU, HIDDEN, MLP), (gemv.PLAIN, VOCAB, HIDDEN)]
     shapes += [(gemv.NORM, 2048, HIDDEN), (gemv.PLAIN, HIDDEN, 1024), (gemv.SILU, HIDDEN, 1536)]  # TP=2
     for prologue, n, k in shapes:
-        x = (3 * torch.randn(1, 2 * k if prologue == gemv.SILU else k, device=DEV)).to(dtype)
-        for residual in (None, (5 * torch.randn(1, k, device=DEV)).to(dtype)) if prologue == gemv.NORM else (None,):
+        x = (3 * torch.randn(rows, 2 * k if prologue == gemv.SILU else k, device=DEV)).to(dtype)
+        for residual in (None, (5 * torch.randn(rows, k, device=DEV)).to(dtype)) if prologue == gemv.NORM else (None,):
             norm_w = p.norm.weight
             if prologue == gemv.SILU:
                 ref_in, ref_res = SiluAndMul().forward_torch(x), None
@@ -403,7 +404,7 @@ def check_gemv(dtype: torch.dtype) -> None:
             else:
                 ref_in, ref_res = x, None
             name = f"gemv {['plain', 'norm', 'silu'][prologue]}{' + residual' if residual is not None else ''}"
-            name += f" {n}x{k} {dtype}"
+            name += f" {n}x{k} {rows} rows {dtype}"
             if n == k or prologue != gemv.PLAIN:
                 eye = torch.eye(k, dtype=dtype, device=DEV)
                 report_rounding(f"{name} (identity)", gemv.gemv(x, eye, prologue, residual, norm_w, EPS)[0], ref_in)
@@ -415,8 +416,8 @@ def check_gemv(dtype: torch.dtype) -> None:
                 FAILURES.append(f"{name} residual")
 
 
-def check_gemv_chain(dtype: torch.dtype) -> None:
-    """Four layers' one-row matmuls, each fed by the one before, captured in one CUDA graph as a decode
+def check_gemv_chain(dtype: torch.dtype, rows: int) -> None:
+    """Four layers' few-row matmuls, each fed by the one before, captured in one CUDA graph as a decode
     step runs them (on sm_90 launched with programmatic dependent launch, so each may start before the
     one before it ends): every replay, on new inputs, must equal the same calls run one at a time
     with the device synchronised between them, bit for bit."""
@@ -424,7 +425,7 @@ def check_gemv_chain(dtype: torch.dtype) -> None:
     shapes = [(gemv.NORM, 4096, HIDDEN), (gemv.PLAIN, HIDDEN, 4096), (gemv.NORM, 2 * MLP, HIDDEN)]
     shapes += [(gemv.SILU, HIDDEN, MLP)]
     weights = [(torch.randn(n, k, device=DEV) / k**0.5).to(dtype) for _ in range(4) for _, n, k in shapes]
-    x, residual = torch.empty(1, HIDDEN, dtype=dtype, device=DEV), torch.empty(1, HIDDEN, dtype=dtype, device=DEV)
+    x, residual = (torch.empty(rows, HIDDEN, dtype=dtype, device=DEV) for _ in range(2))
 
     def chain(sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
         h, res = x, residual
@@ -447,7 +448,7 @@ def check_gemv_chain(dtype: torch.dtype) -> None:
         graph.replay()
         ref, ref_res = chain(True)
         ok = torch.equal(out, ref) and torch.equal(out_res, ref_res)
-        verdict(f"gemv chain of {len(weights)} in a CUDA graph, replay {i} {dtype}", ok)
+        verdict(f"gemv chain of {len(weights)} x {rows} rows in a CUDA graph, replay {i} {dtype}", ok)
 
 
 def check_fused_cuda_graph(dtype: torch.dtype) -> None:
@@ -868,8 +869,9 @@ def main() -> int:
         check_cuda_graph(dtype)
         check_fused(dtype)
         check_fused_cuda_graph(dtype)
-        check_gemv(dtype)
-        check_gemv_chain(dtype)
+        for rows in GEMV_ROWS:
+            check_gemv(dtype, rows)
+            check_gemv_chain(dtype, rows)
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
         check_decode_rope(dtype)

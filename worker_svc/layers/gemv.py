@@ -110,13 +110,59 @@ def _gemv_kernel(
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def config(n: int, k: int, prologue: int) -> dict[str, int]:
+@triton.jit
+def _gemv_rows_kernel(
+    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, N, K, stride_w, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    # ROWS contiguous rows of x (and of the residual and the output) against one tile of W: the
+    # tile is read from HBM once and used for every row, where cuBLAS's small-M kernels pay about
+    # what they pay for 64 rows. Each row's sum runs in the one-row kernel's order.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rows = tl.arange(0, ROWS)
+    x_stride = 2 * K if PROLOGUE == 2 else K
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    if ONE_PASS:
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        enter(PDL)
+        for m in tl.static_range(ROWS):
+            x_m, res_m, res_out_m = x_ptr + m * x_stride, res_ptr + m * K, res_out_ptr + m * K
+            rstd = _rstd(x_m, res_m, res_out_m, pid, K, eps, PROLOGUE, HAS_RESIDUAL, BLOCK_K)
+            a = _input(x_m, res_m, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
+            acc = tl.where(rows[:, None] == m, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :], acc)
+    else:
+        enter(PDL)
+        rstds = tl.zeros([ROWS], dtype=tl.float32)
+        for m in tl.static_range(ROWS):
+            r = _rstd(x_ptr + m * x_stride, res_ptr + m * K, res_out_ptr + m * K, pid, K, eps,
+                      PROLOGUE, HAS_RESIDUAL, BLOCK_K)  # fmt: skip
+            rstds = tl.where(rows == m, r, rstds)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            for m in tl.static_range(ROWS):
+                rstd = tl.sum(tl.where(rows == m, rstds, 0.0), axis=0)
+                a = _input(x_ptr + m * x_stride, res_ptr + m * K, norm_w_ptr, ks, k_ok, rstd, K, PROLOGUE, HAS_RESIDUAL)
+                acc = tl.where(rows[:, None] == m, acc + tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :], acc)
+    out = out_ptr + rows[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+def config(n: int, k: int, prologue: int, rows: int = 1) -> dict[str, int]:
     """Rows of W a program, K chunk and warps, from bench/bench_gemv.py's sweeps on an H100 with PDL at
     the projections of Qwen3-0.6B, 8B and 32B (TP 1 and 2; docs/lab-notes.md, run AR).
 
     Under PDL a program's whole tile is requested before it waits for the kernel before, so the
     fastest tiles cover K in one pass and are large: about 8,192 weights (16 KB) a program, which
-    is more in flight per SM than the one-warp tiles that were best without PDL."""
+    is more in flight per SM than the one-warp tiles that were best without PDL. Several rows hold
+    an input row each beside the tile: where K is short the tile shrinks by as many rows, which keeps
+    them in registers (Qwen3-0.6B's sweep at 2 rows)."""
     whole = triton.next_power_of_2(k)
     if prologue == PLAIN and n >= 8 * k:  # the LM head: many short rows, launched without PDL
         block_k = whole if whole <= 4096 else 2048
@@ -127,11 +173,12 @@ def config(n: int, k: int, prologue: int) -> dict[str, int]:
         return {"BLOCK_N": 4, "BLOCK_K": whole, "num_warps": 8}
     if prologue == PLAIN:  # o: a few programs an SM where N is small (0.6B), one row a program otherwise
         return (
-            {"BLOCK_N": 8, "BLOCK_K": whole, "num_warps": 8}
+            {"BLOCK_N": max(1, 8 // rows), "BLOCK_K": whole, "num_warps": 8}
             if n <= 1024
             else {"BLOCK_N": 1, "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
         )
-    return {"BLOCK_N": min(8, max(1, 8192 // whole)), "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
+    weights = 8192 // rows
+    return {"BLOCK_N": min(8, max(1, weights // whole)), "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
 
 
 def gemv(
@@ -143,28 +190,31 @@ def gemv(
     eps: float = 0.0,
     cfg: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prologue(x) @ weight.T, new residual or None) for one row x [1, K'] and weight [N, K].
+    """(prologue(x) @ weight.T, new residual or None) for x [M, K'] and weight [N, K], M a power of two
+    (each M is a kernel of its own: callers keep to a few, layers/linear.py's GEMV_ROWS).
 
     PLAIN: x as it is (K' = K). NORM: RMSNorm(x + residual) * norm_weight (K' = K), returning
     x + residual as the new residual (x itself when residual is None). SILU: silu(gate) * up of
     x = [gate | up] (K' = 2K). New tensors: x and residual are left as they are.
     """
-    n, k = weight.shape
-    assert x.shape == (1, 2 * k if prologue == SILU else k) and x.stride(-1) == 1 and weight.stride(-1) == 1
-    assert x.dtype == weight.dtype
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    (m, width), (n, k) = x.shape, weight.shape
+    assert m & (m - 1) == 0 and width == (2 * k if prologue == SILU else k) and weight.stride(-1) == 1
+    assert x.stride(-1) == 1 and (m == 1 or x.stride(0) == width) and x.dtype == weight.dtype
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     new_residual = None
     if prologue == NORM:
         assert norm_weight is not None and norm_weight.shape == (k,)
         assert residual is None or (residual.shape == x.shape and residual.stride(-1) == 1)
+        assert residual is None or m == 1 or residual.stride(0) == k
         new_residual = torch.empty_like(x) if residual is not None else x
-    cfg = cfg or config(n, k, prologue)
+    cfg = cfg or config(n, k, prologue, m)
     grid = triton.cdiv(n, cfg["BLOCK_N"])
     pdl = launch_options(x) if grid <= MAX_PDL_GRID else {"PDL": False}
-    _gemv_kernel[(grid,)](
+    kernel, rows = (_gemv_kernel, {}) if m == 1 else (_gemv_rows_kernel, {"ROWS": m})
+    kernel[(grid,)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         new_residual if new_residual is not None else x, weight, out, n, k, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ONE_PASS=cfg["BLOCK_K"] >= k, num_stages=1,
-        **pdl, **cfg, **_EXACT_ROUNDING,
+        **rows, **pdl, **cfg, **_EXACT_ROUNDING,
     )  # fmt: skip
     return out, new_residual

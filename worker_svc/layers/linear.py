@@ -6,8 +6,8 @@ partial products with an all-reduce. Attention and MLP pair one of each, so a de
 costs two all-reduces. Every parameter carries a `weight_loader` that copies this rank's slice
 of a full checkpoint tensor.
 
-A single row (one sequence's decode step) on CUDA goes through layers/gemv.py's kernel instead of
-cuBLAS, and the layers fed by a norm or by the SwiGLU gate take that op into the same kernel
+One or two rows (the decode step of one or two sequences) on CUDA go through layers/gemv.py's kernels
+instead of cuBLAS, and the layers fed by a norm or by the SwiGLU gate take that op into the same kernel
 (`norm_forward`, `act_forward`).
 """
 
@@ -21,16 +21,22 @@ from worker_svc.layers.activation import SiluAndMul
 from worker_svc.layers.norm import RMSNorm
 from worker_svc.layers.parallel import all_reduce, divide, tp_rank, tp_size
 
+# Row counts that go through layers/gemv.py's kernels instead of cuBLAS: one read of the weights
+# serves every row. From 4 rows on, the kernel's one reduction a row costs more than cuBLAS's
+# small-M kernels take (bench/profile_step.py --batch 1,2,4,8; docs/lab-notes.md, run AS).
+GEMV_ROWS = (1, 2)
 
-def one_row(x: torch.Tensor) -> bool:
-    """Whether x @ W.T runs as layers/gemv.py's one-row kernel: faster than cuBLAS there, not from
-    two rows on (bench/bench_gemv.py)."""
-    return x.is_cuda and x.shape[0] == 1
+
+def few_rows(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether x @ W.T (with its residual, if any) runs as layers/gemv.py's kernel."""
+    m = x.shape[0]
+    dense = m == 1 or (x.stride(0) == x.shape[1] and (residual is None or residual.stride(0) == residual.shape[1]))
+    return x.is_cuda and m in GEMV_ROWS and dense
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ weight [N, K].T (+ bias)."""
-    if not one_row(x):
+    if not few_rows(x):
         return F.linear(x, weight, bias)
     from worker_svc.layers.gemv import gemv  # imports triton: CUDA hosts only
 
@@ -69,7 +75,7 @@ class ColumnParallelLinear(_ShardedLinear):
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(normed), residual) for (normed, residual) = norm.add_norm(x, residual)."""
-        if not one_row(x):
+        if not few_rows(x, residual):
             x, residual = norm.add_norm(x, residual)
             return self(x), residual
         from worker_svc.layers.gemv import NORM, gemv
@@ -119,7 +125,7 @@ class RowParallelLinear(_ShardedLinear):
 
     def act_forward(self, x: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
         """self(act(x)): the MLP's down projection of the gate and up projections' output."""
-        if not one_row(x):
+        if not few_rows(x):
             return self(act(x))
         from worker_svc.layers.gemv import SILU, gemv
 
