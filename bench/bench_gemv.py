@@ -1,4 +1,4 @@
-"""The matmuls of a one-row decode step: cuBLAS (and the separate norm / SiLU kernel before it)
+"""The matmuls of a one-row (or --rows M) decode step: cuBLAS (and the separate norm / SiLU kernel before it)
 against the fused Triton kernel of worker_svc/layers/gemv.py, over its tile configurations.
 
     PYTHONPATH=. python3 bench/bench_gemv.py [--model bench/qwen3-8b] [--tp 1] [--rows 1] [--no-sweep]

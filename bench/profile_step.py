@@ -40,7 +40,7 @@ def category(name: str) -> str:
     if "nccl" in n:
         return "all-reduces and the sampling exchange (NCCL)"
     if "gemm" in n or "matmul" in n or "nvjet" in n or "cutlass" in n or "sm90" in n or "gemv" in n:
-        return "matmuls (cuBLAS; one row: Triton GEMV + its norm/SiLU)"
+        return "matmuls (cuBLAS; one or two rows: Triton GEMV + its norm/SiLU)"
     if any(k in n for k in ("sample", "merge_kernel", "softmax", "argmax", "div", "clamp", "reduce")):
         return "sampling and reductions"
     if "memcpy" in n or "copy" in n:

@@ -1,5 +1,5 @@
-"""The matmuls of a one-row step (a single sequence's decode) as one Triton kernel each, with the
-op before them fused in.
+"""The matmuls of a one- or two-row step (the decode of one or two sequences) as one Triton kernel
+each, with the op before them fused in.
 
 y = x @ W.T for one row x reads all of W and does two flops a weight: its cost is bandwidth and a
 launch. In a CUDA graph cuBLAS took 5.3-7.0 µs for Qwen3-0.6B's layer projections (0.7-1.8 TB/s,
@@ -17,9 +17,10 @@ program requests its tile of W, which no earlier kernel writes, while the kernel
 running, and only then waits for it. A chain of one-row matmuls then pays the latency of those
 loads under the previous kernel's tail instead of after it.
 
-From two rows on, cuBLAS was as fast or faster (the same benchmark), so callers use this for a
-single row only. The launcher reads shapes and Python numbers only: CUDA-graph capturable. This
-module imports triton: import it only for CUDA tensors.
+Two rows go through a kernel of their own that reads each tile of W once for both rows; from four
+rows on, cuBLAS's small-M kernels were faster (layers/linear.py's GEMV_ROWS). The launcher reads
+shapes and Python numbers only: CUDA-graph capturable. This module imports triton: import it only
+for CUDA tensors.
 """
 
 from __future__ import annotations

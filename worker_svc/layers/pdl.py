@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL, sm_90 and later) for the one-row matmuls of a decode step.
+"""Programmatic dependent launch (PDL, sm_90 and later) for the few-row matmuls of a decode step.
 
 A kernel launched with PDL may start while the kernel before it is still running: its programs
 become resident as soon as every program of that kernel has called `gdc_launch_dependents` (or
