@@ -1,4 +1,4 @@
-"""The few-row matmul kernels (worker_svc/layers/gemv.py) against the torch ops it replaces, run by
+"""The few-row matmul kernels (worker_svc/layers/gemv.py) against the torch ops they replace, run by
 Triton's CPU interpreter (see tests/triton_interpreter.py), plus an sm_90 build of each variant the
 launcher picks, checked for register spills. Without triton everything skips (CI installs it).
 
