@@ -313,10 +313,8 @@ def test_decode_with_rope_equals_rope_kernel_then_decode(
         if not fuse:
             fused.qk_norm_rope(x, positions, rope.cos, rope.sin, *w, *heads, eps, (kc, vc, slots))
         args = (q, kc, vc, tables, seq_lens, 0.3, num_splits)
-        if fuse:
-            outs.append(tk.decode_attention(*args, rope=rope, slot_mapping=slots, block_n=block_n))
-        else:
-            outs.append(tk.decode_attention(*args, block_n=block_n))
+        extra = {"rope": rope, "slot_mapping": slots} if fuse else {}
+        outs.append(tk.decode_attention(*args, block_n=block_n, **extra))
         caches.append(torch.stack([kc, vc]).view(torch.uint8))
     assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
     assert not torch.equal(caches[0], torch.stack([k_cache, v_cache]).view(torch.uint8))  # something was stored
