@@ -53,10 +53,10 @@ def _compile_sm90(
     num_stages: int,
     fp_fusion: bool = True,
     fp8_cache: bool = False,
-) -> str:
+) -> tuple[str, str]:
     """AOT-compile a kernel for the H100 (no GPU needed) as the runtime would specialise it: bf16
     data (an fp8 KV cache if asked), 16-byte aligned pointers and strides (block-table rows
-    excepted). Returns ptxas's log."""
+    excepted). Returns the PTX and ptxas's log."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,7 +68,7 @@ def _compile_sm90(
     src = ASTSource(fn, sig, consts, attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    return ptxas_log(kernel.asm["ptx"])
+    return kernel.asm["ptx"], ptxas_log(kernel.asm["ptx"])
 
 
 @pytest.mark.slow
@@ -81,10 +81,11 @@ def test_kernels_compile_for_h100_without_spills() -> None:
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
-    dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False}
+    dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False, "RELEASE": False}
     split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
-    # a single sequence's: 128-key tiles, up to 16 splits
+    # a single sequence's: 128-key tiles, up to 16 splits, releasing the o projection after its keys
     one_seq = {**split8, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": 128, "NUM_SPLITS": 16, "SPLITS_POW2": 16}
+    one_seq |= {"RELEASE": True}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
@@ -105,8 +106,12 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.decode_split_kernel, {**split8, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 2, 3),
     ]
     for (fn, consts, warps, stages), fp8_cache in [(b, False) for b in builds] + [(b, True) for b in fp8]:
-        log = _compile_sm90(fn, consts, warps, stages, fp_fusion=not consts.get("ROPE", False), fp8_cache=fp8_cache)
+        fusion = not consts.get("ROPE", False)
+        ptx, log = _compile_sm90(fn, consts, warps, stages, fp_fusion=fusion, fp8_cache=fp8_cache)
         assert " 0 bytes spill stores" in log, f"{fn.__name__} {consts} fp8 cache {fp8_cache}: {log}"
+        # the next kernel is released only where asked (and never waited for: decode attention launches plainly)
+        assert ("griddepcontrol.launch_dependents" in ptx) == consts.get("RELEASE", False), consts
+        assert "griddepcontrol.wait" not in ptx
 
 
 HEAD_DIM, NUM_HEADS, NUM_KV_HEADS = 16, 4, 2

@@ -650,6 +650,54 @@ def check_decode_rope(dtype: torch.dtype) -> None:
         report_decode_rope(name, out, want, c, ref, dtype)
 
 
+def check_decode_release(dtype: torch.dtype) -> None:
+    """Decode attention with the q/k norm and RoPE, releasing the o projection's GEMV (launched with
+    PDL) after its keys, as one- and two-row decode steps run them: captured in one CUDA graph and
+    replayed on new rows, both outputs must equal the same calls without the release, synchronised
+    between them, bit for bit (the release changes when the GEMV starts, never what it reads)."""
+    for rows in GEMV_ROWS:
+        check_release_rows(dtype, rows)
+
+
+def check_release_rows(dtype: torch.dtype, rows: int) -> None:
+    heads, d = QWEN3["heads"], QWEN3["head_dim"]
+    w_o = (torch.randn(HIDDEN, heads[0] * d, device=DEV) / (heads[0] * d) ** 0.5).to(dtype)
+    qkv, c, rope = decode_rope_case(rows, 4096, dtype, dtype)
+    m = c.meta
+    m.seq_lens.clamp_(min=1)  # every row a real sequence, as a one- or two-row step's are
+    last = m.seq_lens.long() - 1
+    m.slot_mapping.copy_(m.block_tables[torch.arange(rows, device=DEV), last // 16].long() * 16 + last % 16)
+    rope.positions.copy_(last)
+    splits = min(tb.choose_num_splits(rows, 8, 4096, tb.device_num_sms(torch.device(DEV))), 16)
+    tickets = torch.zeros(tb.MERGE_TICKETS, dtype=torch.int32, device=DEV)
+
+    def step(x: torch.Tensor, release: bool, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q = x[:, : heads[0] * d].view(rows, heads[0], d)
+        att = tb.decode_attention(
+            q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=poisoned(q), rope=rope,
+            slot_mapping=m.slot_mapping, tickets=tickets, block_n=128 if rows == 1 else None, release=release,
+        )  # fmt: skip
+        if sync:
+            torch.cuda.synchronize()
+        return att, gemv.gemv(att.view(rows, -1), w_o, gemv.PLAIN, None, None, EPS)[0]
+
+    raw = qkv.clone()
+    step(qkv, True, False)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        att, o = step(qkv, True, False)
+    for i in range(3):
+        raw.copy_(2 * torch.randn(raw.shape, device=DEV))
+        qkv.copy_(raw)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_att, ref_o = step(raw.clone(), False, True)  # stores the same k and v again
+        torch.cuda.synchronize()
+        ok = torch.equal(att, ref_att) and torch.equal(o, ref_o)
+        verdict(f"decode attention releasing the o GEMV, {rows} rows splits={splits}, replay {i} {dtype}", ok)
+
+
 def bench_decode_rope(batch: int) -> list[str]:
     """A decode step's attention with the q/k norm, RoPE and store inside against the two launches,
     bf16, Qwen3-0.6B's heads, contexts up to 2048 (CUDA graphs, L2 not flushed)."""
@@ -875,6 +923,7 @@ def main() -> int:
         check_fused_store(dtype)
         check_fused_store_cuda_graph(dtype)
         check_decode_rope(dtype)
+        check_decode_release(dtype)
         check_fp8_cache(dtype)
     for dtype in (torch.bfloat16, torch.float32):
         check_sampling(dtype)

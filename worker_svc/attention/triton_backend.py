@@ -22,6 +22,7 @@ from worker_svc.attention.triton_kernels import (
     prefill_kernel,
     store_kvcache_kernel,
 )
+from worker_svc.layers.pdl import launch_options
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
@@ -106,6 +107,7 @@ def decode_attention(
     rope: QKNormRope | None = None,
     slot_mapping: torch.Tensor | None = None,
     tickets: torch.Tensor | None = None,
+    release: bool = False,
 ) -> torch.Tensor:
     """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D].
     order: int32 [S], a permutation of the rows to start the programs in (longest first pays).
@@ -118,7 +120,10 @@ def decode_attention(
     contraction, and its sums of squares run in another order (tests/gpu/check_kernels.py).
 
     tickets: zeroed int32, one per (sequence, kv head) at least, left zeroed: with splits, the last
-    split of each pair to finish merges the partials, instead of a merge kernel after the launch."""
+    split of each pair to finish merges the partials, instead of a merge kernel after the launch.
+
+    release (sm_90 and later): every program lets the next kernel launch once its keys are read, so
+    a matmul after it launched with PDL (layers/pdl.py) loads its weights during the partials' merge."""
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
@@ -174,6 +179,7 @@ def decode_attention(
         NUM_Q_HEADS=num_heads,
         SATURATE=k_cache.dtype == torch.float8_e4m3fn,
         FUSED_MERGE=fused_merge,
+        RELEASE=release,
         num_warps=num_warps,
         num_stages=num_stages,
         # The norm and RoPE round like the torch path only without FMA contraction (layers/fused.py).
@@ -347,7 +353,7 @@ class TritonBackend:
         return decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 16) if one else splits,
             order=meta.decode_order, rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
-            block_n=128 if one else None,
+            block_n=128 if one else None, release=launch_options(qkv)["PDL"],
         )  # fmt: skip
 
     def tickets(self, device: torch.device) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8 e4m3fn
 
@@ -130,6 +131,7 @@ def decode_split_kernel(
     NUM_Q_HEADS: tl.constexpr,
     SATURATE: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    RELEASE: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
     # so every K/V tile is fetched from HBM once per group instead of once per query head. The
@@ -195,6 +197,11 @@ def decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if RELEASE:
+        # The kernel after (the o projection, launched with PDL) may start once every program is
+        # here: it requests its weights while the partials are stored and merged. Its wait still
+        # covers this whole kernel, so nothing it reads after the wait is stale.
+        gdc_launch_dependents()
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty range (or seq_len 0 padding) -> zeros, not NaN
     o = acc / l_safe[:, None]
