@@ -9,8 +9,10 @@ the kernel before drains is where the gain is (layers/gemv.py).
 
 `enter` is the point where a kernel's dependent part begins: wait for the kernel before, then let
 the next one launch. Releasing the next kernel before the wait instead let a chain of them become
-resident at once and measured slower (docs/lab-notes.md, run AL). Without PDL (CPU tensors under
-the Triton interpreter, GPUs before sm_90) both are compiled out.
+resident at once and measured slower (docs/lab-notes.md, run AL). Decode attention only releases:
+launched plainly, it lets the o projection's GEMV launch once its key loop ends (attention/
+triton_kernels.py). Without PDL (CPU tensors under the Triton interpreter, GPUs before sm_90) both
+are compiled out.
 """
 
 from __future__ import annotations
