@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from bench import timing
 from tests.triton_interpreter import require_triton
 
+ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [
     "throughput",
     "timeline",
@@ -58,3 +63,24 @@ def test_host_path_runs_the_real_processes_on_an_emulated_device() -> None:
     assert res["tpot_ms"] >= 3.0 * 0.99, res
     assert {"cpu_ms_per_token_worker", "cpu_ms_per_token_core", "cpu_ms_per_token_scheduler"} <= res.keys()
     assert all(v > 0 for k, v in res.items() if k.startswith("cpu")), res
+
+
+def test_ab_alternates_packed_trees(tmp_path: Path) -> None:
+    """bench/ab.sh: `pack` puts each ref's files in a tree of its own; `run` runs the command from each
+    tree's root, in a process of its own, names alternated within every round, its code first on the path."""
+    env = {**os.environ, "AB_DIR": str(tmp_path)}
+    script = str(ROOT / "bench" / "ab.sh")
+    old = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD~1"], capture_output=True, text=True)
+    subprocess.run([script, "pack", "new=HEAD", "old=HEAD~1"], env=env, check=True, capture_output=True)
+    assert (tmp_path / "new" / "bench" / "gpu_suite.sh").is_file()
+    assert (tmp_path / "old" / ".ab-ref").read_text() == f"old {old.stdout.strip()}\n"
+    probe = "import os, bench; print(os.getcwd(), os.path.dirname(os.path.dirname(bench.__file__)))"
+    cmd = [script, "run", "2", "old", "new", "--", sys.executable, "-c", probe]
+    lines = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    runs = [
+        (header.split()[1], header.split()[4], where.split())
+        for header, where in zip(lines[::2], lines[1::2], strict=True)
+    ]
+    assert runs == [(name, f"{r}:", [str(tmp_path / name)] * 2) for r in (1, 2) for name in ("old", "new")]
+    bad = subprocess.run([script, "run", "2", "old"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "bench/ab.sh run ROUNDS" in bad.stderr
