@@ -612,6 +612,11 @@ def report_decode_rope(
         verdict(f"{name} {part}", ok, f"{same:.4%} of bytes equal, the rest one fp8 step off")
 
 
+def slots_at(meta: AttnMetadata, pos: torch.Tensor) -> torch.Tensor:
+    """The cache slot of each row's token at position pos (block size 16), through its block table."""
+    return meta.block_tables[torch.arange(pos.shape[0], device=pos.device), pos // 16].long() * 16 + pos % 16
+
+
 def check_decode_rope(dtype: torch.dtype) -> None:
     """decode_attention(rope=...) against the two launches it replaces (qk_norm_rope storing k and v,
     then decode_attention), at batch 1 to 512, one split and several, bf16/fp16 and fp8 caches; then
@@ -641,8 +646,7 @@ def check_decode_rope(dtype: torch.dtype) -> None:
         pos = (torch.rand(64, device=DEV) * longest).long()  # new contexts pos + 1 <= longest
         c.meta.seq_lens.copy_(pos + 1)
         rope.positions.copy_(pos)
-        table = c.meta.block_tables[torch.arange(64, device=DEV), pos // 16].long()
-        c.meta.slot_mapping.copy_(table * 16 + pos % 16)
+        c.meta.slot_mapping.copy_(slots_at(c.meta, pos))
         ref = replace(c, k_cache=c.k_cache.clone(), v_cache=c.v_cache.clone())
         want = decode_rope_paths(raw.clone(), ref, rope, splits, fused_rope=False)
         graph.replay()
@@ -666,7 +670,7 @@ def check_release_rows(dtype: torch.dtype, rows: int) -> None:
     m = c.meta
     m.seq_lens.clamp_(min=1)  # every row a real sequence, as a one- or two-row step's are
     last = m.seq_lens.long() - 1
-    m.slot_mapping.copy_(m.block_tables[torch.arange(rows, device=DEV), last // 16].long() * 16 + last % 16)
+    m.slot_mapping.copy_(slots_at(m, last))
     rope.positions.copy_(last)
     splits = min(tb.choose_num_splits(rows, 8, 4096, tb.device_num_sms(torch.device(DEV))), 16)
     tickets = torch.zeros(tb.MERGE_TICKETS, dtype=torch.int32, device=DEV)
