@@ -22,7 +22,7 @@ from worker_svc.attention.triton_kernels import (
     prefill_kernel,
     store_kvcache_kernel,
 )
-from worker_svc.layers.pdl import launch_options
+from worker_svc.layers import pdl
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
@@ -353,7 +353,7 @@ class TritonBackend:
         return decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 16) if one else splits,
             order=meta.decode_order, rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
-            block_n=128 if one else None, release=launch_options(qkv)["PDL"],
+            block_n=128 if one else None, release=pdl.enabled(qkv),
         )  # fmt: skip
 
     def tickets(self, device: torch.device) -> torch.Tensor | None:

@@ -37,7 +37,11 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device take part in PDL."""
+    return t.device.type == "cuda" and _supported(t.device.index)
+
+
 def launch_options(t: torch.Tensor) -> dict[str, bool]:
     """The PDL constexpr and launch flag for a kernel on t's device."""
-    on = t.device.type == "cuda" and _supported(t.device.index)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}
