@@ -173,7 +173,7 @@ def decode_attention(
         MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
         NUM_SPLITS=num_splits,
         SPLITS_POW2=triton.next_power_of_2(num_splits),
-        ORDERED=order is not None,
+        ORDERED=order is not None and num_seqs > 1,  # one row's order is itself: no load in front of the rest
         DOT_PRECISION=dot_precision(q),
         ROPE=rope is not None,
         NUM_Q_HEADS=num_heads,
@@ -351,7 +351,7 @@ class TritonBackend:
         # 128-key tiles keep each one streaming longer per wait, and leave fewer partials to merge.
         one = num_seqs == 1 and k_cache.element_size() == 2 and head_dim <= 128
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 16) if one else splits,
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 8) if one else splits,
             order=meta.decode_order, rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
             block_n=128 if one else None, release=pdl.enabled(qkv),
         )  # fmt: skip

@@ -34,8 +34,8 @@ from worker_svc.layers.fused import _EXACT_ROUNDING
 from worker_svc.layers.pdl import enter, launch_options
 
 PLAIN, NORM, SILU = 0, 1, 2
-# A grid of many waves (the LM head's 151,936 one-row programs) streams at full bandwidth anyway, and
-# took 185 µs with PDL against 100 without (run AL): it launches without.
+# A grid of many waves streams at full bandwidth anyway: the LM head on one-row programs (151,936 of
+# them) took 185 µs with PDL against 100 without (run AL), so such grids launch without.
 MAX_PDL_GRID = 8192
 
 
@@ -163,18 +163,22 @@ def config(n: int, k: int, prologue: int, rows: int = 1) -> dict[str, int]:
     fastest tiles cover K in one pass and are large: about 8,192 weights (16 KB) a program, which
     is more in flight per SM than the one-warp tiles that were best without PDL. Several rows hold
     an input row each beside the tile: where K is short the tile shrinks by as many rows, which keeps
-    them in registers (Qwen3-0.6B's sweep at 2 rows)."""
+    them in registers (Qwen3-0.6B's sweep at 2 rows). At one row, the 0.6B o and down projections and
+    LM head take larger tiles than the per-kernel sweep picked: timed in the whole step, as a chain, they
+    won (run AU)."""
     whole = triton.next_power_of_2(k)
-    if prologue == PLAIN and n >= 8 * k:  # the LM head: many short rows, launched without PDL
+    if prologue == PLAIN and n >= 8 * k:  # the LM head: many short rows
+        if rows == 1 and whole <= 1024:  # 32 rows a program: few enough programs to launch with PDL
+            return {"BLOCK_N": 32, "BLOCK_K": whole, "num_warps": 8}
         block_k = whole if whole <= 4096 else 2048
         return {"BLOCK_N": 1, "BLOCK_K": block_k, "num_warps": max(1, block_k // 1024)}
     if whole > 4096:  # K in steps: the 8B and 32B down projections, the 32B qkv and gate_up
         return {"BLOCK_N": 4, "BLOCK_K": 2048 if prologue == NORM else 1024, "num_warps": 4}
     if prologue == SILU:  # reads two inputs a weight
-        return {"BLOCK_N": 4, "BLOCK_K": whole, "num_warps": 8}
+        return {"BLOCK_N": 8 if rows == 1 else 4, "BLOCK_K": whole, "num_warps": 8}
     if prologue == PLAIN:  # o: a few programs an SM where N is small (0.6B), one row a program otherwise
         return (
-            {"BLOCK_N": max(1, 8 // rows), "BLOCK_K": whole, "num_warps": 8}
+            {"BLOCK_N": 16 if rows == 1 else max(1, 8 // rows), "BLOCK_K": whole, "num_warps": 8}
             if n <= 1024
             else {"BLOCK_N": 1, "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
         )
