@@ -178,7 +178,7 @@ def config(n: int, k: int, prologue: int, rows: int = 1) -> dict[str, int]:
         return {"BLOCK_N": 8 if rows == 1 else 4, "BLOCK_K": whole, "num_warps": 8}
     if prologue == PLAIN:  # o: a few programs an SM where N is small (0.6B), one row a program otherwise
         return (
-            {"BLOCK_N": 16 if rows == 1 else max(1, 8 // rows), "BLOCK_K": whole, "num_warps": 8}
+            {"BLOCK_N": 16 if rows == 1 and whole <= 2048 else max(1, 8 // rows), "BLOCK_K": whole, "num_warps": 8}
             if n <= 1024
             else {"BLOCK_N": 1, "BLOCK_K": whole, "num_warps": max(1, whole // 512)}
         )
