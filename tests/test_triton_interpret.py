@@ -77,15 +77,18 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     """The interpreter never lowers to PTX; this catches kernels that would fail to compile on the
     H100, or spill registers, at the benchmark's shapes (Qwen3-0.6B: 16 q / 8 kv heads, D 128)."""
     pytest.importorskip("triton.backends.nvidia")
+    from worker_svc.attention import triton_backend as tb
     from worker_svc.attention import triton_kernels as k
 
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
     dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False, "RELEASE": False}
     split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
-    # a single sequence's: 128-key tiles, up to 16 splits, releasing the o projection after its keys
-    one_seq = {**split8, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": 128, "NUM_SPLITS": 16, "SPLITS_POW2": 16}
-    one_seq |= {"RELEASE": True}
+    # a single sequence's, as TritonBackend.attend_rope launches it: its tiles and split cap, no row order,
+    # releasing the o projection after its keys
+    n1 = tb.ONE_SEQ_MAX_SPLITS
+    one_seq = {**split8, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": tb.ONE_SEQ_BLOCK_N, "NUM_SPLITS": n1}
+    one_seq |= {"SPLITS_POW2": n1, "ORDERED": False, "RELEASE": True}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),

@@ -672,14 +672,16 @@ def check_release_rows(dtype: torch.dtype, rows: int) -> None:
     last = m.seq_lens.long() - 1
     m.slot_mapping.copy_(slots_at(m, last))
     rope.positions.copy_(last)
-    splits = min(tb.choose_num_splits(rows, 8, 4096, tb.device_num_sms(torch.device(DEV))), 16)
+    splits = tb.choose_num_splits(rows, 8, 4096, tb.device_num_sms(torch.device(DEV)))
+    splits = min(splits, tb.ONE_SEQ_MAX_SPLITS) if rows == 1 else splits  # as TritonBackend.attend_rope picks
     tickets = torch.zeros(tb.MERGE_TICKETS, dtype=torch.int32, device=DEV)
 
     def step(x: torch.Tensor, release: bool, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
         q = x[:, : heads[0] * d].view(rows, heads[0], d)
         att = tb.decode_attention(
             q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, splits, out=poisoned(q), rope=rope,
-            slot_mapping=m.slot_mapping, tickets=tickets, block_n=128 if rows == 1 else None, release=release,
+            slot_mapping=m.slot_mapping, tickets=tickets, block_n=tb.ONE_SEQ_BLOCK_N if rows == 1 else None,
+            release=release,
         )  # fmt: skip
         if sync:
             torch.cuda.synchronize()

@@ -28,7 +28,12 @@ LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 4  # decode programs resident on an SM at once (see choose_num_splits)
-MERGE_TICKETS = 1 << 16  # (sequence, kv head) pairs decode's fused merge serves; past that, a merge kernel
+MERGE_TICKETS = 1 << 16
+# A single sequence's rope decode (a single request): at most this many splits, over keys in tiles this
+# long. Fewer, longer splits keep each program streaming longer per wait and leave fewer partials to
+# merge; 8 rather than 16 won in the whole step (docs/lab-notes.md, run AU).
+ONE_SEQ_MAX_SPLITS = 8
+ONE_SEQ_BLOCK_N = 128  # (sequence, kv head) pairs decode's fused merge serves; past that, a merge kernel
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -347,13 +352,13 @@ class TritonBackend:
         if num_seqs * num_kv_heads * splits > 2 * PROGRAMS_PER_SM * sms:
             return None
         q = qkv[:, : num_heads * head_dim].view(num_seqs, num_heads, head_dim)
-        # One sequence (a single request's decode) has few programs: fewer, longer splits over
-        # 128-key tiles keep each one streaming longer per wait, and leave fewer partials to merge.
+        # One sequence (a single request's decode) has few programs: see ONE_SEQ_MAX_SPLITS.
         one = num_seqs == 1 and k_cache.element_size() == 2 and head_dim <= 128
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, min(splits, 8) if one else splits,
-            order=meta.decode_order, rope=rope, slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
-            block_n=128 if one else None, release=pdl.enabled(qkv),
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+            min(splits, ONE_SEQ_MAX_SPLITS) if one else splits, order=meta.decode_order, rope=rope,
+            slot_mapping=meta.slot_mapping, tickets=self.tickets(qkv.device),
+            block_n=ONE_SEQ_BLOCK_N if one else None, release=pdl.enabled(qkv),
         )  # fmt: skip
 
     def tickets(self, device: torch.device) -> torch.Tensor | None:
