@@ -1,6 +1,6 @@
 """Where a decode step's time goes: one batch of the standard workload's shape, profiled.
 
-    PYTHONPATH=. python3 bench/profile_step.py [--batch 256[,64,1]] [--context 1024] [--tp 2] [--compile]
+    PYTHONPATH=. python3 bench/profile_step.py [--batch 256[,64,1]] [--context 1024] [--tp 2] [--compile] [--trace F]
 
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights (with --compile, its torch.compile
 regions in place of our fused kernels), and for each batch size puts `batch` sequences of `context`
@@ -10,7 +10,8 @@ as long as the step: that time is printed too), and one at a time (host + device
 of the host's share. A torch profile of a few steps splits device time into attention, matmuls,
 sampling and the rest. The floor is the KV cache and weights read once per step at the measured
 copy bandwidth. With --tp N it runs one process per GPU, joined by NCCL as the workers are, and
-rank 0 reports (its shares of the weights and the KV cache).
+rank 0 reports (its shares of the weights and the KV cache). --trace F writes every kernel and copy of
+six pipelined steps to F.b<batch>, one a line: where a step's edges and kernel boundaries go.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
     p.add_argument("--compile", action="store_true", help="the worker's --compile")
     p.add_argument("--prefill-graph-tokens", type=int, default=2048, help="the worker's setting")
+    p.add_argument("--trace", help="write the device's events of a few pipelined steps to this file, one a line")
     args = p.parse_args()
     if args.tp == 1:
         profile(0, args)
@@ -128,13 +130,15 @@ def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args
     kv = bs * mean_ctx * runner.kv_cache[0, 0, 0, 0].numel() * 2 * runner.kv_cache.shape[1] * runner.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     floor = (kv + weights) / bandwidth
+    if args.trace and rank == 0:
+        trace(runner, seqs, f"{args.trace}.b{bs}")
     for seq in seqs:
         runner.release(seq)
     if rank:
         return
     print(f"\nbatch {bs}, context ~{mean_ctx:.0f}: KV read {kv / 1e9:.2f} GB + weights {weights / 1e9:.2f} GB per step")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floor {1e3 * floor:.2f} ms/step")
-    print(f"step, next launched before reading the last: {1e3 * overlapped:.2f} ms ({floor / overlapped:.0%} of floor)")
+    print(f"step, next launched before reading the last: {1e3 * overlapped:.3f} ms ({floor / overlapped:.0%} of floor)")
     print(f"  of which the host spent launching it:       {1e3 * launch:.2f} ms")
     print(f"step, one at a time (host + device):          {1e3 * serial:.2f} ms")
     print(f"device time per step (profiler): {device:.2f} ms")
@@ -146,6 +150,30 @@ def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args
             print(f"  {ev.device_time_total / 5:9.1f} {ev.count / 5:6.0f}  {ev.key[:110]}")
     print("host time of 10 steps run one at a time, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(12)
+
+
+def trace(runner: ModelRunner, seqs: list[SeqState], path: str) -> None:
+    """The device's kernels and copies of six pipelined steps, as served: start (µs from the first),
+    duration, gap after the previous event's end (negative: they overlap, as under PDL), name."""
+    one = [1] * len(seqs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        pending = runner.launch(seqs, one)
+        for _ in range(5):
+            nxt = runner.launch(seqs, one)
+            runner.collect(pending)
+            pending = nxt
+        runner.collect(pending)
+    events = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    t0, end = events[0].time_range.start, events[0].time_range.start
+    with open(path, "w") as f:
+        for e in events:
+            start, stop = e.time_range.start, e.time_range.end
+            f.write(f"{start - t0:10.2f} {stop - start:8.2f} {start - end:8.2f}  {e.name[:100]}\n")
+            end = max(end, stop)
+    print(f"trace of six pipelined steps: {path} ({len(events)} events)")
 
 
 if __name__ == "__main__":
