@@ -36,9 +36,9 @@ class Echo(nn.Module):
         return nn.functional.one_hot(hidden.long(), VOCAB).float()
 
 
-def greedy(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def greedy(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     assert (temps == 0).all() and seeds.dtype == torch.int64
-    return logits.argmax(-1)
+    return torch.argmax(logits, -1, out=out)
 
 
 class OnePass(Sampler):

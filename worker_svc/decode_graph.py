@@ -9,6 +9,15 @@ and sent in one copy, and one graph per batch size feeds every seq the token the
 for it, runs the model, draws the new tokens with the one-pass sampling kernel and keeps them in
 the runner's last-token buffer for the next step.
 
+The two copies stay off the graph's stream, so consecutive graphs run back to back on the device.
+There are SETS device input buffers, each with its own graphs and its own buffer of new tokens,
+used in turn: a step's inputs are copied (on a copy stream) into the set the step before does not
+read, while that step runs, and its tokens are read back (on a read stream) while the next step
+runs. Events order each set's uses: its inputs are rewritten once the graph that last read them
+is done, and its graph runs once the last read-back of its tokens is. The token buffers live
+outside the graphs' memory pool, which the general path's graphs share: one of those, replayed
+before a read-back has run, could otherwise overwrite the tokens it reads.
+
 A step qualifies when it is a pure decode of at most SMALL_DECODE seqs, on one rank, each feeding
 the newest token (still on the device) and sampling the next with the kernel alone (no penalties,
 filters, logit bias, min_tokens, logprobs or grammar). Anything else takes the general path.
@@ -29,7 +38,8 @@ from worker_svc.sampler import Sampler
 from worker_svc.seq_state import SeqState
 
 RING = 4  # pinned copies of the inputs, reused in turn once their copy to the device is done
-Draw = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, temps, seeds) -> tokens
+SETS = 2  # device inputs, graphs and token buffers used in turn (above)
+Draw = Callable[..., torch.Tensor]  # (logits, temps, seeds, out=tokens) -> the tokens, written into `out`
 Launched = tuple[torch.Tensor, torch.cuda.Event | None]  # new tokens (pinned, arriving), an event after them
 
 
@@ -92,20 +102,25 @@ class DecodeGraphs:
         self.block_size, self.max_model_len = block_size, max_model_len
         self.sizes = decode_sizes(min(max_bs, SMALL_DECODE))
         rows, device = self.sizes[-1], last_tokens.device
-        self.dev = Inputs(rows, max_blocks, device)
+        self.devs = [Inputs(rows, max_blocks, device) for _ in range(SETS)]
+        self.tokens = [torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(SETS)]
         cpu, self.cuda = torch.device("cpu"), device.type == "cuda"
         self.host = [Inputs(rows, max_blocks, cpu, self.cuda) for _ in range(RING)]
         self.host_np = [{name: h[name].numpy() for name, *_ in Inputs.FIELDS} for h in self.host]
         self.sent: list[torch.cuda.Event | None] = [None] * RING  # each host copy's last step, done
-        self.turn = 0
+        self.turn, self.set = 0, 0  # the next step's host copy and device set
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, set) -> graph
+        if self.cuda:
+            self.copy_stream, self.read_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.used: list[torch.cuda.Event | None] = [None] * SETS  # after each set's last graph
+        self.read: list[torch.cuda.Event | None] = [None] * SETS  # after each set's last read-back
         self._clear_device()
 
-    def forward(self, rows: int) -> torch.Tensor:
-        """The step on the device inputs' first `rows` rows: new tokens [rows], kept in last_tokens."""
-        d = self.dev
+    def forward(self, rows: int, x: int) -> torch.Tensor:
+        """The step on device set x's first `rows` rows: new tokens [rows] in the set's token buffer,
+        and kept in last_tokens."""
+        d = self.devs[x]
         meta = AttnMetadata(
             slot_mapping=d["slots"][:rows],
             query_start_loc=self.query_start_loc[: rows + 1],
@@ -121,31 +136,34 @@ class DecodeGraphs:
         )
         ids = self.last_tokens.index_select(0, d["fill"][:rows])
         hidden = self.model(ids, d["positions"][:rows], meta)
-        tokens = self.draw(self.model.compute_logits(hidden), d["temps"][:rows], d["seeds"][:rows])
+        tokens = self.draw(
+            self.model.compute_logits(hidden), d["temps"][:rows], d["seeds"][:rows], out=self.tokens[x][:rows]
+        )
         self.last_tokens.index_copy_(0, d["sample_slots"][:rows], tokens)
         return tokens
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int] | None) -> None:
-        """One graph per batch size, largest first, sharing `pool` (the step graphs')."""
+        """One graph per batch size and device set, largest first, sharing `pool` (the step graphs')."""
         for rows in reversed(self.sizes):
-            self.forward(rows)  # warm up on padding rows: compile kernels, settle the allocator
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[rows] = self.forward(rows)
-            pool = graph.pool()
-            self.graphs[rows] = graph
+            for x in range(SETS):
+                self.forward(rows, x)  # warm up on padding rows: compile kernels, settle the allocator
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.forward(rows, x)
+                pool = graph.pool()
+                self.graphs[rows, x] = graph
         torch.cuda.synchronize()
 
     def _clear_device(self) -> None:
         """Every row a padding row: it reads and writes the scratch token and stores no K/V."""
-        d = self.dev
-        d["fill"].fill_(self.scratch)
-        d["sample_slots"].fill_(self.scratch)
-        d["slots"].fill_(-1)
-        d["seq_lens"].fill_(1)
-        d["order"].copy_(self.query_start_loc[:-1])
+        for d in self.devs:
+            d["fill"].fill_(self.scratch)
+            d["sample_slots"].fill_(self.scratch)
+            d["slots"].fill_(-1)
+            d["seq_lens"].fill_(1)
+            d["order"].copy_(self.query_start_loc[:-1])
 
     def launch(
         self, seqs: list[SeqState], num_tokens: list[int]
@@ -191,18 +209,38 @@ class DecodeGraphs:
         for i, (s, p) in enumerate(zip(seqs, positions, strict=True)):
             tables[i, : p // bs + 1] = s.block_table[: p // bs + 1]  # the blocks up to the new token's
         tables[n:rows, 0] = 0  # padding rows attend to one token of block 0
-        end = self.dev.end(rows)
-        self.dev.buffer[:end].copy_(self.host[turn].buffer[:end], non_blocking=True)
-        if rows in self.graphs:
-            self.graphs[rows].replay()
-            tokens = to_host(self.outputs[rows][:n])
+        x, self.set = self.set, (self.set + 1) % SETS
+        inputs = self.host[turn].buffer[: self.devs[x].end(rows)]
+        done = None
+        if (rows, x) in self.graphs:
+            tokens, done = self._replay(rows, x, n, inputs)
+            self.sent[turn] = done
         else:  # not captured (on the CPU): the same work, eagerly
-            tokens = self.forward(rows)[:n].clone()
+            self.devs[x].buffer[: len(inputs)].copy_(inputs)
+            tokens = self.forward(rows, x)[:n].clone()
+            if self.cuda:
+                done = self.sent[turn] = step_done()
         for s in seqs:
             s.num_computed += 1
             s.held = s.num_tokens
             s.num_pending += 1
-        done = None
-        if self.cuda:
-            done = self.sent[turn] = step_done()
+        return tokens, done
+
+    def _replay(self, rows: int, x: int, n: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Set x's graph of `rows` rows on `inputs`, between its copies (see the module's docstring):
+        (the first n new tokens, pinned and arriving; an event after their read-back)."""
+        main = torch.cuda.current_stream()
+        if (used := self.used[x]) is not None:
+            self.copy_stream.wait_event(used)
+        with torch.cuda.stream(self.copy_stream):
+            self.devs[x].buffer[: len(inputs)].copy_(inputs, non_blocking=True)
+        main.wait_stream(self.copy_stream)
+        if (read := self.read[x]) is not None:
+            main.wait_event(read)
+        self.graphs[rows, x].replay()
+        self.used[x] = used = main.record_event()
+        self.read_stream.wait_event(used)
+        with torch.cuda.stream(self.read_stream):
+            tokens = to_host(self.tokens[x][:n])
+            self.read[x] = done = step_done()
         return tokens, done

@@ -157,14 +157,21 @@ def merge_kernel(part_score_ptr, part_idx_ptr, out_ptr, num_splits, num_parts, p
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, num_splits: int | None = None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token ids [S] int64 from logits [S, V] (bf16, fp16 or fp32; rows may be strided, the last dim
-    must be contiguous), temperature [S] (0: greedy) and int64 seeds [S]. Launches without waiting.
+    must be contiguous), temperature [S] (0: greedy) and int64 seeds [S], written into `out` if given
+    (contiguous [S] int64). Launches without waiting.
 
     num_splits (programs per row) defaults to choose_num_splits; it never changes the tokens."""
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    assert out.shape == (rows,) and out.dtype == torch.int64 and out.is_contiguous()
     if rows == 0:
         return out
     _check(logits, temperature, seeds)
