@@ -26,7 +26,7 @@ filters, logit bias, min_tokens, logprobs or grammar). Anything else takes the g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -39,8 +39,16 @@ from worker_svc.seq_state import SeqState
 
 RING = 4  # pinned copies of the inputs, reused in turn once their copy to the device is done
 SETS = 2  # device inputs, graphs and token buffers used in turn (above)
-Draw = Callable[..., torch.Tensor]  # (logits, temps, seeds, out=tokens) -> the tokens, written into `out`
 Launched = tuple[torch.Tensor, torch.cuda.Event | None]  # new tokens (pinned, arriving), an event after them
+
+
+class Draw(Protocol):
+    """Draws a token a row from (logits, temperatures, seeds) into `out` and returns it
+    (sampling_kernel.sample_tokens)."""
+
+    def __call__(
+        self, logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, /, *, out: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class Inputs:
