@@ -100,6 +100,9 @@ def test_greedy_rows_are_argmax(dtype: torch.dtype, splits: int | None) -> None:
     assert tokens.dtype == torch.int64
     assert tokens.tolist() == x.argmax(-1).tolist()
     assert tokens[3:].tolist() == [0, 100, 7]
+    out = torch.full((8,), -1, dtype=torch.int64)  # a caller's buffer: the decode graphs' token buffer
+    assert sample_tokens(x, torch.zeros(6), seeds(6), num_splits=splits, out=out[:6]).data_ptr() == out.data_ptr()
+    assert out.tolist() == tokens.tolist() + [-1, -1]
 
 
 @needs_interpreter
