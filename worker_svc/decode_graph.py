@@ -121,6 +121,9 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, set) -> graph
         if self.cuda:
             self.copy_stream, self.read_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
+            for d, t in zip(self.devs, self.tokens, strict=True):  # freed only after those streams' work
+                d.buffer.record_stream(self.copy_stream)
+                t.record_stream(self.read_stream)
         self.used: list[torch.cuda.Event | None] = [None] * SETS  # after each set's last graph
         self.read: list[torch.cuda.Event | None] = [None] * SETS  # after each set's last read-back
         self._clear_device()
