@@ -28,12 +28,12 @@ LOG2E = 1.4426950408889634
 MIN_SPLIT_LEN = 128  # a split shorter than this is not worth its partial write + merge read
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 4  # decode programs resident on an SM at once (see choose_num_splits)
-MERGE_TICKETS = 1 << 16
+MERGE_TICKETS = 1 << 16  # (sequence, kv head) pairs decode's fused merge serves; past that, a merge kernel
 # A single sequence's rope decode (a single request): at most this many splits, over keys in tiles this
 # long. Fewer, longer splits keep each program streaming longer per wait and leave fewer partials to
 # merge; 8 rather than 16 won in the whole step (docs/lab-notes.md, run AU).
 ONE_SEQ_MAX_SPLITS = 8
-ONE_SEQ_BLOCK_N = 128  # (sequence, kv head) pairs decode's fused merge serves; past that, a merge kernel
+ONE_SEQ_BLOCK_N = 128
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
