@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=600, help="the decoding sequences' length")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--prefill-graph-tokens", type=int, default=2048, help="the worker's setting")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time")
     args = p.parse_args()
     n, k = args.prompt, args.prompts
     blocks = -(-n // 16)
@@ -92,6 +93,10 @@ def main() -> None:
     print(f"{what}: launch (host) median {1e3 * median(launched):.2f} ms")
     print(f"{what}, host + device: median {1e3 * median(times):.2f} ms")
     print(f"device time (profiler): {device:.2f} ms")
+    if args.top:
+        print(f"top {args.top} kernels: µs in the step, calls, name")
+        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]:
+            print(f"  {ev.device_time_total:9.1f} {ev.count:6d}  {ev.key[:110]}")
     print("host time of one such step, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(25)
 
