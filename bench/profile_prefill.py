@@ -1,7 +1,7 @@
 """Where a prefill step goes: one prompt, as in the latency benchmark, or a throughput run's
 big mixed step.
 
-    PYTHONPATH=. python3 bench/profile_prefill.py [--prompt 256] [--prompts 1] [--decodes 0]
+    PYTHONPATH=. python3 bench/profile_prefill.py [--prompt 256] [--prompts 1] [--decodes 0] [--top N]
 
 Builds the worker's ModelRunner on dummy Qwen3-0.6B weights and times steps that prefill `prompts`
 fresh `prompt`-token sequences and sample their first tokens, next to `decodes` running sequences
