@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench.timing import median
+from bench.timing import median, top_kernels
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState
@@ -95,8 +95,7 @@ def main() -> None:
     print(f"device time (profiler): {device:.2f} ms")
     if args.top:
         print(f"top {args.top} kernels: µs in the step, calls, name")
-        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]:
-            print(f"  {ev.device_time_total:9.1f} {ev.count:6d}  {ev.key[:110]}")
+        print("\n".join(top_kernels(prof, args.top)))
     print("host time of one such step, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(25)
 

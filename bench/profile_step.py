@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 import torch.multiprocessing as mp
 
-from bench.timing import copy_bandwidth
+from bench.timing import copy_bandwidth, top_kernels
 from worker_svc.config import WorkerConfig
 from worker_svc.model_runner import ModelRunner
 from worker_svc.seq_state import SamplingOptions, SeqState
@@ -146,8 +146,7 @@ def profile_batch(runner: ModelRunner, rank: int, bs: int, blocks_per: int, args
         print(f"  {name:<46} {ms:6.2f} ms  {ms / device:5.1%}")
     if args.top:
         print(f"top {args.top} kernels: µs per step, calls per step, name")
-        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]:
-            print(f"  {ev.device_time_total / 5:9.1f} {ev.count / 5:6.0f}  {ev.key[:110]}")
+        print("\n".join(top_kernels(prof, args.top, steps=5)))
     print("host time of 10 steps run one at a time, by function (the device wait is in synchronize):")
     pstats.Stats(host).sort_stats("tottime").print_stats(12)
 
