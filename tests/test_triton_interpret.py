@@ -83,6 +83,7 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     d = {"HEAD_DIM": 128, "BLOCK_SIZE": 16}
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
     dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False, "RELEASE": False}
+    dec |= {"MIXED": False}
     split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
     # a single sequence's, as TritonBackend.attend_rope launches it: its tiles and split cap, no row order,
     # releasing the o projection after its keys
@@ -99,6 +100,9 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.decode_split_kernel, {**split8, "FUSED_MERGE": True}, 4, 3),
         (k.decode_split_kernel, {**split8, "ROPE": True, "FUSED_MERGE": True}, 4, 3),
         (k.decode_split_kernel, one_seq, 4, 3),
+        # a mixed step's one-token rows, as TritonBackend.attend launches them
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1, "MIXED": True}, 4, 3),
+        (k.decode_split_kernel, {**split8, "FUSED_MERGE": True, "ORDERED": False, "MIXED": True}, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
         (k.prefill_kernel, {**pre, "PAGED": True}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
@@ -223,6 +227,36 @@ def test_prefill_attention_matches_reference(
         split_short=split, out=out, block_m=tiles[0], block_n=tiles[1],
     )  # fmt: skip
     ref = reference_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("shorts", [False, True])
+def test_mixed_step_decode_rows_in_decode_kernel(num_splits: int, shorts: bool) -> None:
+    """A mixed step as the backend runs it: the one-token rows through the decode kernel (located by
+    query_start_loc; with splits, merged through tickets), the rest through the prefill kernel,
+    into one output whose every row is written once."""
+    q_lens = [1, 40, 1, 9, 23, 1] if shorts else [1, 40, 1, 23, 1]
+    ctx_lens = [83, 70, 150, 9, 29, 2] if shorts else [83, 70, 150, 29, 2]
+    q, k, v, k_cache, v_cache, slots, block_tables, seq_lens, qsl = make_batch(ctx_lens, q_lens, 16, seed=num_splits)
+    tk.store_kvcache(k, v, k_cache, v_cache, slots)
+    out = torch.full_like(q, float("nan"))
+    tickets = torch.zeros(len(ctx_lens) * NUM_KV_HEADS, dtype=torch.int32)
+    tk.decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, 0.3, num_splits, out=out, tickets=tickets, query_start_loc=qsl
+    )
+    assert not tickets.any()
+    singles = qsl[1:] - qsl[:-1] == 1
+    rows = qsl[:-1][singles].long()
+    others = torch.ones(len(q), dtype=torch.bool)
+    others[rows] = False
+    assert not out[rows].isnan().any() and out[others].isnan().all()  # exactly the one-token rows
+    tk.prefill_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, qsl, max(q_lens), 0.3,
+        split_short=True, out=out, skip_single=True, short_rows=shorts,
+    )  # fmt: skip
+    ref = reference_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -164,13 +164,23 @@ def check_prefill(dtype: torch.dtype) -> None:
         out = tb.prefill_attention(c.q, c.k_cache, c.v_cache, *args, out=poisoned(c.q))
         report(f"prefill paged {name} {dtype}", out, ref, dtype)
         # The other paths the backend takes: fresh prompts read the new k/v (no cache); mixed
-        # batches give the short rows their own 16-row-tile launch.
+        # batches give the short rows their own 16-row-tile launch and the one-token rows the
+        # decode kernel (one split and several, the latter merged by tickets).
         if not m.has_prefix:
             out = tb.prefill_attention(c.q, c.k, c.v, *args, paged=False, out=poisoned(c.q))
             report(f"prefill flat  {name} {dtype}", out, ref, dtype)
-        if b.is_mixed(m):
-            out = tb.prefill_attention(c.q, c.k_cache, c.v_cache, *args, split_short=True, out=poisoned(c.q))
-            report(f"prefill split {name} {dtype}", out, ref, dtype)
+        singles, shorts = b.mix(m)
+        for splits in (1, 4) if singles else (1,) if shorts else ():
+            out = poisoned(c.q)
+            if singles:
+                tb.decode_attention(
+                    c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, scale, splits, out=out,
+                    tickets=b.tickets(c.q.device), query_start_loc=m.query_start_loc,
+                )  # fmt: skip
+            tb.prefill_attention(
+                c.q, c.k_cache, c.v_cache, *args, split_short=True, out=out, skip_single=singles, short_rows=shorts
+            )
+            report(f"prefill split {name} (decode splits {splits}) {dtype}", out, ref, dtype)
 
 
 def check_decode(dtype: torch.dtype) -> None:
@@ -882,13 +892,28 @@ def bench_prefill(paged: bool) -> tuple[float, float]:
     return ms * 1e3, flops / (ms * 1e-3) / 1e12
 
 
-def bench_mixed(split_short: bool) -> tuple[float, float]:
-    """A chunked-prefill step: 255 decode rows at ctx 1024 next to one 512-token chunk."""
+def bench_mixed(plan: str) -> tuple[float, float]:
+    """A chunked-prefill step: 255 decode rows at ctx 1024 next to one 512-token chunk, as the backend
+    runs it (`decode`: the decode rows in the decode kernel), or all of it in the prefill kernel,
+    with (`split`) or without (`one`) the short rows' own launch."""
     ctx, q = [1024] * 255 + [512], [1] * 255 + [512]
     c = make_case(ctx, q, torch.bfloat16, fill=False)
     m = c.meta
     args = (c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, 512, 0.088)
-    ms = triton.testing.do_bench(lambda: tb.prefill_attention(*args, split_short=split_short), return_mode="median")
+    b = tb.TritonBackend()
+
+    def step() -> None:
+        if plan == "decode":
+            out = torch.empty_like(c.q)
+            tb.decode_attention(
+                c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, b.splits(c.k_cache, m), out=out,
+                tickets=b.tickets(c.q.device), query_start_loc=m.query_start_loc,
+            )  # fmt: skip
+            tb.prefill_attention(*args, split_short=True, out=out, skip_single=True, short_rows=False)
+        else:
+            tb.prefill_attention(*args, split_short=plan == "split")
+
+    ms = triton.testing.do_bench(step, return_mode="median")
     kv_bytes = 2 * sum(ctx) * 8 * 128 * 2
     return ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9
 
@@ -945,9 +970,9 @@ def main() -> int:
         us, tflops = bench_prefill(paged)
         label = "prefill 8x1024 " + ("paged" if paged else "flat k/v")
         rows.append(f"{label:<40} {us:>9.1f} µs  {tflops:>8.1f} TFLOP/s")
-    for split in (True, False):
-        us, gbs = bench_mixed(split)
-        rows.append(f"{'mixed 255 dec@1024 + 512 chunk split=' + str(split):<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
+    for plan in ("decode", "split", "one"):
+        us, gbs = bench_mixed(plan)
+        rows.append(f"{'mixed 255 dec@1024 + 512 chunk, ' + plan:<40} {us:>9.1f} µs  {gbs:>8.0f} GB/s")
     for tokens in (256, 8192):  # a decode batch; a long prefill step
         rows += bench_fused(tokens)
     for tokens in (1, 256):

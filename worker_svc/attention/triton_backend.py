@@ -113,9 +113,14 @@ def decode_attention(
     slot_mapping: torch.Tensor | None = None,
     tickets: torch.Tensor | None = None,
     release: bool = False,
+    query_start_loc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [S, heads, D], one new token per sequence (row s is sequence s) -> [S, heads, D].
     order: int32 [S], a permutation of the rows to start the programs in (longest first pays).
+
+    query_start_loc (a mixed step): q is the step's [T, heads, D] and sequence s's tokens start at
+    query_start_loc[s]; only the one-token sequences are attended, each into its row of `out`
+    (required), which the prefill kernel fills for the others.
 
     rope: q is the query part of a raw qkv projection [S, (heads + 2 * kv_heads) * D], whose q
     and k heads are still to be normed and rotated; the kernel does that itself, and writes each
@@ -129,11 +134,13 @@ def decode_attention(
 
     release (sm_90 and later): every program lets the next kernel launch once its keys are read, so
     a matmul after it launched with PDL (layers/pdl.py) loads its weights during the partials' merge."""
-    num_seqs, num_heads, head_dim = q.shape
+    num_seqs, (_, num_heads, head_dim) = seq_lens.shape[0], q.shape
     _check_cache(k_cache, v_cache)
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and seq_lens.shape[0] == num_seqs
+    mixed = query_start_loc is not None
+    assert q.stride(-1) == 1 and group * num_kv_heads == num_heads and (mixed or q.shape[0] == num_seqs)
+    assert not mixed or (out is not None and order is None and rope is None and query_start_loc.numel() > num_seqs)
     assert order is None or (order.shape == (num_seqs,) and order.dtype == torch.int32)
     if rope is not None:
         # (a one-row view may report any row stride: the kernel reads k and v beside q, in q's row)
@@ -153,6 +160,8 @@ def decode_attention(
     block_n = block_n or (64 if head_dim <= 128 and q.element_size() <= 2 else 32)
     num_warps = num_warps or (2 if k_cache.element_size() == 1 else 4)
     fused_merge = num_splits > 1 and tickets is not None and tickets.numel() >= num_seqs * num_kv_heads
+    if mixed and not fused_merge:
+        num_splits = 1  # the merge kernel writes row s: it knows nothing of query_start_loc
     if num_splits > 1:
         mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -161,6 +170,7 @@ def decode_attention(
     decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens, out, mid_o, mid_lse,
         tickets if fused_merge else seq_lens,
+        query_start_loc if mixed else seq_lens,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2),
@@ -185,6 +195,7 @@ def decode_attention(
         SATURATE=k_cache.dtype == torch.float8_e4m3fn,
         FUSED_MERGE=fused_merge,
         RELEASE=release,
+        MIXED=mixed,
         num_warps=num_warps,
         num_stages=num_stages,
         # The norm and RoPE round like the torch path only without FMA contraction (layers/fused.py).
@@ -222,6 +233,8 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    skip_single: bool = False,
+    short_rows: bool = True,
 ) -> torch.Tensor:
     """Varlen causal attention of q [T, heads, D] over each sequence's context.
 
@@ -230,6 +243,8 @@ def prefill_attention(
     sequence has a prefix (seq_lens == query lengths). split_short: the batch mixes sequences of
     <= SHORT_Q new tokens (decode rows) with longer ones; the short ones then get their own launch
     with 16-row tiles instead of dragging a mostly empty 128-row tile through their whole context.
+    skip_single: one-token sequences are left alone (decode_attention serves them, into `out`);
+    short_rows=False: with split_short, the caller knows no sequence has 2 to SHORT_Q new tokens.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -273,11 +288,13 @@ def prefill_attention(
     if q.element_size() > 2:  # float32 tiles take twice the shared memory: halve the rows
         big = min(big, 64)
         num_stages = min(num_stages, 2)
+    lo = 2 if skip_single else 0
     if split_short and max_query_len > SHORT_Q and block_m is None:
-        launch(16, 1, SHORT_Q)
+        if short_rows:
+            launch(16, lo, SHORT_Q)
         launch(big, SHORT_Q + 1, INT32_MAX)
     else:
-        launch(big, 0, INT32_MAX)
+        launch(big, lo, INT32_MAX)
     return out
 
 
@@ -290,7 +307,7 @@ class TritonBackend:
     def __init__(self, num_sms: int | None = None) -> None:
         self.num_sms = num_sms  # None: ask the device (lets tests or tuning pin the split count)
         self._tickets: torch.Tensor | None = None  # decode's fused merge (see tickets())
-        self._mixed_cache: tuple[AttnMetadata | None, bool] = (None, False)
+        self._mixed_cache: tuple[AttnMetadata | None, tuple[bool, bool]] = (None, (False, False))
 
     def store(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
@@ -319,16 +336,22 @@ class TritonBackend:
                 paged=False,
             )  # fmt: skip
         if meta.is_decode:
-            num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
-            sms = self.num_sms or device_num_sms(q.device)
-            splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
             return decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits, order=meta.decode_order,
-                tickets=self.tickets(q.device),
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, self.splits(k_cache, meta),
+                order=meta.decode_order, tickets=self.tickets(q.device),
+            )  # fmt: skip
+        singles, shorts = self.mix(meta)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if singles:
+            # One-token rows (decodes beside prompt chunks) in the decode kernel: it reads each K/V
+            # tile once for the query heads sharing it, where the prefill kernel reads it per head.
+            decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, self.splits(k_cache, meta), out=out,
+                tickets=self.tickets(q.device), query_start_loc=meta.query_start_loc,
             )  # fmt: skip
         return prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale,
-            split_short=self.is_mixed(meta),
+            split_short=singles or shorts, out=out, skip_single=singles, short_rows=shorts,
         )  # fmt: skip
 
     def attend_rope(
@@ -345,7 +368,7 @@ class TritonBackend:
             return None
         num_seqs, (_, _, num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape
         sms = self.num_sms or device_num_sms(qkv.device)
-        splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, sms)
+        splits = self.splits(k_cache, meta)
         # Each program norms and rotates its q before its first K/V load, about a µs in which it
         # streams nothing, and that is paid once per wave of programs. Past two waves (~4 programs
         # an SM at once) it costs more than the launch it saves (docs/lab-notes.md has the steps timed).
@@ -361,6 +384,11 @@ class TritonBackend:
             block_n=ONE_SEQ_BLOCK_N if one else None, release=pdl.enabled(qkv),
         )  # fmt: skip
 
+    def splits(self, k_cache: torch.Tensor, meta: AttnMetadata) -> int:
+        """Decode's split count for the step's sequences (choose_num_splits)."""
+        sms = self.num_sms or device_num_sms(k_cache.device)
+        return choose_num_splits(meta.seq_lens.shape[0], k_cache.shape[2], meta.max_seq_len, sms)
+
     def tickets(self, device: torch.device) -> torch.Tensor | None:
         """Zeroed tickets for decode's fused merge, made on first use. Not inside a CUDA graph's
         capture: a buffer made there would live in the graph's memory pool, which other graphs reuse
@@ -371,13 +399,15 @@ class TritonBackend:
             self._tickets = torch.zeros(MERGE_TICKETS, dtype=torch.int32, device=device)
         return self._tickets
 
-    def is_mixed(self, meta: AttnMetadata) -> bool:
-        """Whether the step mixes short (<= SHORT_Q, e.g. decode) and long query runs; computed once
-        per step from the host copy of query_start_loc (every layer sees the same meta object). A
-        stale answer could only cost speed: both launch plans cover every sequence. A captured step
-        (no host copy) may hold anything: both launches."""
+    def mix(self, meta: AttnMetadata) -> tuple[bool, bool]:
+        """Whether a step with a sequence of over SHORT_Q new tokens also has one-token sequences
+        (e.g. decodes), and sequences of 2 to SHORT_Q; computed once per step from the host copy of
+        query_start_loc (every layer sees the same meta object). A captured step (no host copy) may
+        hold anything: (True, True), every launch."""
         if self._mixed_cache[0] is not meta:
-            loc = meta.query_start_loc_host
-            shortest = min((b - a for a, b in itertools.pairwise(loc)), default=0)  # 0: unknown
-            self._mixed_cache = (meta, shortest <= SHORT_Q < meta.max_query_len)
+            lens = [b - a for a, b in itertools.pairwise(meta.query_start_loc_host)]
+            plan = (False, False)
+            if meta.max_query_len > SHORT_Q:
+                plan = (not lens or 1 in lens, not lens or any(1 < n <= SHORT_Q for n in lens))
+            self._mixed_cache = (meta, plan)
         return self._mixed_cache[1]

@@ -99,6 +99,7 @@ def decode_split_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     tickets_ptr,
+    query_start_loc_ptr,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -132,6 +133,7 @@ def decode_split_kernel(
     SATURATE: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     RELEASE: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     # Program = (kv head, sequence, split). It serves all GROUP query heads that share this kv head,
     # so every K/V tile is fetched from HBM once per group instead of once per query head. The
@@ -145,6 +147,15 @@ def decode_split_kernel(
         # from starting last and running alone while the other SMs idle at the end of the launch.
         s = tl.load(order_ptr + s)
 
+    if MIXED:
+        # A mixed step (prompt chunks beside decodes): sequence s's tokens start at query_start_loc[s],
+        # and only one-token sequences are served here; the prefill kernel takes the others.
+        row = tl.load(query_start_loc_ptr + s)
+        if tl.load(query_start_loc_ptr + s + 1) - row != 1:
+            return
+    else:
+        row = s  # pure decode: sequence s owns exactly token s of the flat batch
+    row = row.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + s)
     # The split length is derived from the *actual* seq_len, so a grid sized for a loose bound
     # (max model length under CUDA graphs) still spreads real work evenly; surplus splits get an
@@ -158,8 +169,7 @@ def decode_split_kernel(
     d = tl.arange(0, HEAD_DIM)
     hmask = hh < GROUP
     heads = kvh * GROUP + hh
-    # Pure decode: sequence s owns exactly token s of the flat batch.
-    q_row = q_ptr + s.to(tl.int64) * stride_qt
+    q_row = q_ptr + row * stride_qt
     if ROPE:
         q = _rope_and_store(
             q_row, heads, hmask, kvh, s, seq_len, start, end, k_cache_ptr, v_cache_ptr, q_weight_ptr, k_weight_ptr,
@@ -206,14 +216,14 @@ def decode_split_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty range (or seq_len 0 padding) -> zeros, not NaN
     o = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
-        dst = out_ptr + s.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     else:
         # Partials: mid_o [S, H, NUM_SPLITS, D] normalised, mid_lse [S, H, NUM_SPLITS] (base 2).
-        row = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * NUM_SPLITS + split
-        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
+        part = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
-        tl.store(mid_lse_ptr + row, lse, mask=hmask)
+        tl.store(mid_lse_ptr + part, lse, mask=hmask)
         if FUSED_MERGE:
             # The split of (sequence, kv head) that finishes last merges the group's partials, so no
             # merge kernel follows. Its ticket's release orders this program's partial stores (all
@@ -227,7 +237,7 @@ def decode_split_kernel(
                 mh = kvh * GROUP + tl.arange(0, GROUP_POW2)
                 mh_ok = mh < (kvh + 1) * GROUP
                 base = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + mh) * NUM_SPLITS
-                dst = out_ptr + s.to(tl.int64) * stride_ot + mh[:, None] * stride_oh + d[None, :]
+                dst = out_ptr + row * stride_ot + mh[:, None] * stride_oh + d[None, :]
                 active = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)  # splits holding keys
                 _merge_partials(mid_o_ptr, mid_lse_ptr, base, mh_ok, active, dst, HEAD_DIM, SPLITS_POW2, CHUNK=8)
 
