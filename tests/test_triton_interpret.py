@@ -104,9 +104,10 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1, "MIXED": True}, 4, 3),
         (k.decode_split_kernel, {**split8, "FUSED_MERGE": True, "ORDERED": False, "MIXED": True}, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
-        (k.prefill_kernel, {**pre, "PAGED": True}, 8, 3),
-        (k.prefill_kernel, {**pre, "PAGED": False}, 8, 3),
-        (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16}, 4, 3),  # short rows of a mixed batch
+        (k.prefill_kernel, {**pre, "PAGED": True, "PACKED": True}, 8, 3),
+        (k.prefill_kernel, {**pre, "PAGED": False, "PACKED": True}, 8, 3),
+        (k.prefill_kernel, {**pre, "PAGED": False, "PACKED": False}, 8, 3),  # prompts of one tile
+        (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16, "PACKED": False}, 4, 3),  # a mixed batch's short rows
     ]
     fp8 = [  # an fp8 cache: fp16 dots, two warps a program
         (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 2, 3),
@@ -211,6 +212,8 @@ def test_store_kvcache_skips_negative_slots_and_accepts_strided_inputs() -> None
         ([83, 70, 9, 129], [1, 1, 9, 30], 32, (None, None), False),  # mixed: decode rows + chunked prefill
         ([83, 70, 9, 129, 99], [1, 16, 9, 17, 80], 16, (None, None), True),  # same, short rows split off
         ([300, 5], [21, 5], 64, (16, 32), False),  # block_size > BLOCK_N, long prefix
+        ([1, 40, 2, 60, 16, 17, 5], [1, 33, 2, 47, 16, 17, 5], 16, (16, 16), False),  # packed slots, tile edges
+        ([2] * 130 + [45] + [3] * 130 + [41], [1] * 130 + [40] + [2] * 130 + [41], 16, (16, 16), False),  # > 256 seqs
     ],
 )
 def test_prefill_attention_matches_reference(

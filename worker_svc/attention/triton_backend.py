@@ -264,9 +264,10 @@ def prefill_attention(
     def launch(bm: int, min_q: int, max_q: int) -> None:
         bn = block_n or (64 if head_dim <= 128 else 32)
         warps = num_warps or (8 if bm >= 128 or head_dim >= 256 else 4)
-        prefill_kernel[(triton.cdiv(min(max_query_len, max_q), bm), num_heads, num_seqs)](
+        packed = min(max_query_len, max_q) > bm  # some sequence served needs several tiles: prefill_kernel's slots
+        prefill_kernel[(num_heads, num_tokens // bm + num_seqs if packed else num_seqs)](
             q, k, v, block_tables, seq_lens, query_start_loc, out,
-            scale * LOG2E, min_q, max_q,
+            scale * LOG2E, min_q, max_q, num_seqs,
             q.stride(0), q.stride(1),
             k.stride(row_dim), k.stride(row_dim + 1),
             v.stride(row_dim), v.stride(row_dim + 1),
@@ -279,6 +280,7 @@ def prefill_attention(
             BLOCK_M=bm,
             BLOCK_N=bn,
             DOT_PRECISION=dot_precision(q),
+            PACKED=packed,
             num_warps=warps,
             num_stages=num_stages,
         )  # fmt: skip

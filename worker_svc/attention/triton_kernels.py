@@ -348,7 +348,7 @@ def _key_rows(bt_row, q_start, n, mask, PAGED: tl.constexpr, BLOCK_SIZE: tl.cons
         return (q_start + n).to(tl.int64)
 
 
-@triton.jit(do_not_specialize=["min_q_len", "max_q_len", "stride_bt"])
+@triton.jit(do_not_specialize=["min_q_len", "max_q_len", "num_seqs", "stride_bt"])
 def prefill_kernel(
     q_ptr,
     k_ptr,
@@ -360,6 +360,7 @@ def prefill_kernel(
     scale_log2,
     min_q_len,
     max_q_len,
+    num_seqs,
     stride_qt,
     stride_qh,
     stride_k_row,
@@ -376,21 +377,38 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
-    # Program = (query tile, query head, sequence). PAGED: keys come from the cache (already holding
+    # Program = (query head, slot). PAGED: keys come from the cache (already holding
     # this step's K/V), so a cached prefix, a chunked-prefill continuation and a q_len = 1 decode
     # token in a mixed batch are all one case: queries are the last q_len context positions.
     # Not PAGED (no sequence has a prefix): keys are read straight from the new k/v, which is
     # contiguous (no block-table gather) and works before the cache exists (warm-up).
-    # Grid (tile, head, seq): the GROUP query heads sharing a kv head run back to back, so their
-    # repeated K/V reads mostly hit L2.
-    mt = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + s)
+    # Heads vary fastest in the grid: the GROUP query heads sharing a kv head run back to back, so
+    # their repeated K/V reads mostly hit L2.
+    # Not PACKED (every sequence served fits one tile): slot s is sequence s. PACKED: sequence s owns
+    # the slots from query_start_loc[s] // BLOCK_M + s on, at least one per query tile it needs and
+    # at most one more, so the grid (tokens // BLOCK_M + sequences slots) holds few programs with no
+    # tile, where a grid of max_query_len's tiles for every sequence would give each decode row of a
+    # mixed step, or each short prompt beside a long one, programs that only exit.
+    h = tl.program_id(0)
+    slot = tl.program_id(1)
+    if PACKED:
+        # s = the last sequence whose first slot is <= slot (first slots only grow with s)
+        s = tl.full([], -1, tl.int32)
+        for c0 in range(0, num_seqs, 256):
+            ss = c0 + tl.arange(0, 256)
+            starts = tl.load(query_start_loc_ptr + ss, mask=ss < num_seqs, other=0)
+            s += tl.sum(((starts // BLOCK_M + ss <= slot) & (ss < num_seqs)).to(tl.int32), 0)
+        q_start = tl.load(query_start_loc_ptr + s)
+        mt = slot - (q_start // BLOCK_M + s)
+    else:
+        s = slot
+        mt = 0
+        q_start = tl.load(query_start_loc_ptr + s)
     q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
-    # The grid is sized by max_query_len: tiles past a shorter sequence's end exit here, and so do
-    # sequences outside [min_q_len, max_q_len] (the launch covering another q_len class has them).
+    # Slots past a sequence's last tile exit here, and so do sequences outside [min_q_len,
+    # max_q_len] (the launch covering another q_len class has them).
     if (mt * BLOCK_M >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
         return
     ctx = tl.load(seq_lens_ptr + s)
