@@ -904,12 +904,7 @@ def bench_mixed(plan: str) -> tuple[float, float]:
 
     def step() -> None:
         if plan == "decode":
-            out = torch.empty_like(c.q)
-            tb.decode_attention(
-                c.q, c.k_cache, c.v_cache, m.block_tables, m.seq_lens, 0.088, b.splits(c.k_cache, m), out=out,
-                tickets=b.tickets(c.q.device), query_start_loc=m.query_start_loc,
-            )  # fmt: skip
-            tb.prefill_attention(*args, split_short=True, out=out, skip_single=True, short_rows=False)
+            b.attend(c.q, c.k, c.v, c.k_cache, c.v_cache, m, 0.088)
         else:
             tb.prefill_attention(*args, split_short=plan == "split")
 
