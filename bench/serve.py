@@ -16,11 +16,16 @@ Per rate it prints the time to first token (TTFT), the inter-token latency (ITL:
 request's streamed messages, one token each unless the server merges them), TPOT and end-to-end
 latency (p50, p90, p99), the worst gap, and the share of the wall time the worker had a step in
 flight (from the server's Prometheus metrics, when known); then the highest rate whose p99 TTFT
-stays under 1 s, and, at the rate whose output throughput is nearest 80% of the highest measured,
-p99 ITL against 3x the idle TPOT. The rate `inf` sends every request at once: its throughput is
-the server's saturated one, so the GPU is about 80% busy at the rate that reaches 80% of it. (A
-step is nearly always in flight once requests run, however little the GPU does in it, so that
-share says little about how loaded the GPU is.)
+stays under 1 s.
+
+The load. The rate `inf` sends every request at once: its throughput is the server's saturated
+one, and that over the output tokens a request gets is the highest rate it can keep up with. A
+rate's offered load is its share of that rate; past 100% the server falls
+behind and queues grow for as long as requests keep coming. After the rates, one more runs at
+--load (80%) of the saturated rate, where the GPU is that busy, and the verdict compares its p99
+ITL with 3x the idle TPOT. Each rate's offered load is printed at the end. (The share of time a
+step is in flight says little here: a step is nearly always in flight once requests run, however
+little the GPU does in it.)
 """
 
 from __future__ import annotations
@@ -174,8 +179,14 @@ async def bench(stream: Stream, args: argparse.Namespace, metrics: str | None) -
     idle = [await trace(stream, send(salted(Job(j.prompt, min(j.max_tokens, 256)), 1))) for j in jobs[: args.idle]]
     idle_tpot = statistics.median(t.tpot for t in idle)
     print(f"idle: TPOT {1e3 * idle_tpot:.2f} ms, TTFT {1e3 * statistics.median(t.ttft for t in idle):.1f} ms")
+    tokens_per_request = statistics.mean(j.max_tokens for j in jobs)  # a first guess: ignore_eos
+    saturated: float | None = None  # requests a second the server keeps up with, once `inf` has run
     rows = []
-    for k, rate in enumerate(args.rates):
+    for k, rate in enumerate([*args.rates, None]):
+        if rate is None:  # the load run, last
+            if saturated is None or not args.load:
+                break
+            rate = args.load * saturated
         before = step_seconds(metrics)
         traces, wall = await at_rate(stream, [send(salted(j, 2 + k)) for j in jobs], rate, args.seed)
         after = step_seconds(metrics)
@@ -183,8 +194,11 @@ async def bench(stream: Stream, args: argparse.Namespace, metrics: str | None) -
         gaps = [g for t in traces for g in t.gaps]
         ttft, worst = [t.ttft for t in traces], max(gaps, default=0.0)
         tokens = sum(t.tokens for t in traces)
+        if rate == float("inf"):
+            tokens_per_request = tokens / len(traces)
+            saturated = tokens / wall / tokens_per_request
         print(
-            f"rate {rate:g} req/s: {len(traces)} requests in {wall:.1f} s, {tokens / wall:,.0f} output tok/s"
+            f"rate {rate:.4g} req/s: {len(traces)} requests in {wall:.1f} s, {tokens / wall:,.0f} output tok/s"
             + (f", a step in flight {busy:.0%} of the time" if busy is not None else "")
         )
         print(f"{'':>4}{'p50':>24} {'p90':>9} {'p99':>9}")
@@ -192,19 +206,22 @@ async def bench(stream: Stream, args: argparse.Namespace, metrics: str | None) -
         print(f"    ITL (ms)         {pcts(gaps, 1e3)}   worst gap {1e3 * worst:.1f} ms")
         print(f"    TPOT (ms)        {pcts([t.tpot for t in traces], 1e3)}")
         print(f"    end-to-end (s)   {pcts([t.arrivals[-1] - t.sent for t in traces], 1.0, 2)}")
-        rows.append((rate, float(np.percentile(ttft, 99)), float(np.percentile(gaps, 99)), tokens / wall))
-    under = [r for r, p99_ttft, _, _ in rows if p99_ttft < 1.0]
-    print(f"highest rate with p99 TTFT < 1 s: {f'{max(under):g} req/s' if under else 'none of those run'}")
-    peak = max(rows, key=lambda r: r[3])
-    below = [r for r in rows if r is not peak]
-    if below:
-        rate, _, p99_itl, rate_tok_s = min(below, key=lambda r: abs(r[3] / peak[3] - 0.8))
-        verdict = "under" if p99_itl < 3 * idle_tpot else "over"
-        print(
-            f"nearest 80% of the highest throughput ({peak[3]:,.0f} tok/s at {peak[0]:g} req/s): {rate:g} req/s "
-            f"({rate_tok_s / peak[3]:.0%}): p99 ITL {1e3 * p99_itl:.2f} ms is {verdict} 3x idle TPOT "
-            f"({3e3 * idle_tpot:.2f} ms)"
-        )
+        rows.append((rate, float(np.percentile(ttft, 99)), float(np.percentile(gaps, 99))))
+    under = [r for r, p99_ttft, _ in rows if p99_ttft < 1.0]
+    print(f"highest rate with p99 TTFT < 1 s: {f'{max(under):.4g} req/s' if under else 'none of those run'}")
+    if saturated is None:
+        print("no offered loads: they need the rate inf (the saturated throughput)")
+        return
+    finite = [r for r, *_ in rows if r != float("inf")]
+    print("offered load: " + ", ".join(f"{r:.4g} req/s {r / saturated:.0%}" for r in finite))
+    if not args.load:
+        return
+    rate, _, p99_itl = rows[-1]
+    verdict = "under" if p99_itl < 3 * idle_tpot else "over"
+    print(
+        f"at {args.load:.0%} load ({rate:.4g} req/s; saturated {saturated:.4g} req/s of {tokens_per_request:.0f} "
+        f"output tokens): p99 ITL {1e3 * p99_itl:.2f} ms is {verdict} 3x idle TPOT ({3e3 * idle_tpot:.2f} ms)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=256, help="requests at each rate")
     p.add_argument("--idle", type=int, default=3, help="requests sent one at a time first, for the idle TPOT")
     p.add_argument("--seed", type=int, default=0, help="of the arrival times")
+    p.add_argument(
+        "--load", type=float, default=0.8, help="after the rates, one at this share of inf's saturated rate (0: none)"
+    )
     p.add_argument("--max-prompt", type=int, default=None, help="cut prompts to this many tokens (a quick run)")
     p.add_argument("--max-tokens", type=int, default=10**9, help="cap each request's output (a quick run)")
     p.add_argument("--addr", help="a running nanovllm scheduler, HOST:PORT")

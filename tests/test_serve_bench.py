@@ -54,13 +54,15 @@ def test_small_run_through_the_grpc_api(tmp_path: Path, capsys: pytest.CaptureFi
     ])  # fmt: skip
     out = capsys.readouterr().out
     assert re.search(r"idle: TPOT [\d.]+ ms", out)
-    for rate in ("20", "inf"):
-        # 6 requests of 6 tokens each (ignore_eos), and the share of the wall time a step was in flight.
-        line = rf"rate {rate} req/s: 6 requests in [\d.]+ s, [\d,]+ output tok/s, a step in flight \d+% of the time"
-        assert re.search(line, out)
-    assert len(re.findall(r"TTFT \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out)) == 2
-    assert len(re.findall(r"ITL \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+worst gap [\d.]+ ms", out)) == 2
-    assert re.search(r"highest rate with p99 TTFT < 1 s: (inf|20) req/s", out)
-    # The verdict is read at the rate other than the one with the highest throughput.
-    verdict = r"nearest 80% of the highest throughput \([\d,]+ tok/s at (inf|20) req/s\): (20|inf) req/s \(\d+%\)"
-    assert re.search(verdict + r": p99 ITL [\d.]+ ms is (under|over) 3x idle TPOT", out)
+    # The rates asked for, then one at 80% of the saturated rate (inf's throughput / 6 tokens a request).
+    line = r"rate ([\d.e+]+|inf) req/s: 6 requests in [\d.]+ s, ([\d,]+) output tok/s, a step in flight"
+    rates = re.findall(line, out)
+    assert [r for r, _ in rates][:2] == ["20", "inf"] and len(rates) == 3
+    saturated = float(rates[1][1].replace(",", "")) / 6  # requests a second
+    assert float(rates[2][0]) == pytest.approx(0.8 * saturated, rel=0.01, abs=0.01)
+    assert len(re.findall(r"TTFT \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out)) == 3
+    assert len(re.findall(r"ITL \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+worst gap [\d.]+ ms", out)) == 3
+    assert re.search(r"highest rate with p99 TTFT < 1 s: ([\d.e+]+|inf) req/s", out)
+    assert re.search(r"offered load: 20 req/s \d+%, [\d.e+]+ req/s 80%", out)
+    verdict = r"at 80% load \([\d.e+]+ req/s; saturated [\d.e+]+ req/s of 6 output tokens\): p99 ITL [\d.]+ ms"
+    assert re.search(verdict + r" is (under|over) 3x idle TPOT", out)
