@@ -20,12 +20,11 @@ stays under 1 s.
 
 The load. The rate `inf` sends every request at once: its throughput is the server's saturated
 one, and that over the output tokens a request gets is the highest rate it can keep up with. A
-rate's offered load is its share of that rate; past 100% the server falls
-behind and queues grow for as long as requests keep coming. After the rates, one more runs at
---load (80%) of the saturated rate, where the GPU is that busy, and the verdict compares its p99
-ITL with 3x the idle TPOT. Each rate's offered load is printed at the end. (The share of time a
-step is in flight says little here: a step is nearly always in flight once requests run, however
-little the GPU does in it.)
+rate's offered load is its share of that rate; past 100% the server falls behind and queues grow
+for as long as requests keep coming. After the rates, one more runs at --load (80%) of the
+saturated rate, where the GPU is that busy, and the verdict compares its p99 ITL with 3x the idle
+TPOT. Each rate's offered load is printed at the end. (The share of time a step is in flight says
+little here: a step is nearly always in flight once requests run, however little the GPU does.)
 """
 
 from __future__ import annotations
