@@ -27,10 +27,25 @@ class CompileWatch:
         self.started[key] = time.perf_counter()
         return False  # False: compile as usual
 
-    def after(self, *, key: Any, repr: str, **_: Any) -> None:
+    def after(self, *, key: Any, repr: str, fn: Any = None, compile: dict | None = None, **_: Any) -> None:
         took = time.perf_counter() - self.started.pop(key, time.perf_counter())
         self.count += 1
-        log.warning("Triton compiled a kernel variant after start-up (%.2f s): %s", took, repr)
+        variant = repr + constexprs(fn, compile)
+        log.warning("Triton compiled a kernel variant after start-up (%.2f s): %s", took, variant)
+
+
+def constexprs(fn: Any, compile: dict | None) -> str:
+    """The variant's constexpr values by name (Triton keys them by argument index), which its repr
+    leaves out: what tells two variants of one kernel apart."""
+    constants = (compile or {}).get("constants") or {}
+    names = getattr(getattr(fn, "jit_function", None), "arg_names", None) or []
+
+    def name(k: Any) -> str:
+        i = k[0] if isinstance(k, tuple) and len(k) == 1 else k
+        return names[i] if isinstance(i, int) and i < len(names) else str(k)
+
+    shown = {name(k): v for k, v in constants.items() if v is not None}
+    return f"; constexprs {shown}" if shown else ""
 
     def install(self) -> None:
         from triton import knobs
