@@ -178,8 +178,9 @@ async def bench(stream: Stream, args: argparse.Namespace, metrics: str | None) -
     idle = [await trace(stream, send(salted(Job(j.prompt, min(j.max_tokens, 256)), 1))) for j in jobs[: args.idle]]
     idle_tpot = statistics.median(t.tpot for t in idle)
     print(f"idle: TPOT {1e3 * idle_tpot:.2f} ms, TTFT {1e3 * statistics.median(t.ttft for t in idle):.1f} ms")
-    tokens_per_request = statistics.mean(j.max_tokens for j in jobs)  # a first guess: ignore_eos
-    saturated: float | None = None  # requests a second the server keeps up with, once `inf` has run
+    # Requests a second the server keeps up with, and the output tokens a request got, once `inf` has run.
+    saturated: float | None = None
+    tokens_per_request = 0.0
     rows = []
     for k, rate in enumerate([*args.rates, None]):
         if rate is None:  # the load run, last
