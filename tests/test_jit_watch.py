@@ -31,3 +31,14 @@ def test_names_the_variants_constexprs(caplog: pytest.LogCaptureFixture) -> None
         watch.after(key=1, repr="decode_split_kernel[num_warps=4](q_ptr: ()", fn=Info(),
                     compile={"constants": {(2,): 3, (3,): True, (1,): None}})  # fmt: skip
     assert "constexprs {'NUM_SPLITS': 3, 'MIXED': True}" in caplog.records[0].getMessage()
+
+
+def test_install_hooks_its_callbacks_into_triton() -> None:
+    knobs = pytest.importorskip("triton").knobs
+    before = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    watch = CompileWatch()
+    try:
+        watch.install()
+        assert knobs.runtime.jit_cache_hook == watch.before and knobs.runtime.jit_post_compile_hook == watch.after
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before

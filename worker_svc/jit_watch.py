@@ -33,6 +33,12 @@ class CompileWatch:
         variant = repr + constexprs(fn, compile)
         log.warning("Triton compiled a kernel variant after start-up (%.2f s): %s", took, variant)
 
+    def install(self) -> None:
+        from triton import knobs
+
+        knobs.runtime.jit_cache_hook = self.before
+        knobs.runtime.jit_post_compile_hook = self.after
+
 
 def constexprs(fn: Any, compile: dict | None) -> str:
     """The variant's constexpr values by name (Triton keys them by argument index), which its repr
@@ -46,12 +52,6 @@ def constexprs(fn: Any, compile: dict | None) -> str:
 
     shown = {name(k): v for k, v in constants.items() if v is not None}
     return f"; constexprs {shown}" if shown else ""
-
-    def install(self) -> None:
-        from triton import knobs
-
-        knobs.runtime.jit_cache_hook = self.before
-        knobs.runtime.jit_post_compile_hook = self.after
 
 
 class GraphWatch:
