@@ -84,25 +84,24 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     dec = {**d, "GROUP": 2, "BLOCK_H": 16, "BLOCK_N": 64, "ORDERED": True, "DOT_PRECISION": "tf32", "ROPE": False}
     dec |= {"GROUP_POW2": 2, "NUM_Q_HEADS": 16, "SATURATE": False, "FUSED_MERGE": False, "RELEASE": False}
     dec |= {"MIXED": False}
-    split8 = {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}
-    # a single sequence's, as TritonBackend.attend_rope launches it: its tiles and split cap, no row order,
+    split = {**dec, "MIN_SPLIT_LEN": 128, "SPLIT": True, "SPLITS_POW2": 32}  # any count of splits
+    # a single sequence's, as TritonBackend.attend_rope launches it: its tiles, no row order,
     # releasing the o projection after its keys
-    n1 = tb.ONE_SEQ_MAX_SPLITS
-    one_seq = {**split8, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": tb.ONE_SEQ_BLOCK_N, "NUM_SPLITS": n1}
-    one_seq |= {"SPLITS_POW2": n1, "ORDERED": False, "RELEASE": True}
+    one_seq = {**split, "ROPE": True, "FUSED_MERGE": True, "BLOCK_N": tb.ONE_SEQ_BLOCK_N}
+    one_seq |= {"ORDERED": False, "RELEASE": True}
     pre = {**d, "GROUP": 2, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     builds = [
         (k.store_kvcache_kernel, {"NUM_KV_HEADS": 8, "HEADS_POW2": 8, "HEAD_DIM": 128}, 4, 1),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1, "ROPE": True}, 4, 3),
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8, "ROPE": True}, 4, 3),
-        (k.decode_split_kernel, {**split8, "FUSED_MERGE": True}, 4, 3),
-        (k.decode_split_kernel, {**split8, "ROPE": True, "FUSED_MERGE": True}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "SPLIT": False, "SPLITS_POW2": 1}, 4, 3),
+        (k.decode_split_kernel, split, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "SPLIT": False, "SPLITS_POW2": 1, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**split, "ROPE": True}, 4, 3),
+        (k.decode_split_kernel, {**split, "FUSED_MERGE": True}, 4, 3),
+        (k.decode_split_kernel, {**split, "ROPE": True, "FUSED_MERGE": True}, 4, 3),
         (k.decode_split_kernel, one_seq, 4, 3),
         # a mixed step's one-token rows, as TritonBackend.attend launches them
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1, "MIXED": True}, 4, 3),
-        (k.decode_split_kernel, {**split8, "FUSED_MERGE": True, "ORDERED": False, "MIXED": True}, 4, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "SPLIT": False, "SPLITS_POW2": 1, "MIXED": True}, 4, 3),
+        (k.decode_split_kernel, {**split, "FUSED_MERGE": True, "ORDERED": False, "MIXED": True}, 4, 3),
         (k.decode_merge_kernel, {"NUM_HEADS": 16, "HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_POW2": 8}, 4, 1),
         (k.prefill_kernel, {**pre, "PAGED": True, "PACKED": True}, 8, 3),
         (k.prefill_kernel, {**pre, "PAGED": False, "PACKED": True}, 8, 3),
@@ -110,8 +109,8 @@ def test_kernels_compile_for_h100_without_spills() -> None:
         (k.prefill_kernel, {**pre, "PAGED": True, "BLOCK_M": 16, "PACKED": False}, 4, 3),  # a mixed batch's short rows
     ]
     fp8 = [  # an fp8 cache: fp16 dots, two warps a program
-        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "NUM_SPLITS": 1, "SPLITS_POW2": 1}, 2, 3),
-        (k.decode_split_kernel, {**split8, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 2, 3),
+        (k.decode_split_kernel, {**dec, "MIN_SPLIT_LEN": 1, "SPLIT": False, "SPLITS_POW2": 1}, 2, 3),
+        (k.decode_split_kernel, {**split, "ROPE": True, "SATURATE": True, "FUSED_MERGE": True}, 2, 3),
     ]
     for (fn, consts, warps, stages), fp8_cache in [(b, False) for b in builds] + [(b, True) for b in fp8]:
         fusion = not consts.get("ROPE", False)

@@ -166,7 +166,7 @@ def decode_attention(
         mid_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
-        mid_o = mid_lse = out  # not touched by the NUM_SPLITS == 1 specialisation
+        mid_o = mid_lse = out  # not touched without SPLIT
     decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens, out, mid_o, mid_lse,
         tickets if fused_merge else seq_lens,
@@ -186,8 +186,10 @@ def decode_attention(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         MIN_SPLIT_LEN=MIN_SPLIT_LEN if num_splits > 1 else 1,
-        NUM_SPLITS=num_splits,
-        SPLITS_POW2=triton.next_power_of_2(num_splits),
+        SPLIT=num_splits > 1,
+        # One width for every split count up to MAX_SPLITS, so the count makes no variant of its own
+        # (the fused merge masks the splits past it).
+        SPLITS_POW2=triton.next_power_of_2(max(num_splits, MAX_SPLITS)) if num_splits > 1 else 1,
         ORDERED=order is not None and num_seqs > 1,  # one row's order is itself: no load in front of the rest
         DOT_PRECISION=dot_precision(q),
         ROPE=rope is not None,

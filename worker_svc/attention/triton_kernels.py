@@ -124,7 +124,7 @@ def decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
     ORDERED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -142,6 +142,9 @@ def decode_split_kernel(
     kvh = tl.program_id(0)
     s = tl.program_id(1)
     split = tl.program_id(2)
+    # The split count is the grid's, not a constexpr: an eager step may pick any count up to
+    # MAX_SPLITS from its sequences, and each would otherwise compile a variant of its own.
+    num_splits = tl.num_programs(2)
     if ORDERED:
         # Programs start in grid order; taking the longest contexts first keeps a long sequence
         # from starting last and running alone while the other SMs idle at the end of the launch.
@@ -160,7 +163,7 @@ def decode_split_kernel(
     # The split length is derived from the *actual* seq_len, so a grid sized for a loose bound
     # (max model length under CUDA graphs) still spreads real work evenly; surplus splits get an
     # empty range and only write a "no keys" partial (lse = -inf).
-    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT_LEN)
+    split_len = tl.maximum(tl.cdiv(seq_len, num_splits), MIN_SPLIT_LEN)
     split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -215,12 +218,12 @@ def decode_split_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # empty range (or seq_len 0 padding) -> zeros, not NaN
     o = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     else:
-        # Partials: mid_o [S, H, NUM_SPLITS, D] normalised, mid_lse [S, H, NUM_SPLITS] (base 2).
-        part = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * NUM_SPLITS + split
+        # Partials: mid_o [S, H, splits, D] normalised, mid_lse [S, H, splits] (base 2).
+        part = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads) * num_splits + split
         tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=hmask[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty split: weight 0
         tl.store(mid_lse_ptr + part, lse, mask=hmask)
@@ -231,14 +234,14 @@ def decode_split_kernel(
             # every split's partials visible to the merging program.
             tl.debug_barrier()
             ticket_ptr = tickets_ptr + s.to(tl.int64) * tl.num_programs(0) + kvh
-            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == num_splits - 1:
                 tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")  # ready for the next launch
                 # Only the group's real heads (BLOCK_H pads them for tl.dot): the merge's tiles stay small.
                 mh = kvh * GROUP + tl.arange(0, GROUP_POW2)
                 mh_ok = mh < (kvh + 1) * GROUP
-                base = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + mh) * NUM_SPLITS
+                base = (s.to(tl.int64) * (tl.num_programs(0) * GROUP) + mh) * num_splits
                 dst = out_ptr + row * stride_ot + mh[:, None] * stride_oh + d[None, :]
-                active = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)  # splits holding keys
+                active = tl.minimum(tl.cdiv(seq_len, split_len), num_splits)  # splits holding keys
                 _merge_partials(mid_o_ptr, mid_lse_ptr, base, mh_ok, active, dst, HEAD_DIM, SPLITS_POW2, CHUNK=8)
 
 
