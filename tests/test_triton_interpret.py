@@ -8,6 +8,8 @@ where the kernel tests below actually execute. Without triton everything skips.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -183,6 +185,30 @@ def make_batch(
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(ctx_lens, dtype=torch.int32)
     return q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, qsl
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_split_count_compiles_no_variant_of_its_own(monkeypatch: pytest.MonkeyPatch, mixed: bool) -> None:
+    """An eager step picks its split count from its sequences (any of 2..MAX_SPLITS): were the count
+    among the kernel's constexprs, a count that start-up never met would compile mid-serving, every
+    stream stalled for about a second. Launches are recorded here, not run."""
+    from worker_svc.attention import triton_backend as tb
+
+    launches: list[tuple[tuple[int, ...], dict]] = []
+
+    class Recorder:
+        def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:  # a JITFunction's launch
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(tb, "decode_split_kernel", Recorder())
+    q_lens = [1, 40, 1] if mixed else [1, 1, 1]
+    q, _, _, k_cache, v_cache, _, tables, seq_lens, qsl = make_batch([700, 90, 4000], q_lens, 16, seed=0)
+    tickets = torch.zeros(3 * NUM_KV_HEADS, dtype=torch.int32)
+    for splits in range(2, tb.MAX_SPLITS + 1):
+        extra = {"out": torch.empty_like(q), "query_start_loc": qsl} if mixed else {}
+        tb.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.3, splits, tickets=tickets, **extra)
+    assert [grid[2] for grid, _ in launches] == list(range(2, tb.MAX_SPLITS + 1))
+    assert all(kwargs == launches[0][1] for _, kwargs in launches)  # constexprs and compile options
 
 
 @needs_interpreter
