@@ -24,13 +24,13 @@ def test_names_the_variants_constexprs(caplog: pytest.LogCaptureFixture) -> None
     """Triton's repr leaves the constexprs out; the log names them from the kernel's arguments."""
 
     class Info:
-        jit_function = type("Fn", (), {"arg_names": ["q_ptr", "stride", "NUM_SPLITS", "MIXED"]})()
+        jit_function = type("Fn", (), {"arg_names": ["q_ptr", "stride", "BLOCK_N", "MIXED"]})()
 
     watch = CompileWatch()
     with caplog.at_level(logging.WARNING, logger="worker_svc.jit_watch"):
         watch.after(key=1, repr="decode_split_kernel[num_warps=4](q_ptr: ()", fn=Info(),
-                    compile={"constants": {(2,): 3, (3,): True, (1,): None}})  # fmt: skip
-    assert "constexprs {'NUM_SPLITS': 3, 'MIXED': True}" in caplog.records[0].getMessage()
+                    compile={"constants": {(2,): 64, (3,): True, (1,): None}})  # fmt: skip
+    assert "constexprs {'BLOCK_N': 64, 'MIXED': True}" in caplog.records[0].getMessage()
 
 
 def test_install_hooks_its_callbacks_into_triton() -> None:
