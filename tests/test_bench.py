@@ -26,6 +26,7 @@ TOOLS = [
     "profile_prefill",
     "bench_decode",
     "bench_gemv",
+    "bench_megakernel",
 ]
 
 
