@@ -1,17 +1,23 @@
 """Is one persistent kernel for all of a one-row decode step's layers faster than the kernel chain it
 replaces?
 
-    PYTHONPATH=. python3 bench/bench_megakernel.py [--context 512] [--ahead 0,1,2] [--warps 8,16]
+    PYTHONPATH=. python3 bench/bench_megakernel.py [--context 512] [--warps 8,16] [--stages 4,8]
+                                                   [--ahead 0,1,2] [--poll 0,1]
 
 The chain (as served for a single request): per layer the qkv GEMV with the RMSNorm fused in, decode
 attention with the q/k norm, RoPE and KV store (its o projection released early), the o GEMV, the
 gate_up GEMV with the add + RMSNorm, the down GEMV with SiLU: five kernels a layer, each launched with
-PDL so it requests its weights while the one before drains (layers/gemv.py). The experiment: all 28
-layers as one launch of a program per SM, the same five phases split by grid-wide barriers. A
-program can then request a phase's weights a whole phase early (AHEAD=2: before the phase before it
-computes; 1: after that phase computes, before the barrier, what PDL gives the chain; 0: after the
-barrier). Both run over the same stacked random weights of Qwen3-0.6B's shape and one sequence's
-paged cache, in CUDA graphs; the outputs (last hidden state and residual) are compared.
+PDL so it requests its weights while the one before drains (layers/gemv.py). The experiments: all 28
+layers as one launch of a program per SM, the same five phases split by grid-wide barriers.
+  - `layers_kernel` holds a program's share of a phase's weights in registers; it can request them a
+    whole phase early (AHEAD=2: before the phase before it computes; 1: after that phase computes,
+    before the barrier, what PDL gives the chain; 0: after the barrier). POLL picks how a barrier polls.
+  - `stream_kernel` is one loop over the program's weight chunks, packed in the order it uses them, so
+    Triton's pipeliner keeps STAGES - 1 chunks in flight through shared memory across the phases and
+    the barriers.
+Both run over the same stacked random weights of Qwen3-0.6B's shape and one sequence's paged cache; the
+outputs (last hidden state and residual) are compared with the chain's. `--tiny` checks both against
+the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), phase by phase.
 """
 
 from __future__ import annotations
@@ -345,6 +351,119 @@ def layers_kernel(
             tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
 
 
+@triton.jit
+def stream_kernel(
+    h_ptr, r1_ptr, r2_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, counter_ptr,
+    w_ptr, ln1_ptr, ln2_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
+    seq_len_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch,
+    c_first, c_last, total, attn_layer, eps, scale_log2,
+    H: tl.constexpr, NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+    P: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, STAGES: tl.constexpr,
+    PHASED: tl.constexpr,
+):  # fmt: skip
+    """The layers as one loop over the program's weight chunks c_first..c_last ([R, H] each, packed in
+    the order they are used: per layer its qkv rows, its o rows by H-wide column chunks, its gate and up
+    rows in pairs, its down rows by column chunks), which Triton's pipeliner streams STAGES - 1 chunks
+    ahead through shared memory, across the phases and the barriers between them. A phase's inputs are
+    read inside a branch, which the pipeliner does not hoist above the barrier before it. PHASED (the
+    interpreter): no barriers; attention runs for attn_layer (>= 0) before the loop, not in it."""
+    pid = tl.program_id(0)
+    NHD: tl.constexpr = NH * D
+    QKV: tl.constexpr = (NH + 2 * KVH) * D
+    J_O: tl.constexpr = QKV // P // R
+    GO: tl.constexpr = H // P // R
+    CO: tl.constexpr = NHD // H
+    CD: tl.constexpr = INTER // H
+    J_G: tl.constexpr = J_O + GO * CO
+    J_D: tl.constexpr = J_G + 2 * (INTER // P // R)
+    NCH: tl.constexpr = J_D + GO * CD
+    dtype = h_ptr.dtype.element_ty
+    rows = tl.arange(0, R)
+    ks = tl.arange(0, H)
+    seq_len = tl.load(seq_len_ptr)
+    pos = tl.load(pos_ptr)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if PHASED:  # noqa: SIM102  (a compile-time test around a run-time one, here and below)
+        if attn_layer >= 0:
+            k0, v0 = _kv_first(attn_layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs,
+                               stride_ch, KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
+            _attention(
+                attn_layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr,
+                v_cache_ptr, bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch,
+                eps, scale_log2, k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
+            )  # fmt: skip
+    a = tl.zeros([H], tl.float32)
+    acc = tl.zeros([R], tl.float32)
+    gate = tl.zeros([R], tl.float32)
+    n = 0
+    base = w_ptr + pid.to(tl.int64) * total * (R * H)
+    for c in tl.range(c_first, c_last, num_stages=STAGES):
+        w = tl.load(base + c * (R * H) + rows[:, None] * H + ks[None, :])
+        layer = c // NCH
+        j = c - layer * NCH
+        if j == 0:  # qkv: wait for the layer before, then its add + RMSNorm
+            if not PHASED:  # noqa: SIM102
+                if c > c_first:
+                    n += P
+                    _grid_sync(counter_ptr, n, 0)
+            a = _norm_input(h_ptr + layer * H, r2_ptr + layer * H, r1_ptr + layer * H, ln1_ptr + layer * H, pid, eps, H)
+        if j == J_O:  # noqa: SIM102  (o: attention first, between two barriers)
+            if not PHASED:
+                n += P
+                _grid_sync(counter_ptr, n, 0)
+                k0, v0 = _kv_first(layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs,
+                                   stride_ch, KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
+                _attention(
+                    layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr,
+                    v_cache_ptr, bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs,
+                    stride_ch, eps, scale_log2, k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
+                )  # fmt: skip
+                n += P
+                _grid_sync(counter_ptr, n, 0)
+        if j == J_G:  # gate_up: the o projection's add + RMSNorm
+            if not PHASED:
+                n += P
+                _grid_sync(counter_ptr, n, 0)
+            a = _norm_input(o_ptr + layer * H, r1_ptr + layer * H, r2_ptr + (layer + 1) * H, ln2_ptr + layer * H,
+                            pid, eps, H)  # fmt: skip
+        if j == J_D:  # noqa: SIM102  (down: every act written)
+            if not PHASED:
+                n += P
+                _grid_sync(counter_ptr, n, 0)
+        if j < J_O:
+            y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            tl.store(qkv_ptr + layer * QKV + pid * (QKV // P) + j * R + rows, y.to(dtype))
+        elif j < J_G:
+            g = (j - J_O) // CO
+            col = j - J_O - g * CO
+            x = tl.load(attn_ptr + layer * NHD + col * H + ks).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if col == CO - 1:
+                tl.store(o_ptr + layer * H + pid * (H // P) + g * R + rows, acc.to(dtype))
+                acc = tl.zeros([R], tl.float32)
+        elif j < J_D:
+            y = round_to(tl.sum(w.to(tl.float32) * a[None, :], axis=1), dtype)
+            if (j - J_G) % 2 == 0:
+                gate = y
+            else:
+                act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * y, dtype)
+                tl.store(act_ptr + layer * INTER + pid * (INTER // P) + ((j - J_G) // 2) * R + rows, act.to(dtype))
+        else:
+            g = (j - J_D) // CD
+            col = j - J_D - g * CD
+            x = tl.load(act_ptr + layer * INTER + col * H + ks).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if col == CD - 1:
+                tl.store(h_ptr + (layer + 1) * H + pid * (H // P) + g * R + rows, acc.to(dtype))
+                acc = tl.zeros([R], tl.float32)
+    if not PHASED:
+        n += P
+        _grid_sync(counter_ptr, n, 0)
+        if tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
+            tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+            tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
+
+
 class Stack:
     """Random weights of `layers` Qwen3 layers, stacked per kind, one sequence's paged cache, and the
     step's inputs: what both the chain and the persistent kernel read."""
@@ -415,9 +534,8 @@ class Persistent:
 
     def __init__(self, st: Stack, programs: int, ahead: int, warps: int, block_n: int = 32, poll: int = 0) -> None:
         dev, dt, n, h = st.embedding.device, st.embedding.dtype, st.layers, st.hidden
-        qkv = (st.heads + 2 * st.kv_heads) * st.head_dim
-        assert qkv % programs == 0 and h % programs == 0 and st.inter % (24 * programs) == 0
         assert programs % st.kv_heads == 0
+        qkv = (st.heads + 2 * st.kv_heads) * st.head_dim
         self.st, self.programs, self.ahead, self.warps, self.block_n = st, programs, ahead, warps, block_n
         self.poll = poll
         self.h = torch.zeros(n + 1, h, dtype=dt, device=dev)
@@ -435,6 +553,8 @@ class Persistent:
 
     def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.st
+        qkv = (st.heads + 2 * st.kv_heads) * st.head_dim
+        assert qkv % self.programs == 0 and st.hidden % self.programs == 0 and st.inter % (24 * self.programs) == 0
         self.h[0].copy_(st.embedding[0])
         args = (
             self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
@@ -459,6 +579,64 @@ class Persistent:
         return self.h[st.layers].view(1, -1), self.r2[st.layers].view(1, -1)
 
 
+class Streamed(Persistent):
+    """stream_kernel over a Stack, its weights packed per program in the order the kernel reads them."""
+
+    R = 8
+
+    def __init__(self, st: Stack, programs: int, stages: int, warps: int, block_n: int = 32) -> None:
+        super().__init__(st, programs, 0, warps, block_n)
+        self.stages, r, p, h = stages, self.R, programs, st.hidden
+        qkv, nhd = (st.heads + 2 * st.kv_heads) * st.head_dim, st.heads * st.head_dim
+        assert qkv % (p * r) == 0 and h % (p * r) == 0 and st.inter % (p * r) == 0
+        assert nhd % h == 0 and st.inter % h == 0
+        layers = []
+        for i in range(st.layers):
+            parts = [
+                st.wqkv[i].reshape(p, -1, r, h),
+                st.wo[i].reshape(p, -1, r, nhd // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
+                st.wgu[i].reshape(2, p, -1, r, h).permute(1, 2, 0, 3, 4).reshape(p, -1, r, h),
+                st.wd[i].reshape(p, -1, r, st.inter // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
+            ]
+            layers.append(torch.cat(parts, 1))
+        self.chunks = layers[0].shape[1]
+        self.packed = torch.stack(layers, 1).reshape(p, -1, r, h).contiguous()
+
+    def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        st, nch = self.st, self.chunks  # (no run without barriers: `sync` is the parent's)
+        self.h[0].copy_(st.embedding[0])
+        args = (
+            self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
+            self.counter, self.packed, st.ln1, st.ln2, st.qn, st.kn, st.k_cache, st.v_cache,
+            st.block_table, st.seq_lens, st.positions, st.slot, st.cos, st.sin, st.cos.stride(0),
+            st.k_cache.stride(0), st.k_cache.stride(2), st.k_cache.stride(3),
+        )  # fmt: skip
+        consts = dict(
+            H=st.hidden, NH=st.heads, KVH=st.kv_heads, D=st.head_dim, INTER=st.inter, P=self.programs, R=self.R,
+            BLOCK_N=self.block_n, BLOCK_SIZE=st.block, STAGES=self.stages, num_warps=self.warps,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        grid, scale, total = (self.programs,), st.scale * 1.4426950408889634, st.layers * nch
+        if phased:  # the interpreter: each phase of each layer a launch, no barriers
+            qkv = (st.heads + 2 * st.kv_heads) * st.head_dim // self.programs // self.R
+            o_end = qkv + (st.hidden // self.programs // self.R) * (st.heads * st.head_dim // st.hidden)
+            g_end = o_end + 2 * (st.inter // self.programs // self.R)
+            for i in range(st.layers):
+                at = i * nch
+                for lo, hi, attn in (
+                    (0, qkv, -1),
+                    (qkv, qkv, i),
+                    (qkv, o_end, -1),
+                    (o_end, g_end, -1),
+                    (g_end, nch, -1),
+                ):
+                    stream_kernel[grid](*args, at + lo, at + hi, total, attn, st.eps, scale, PHASED=True, **consts)
+        else:
+            extra = {"launch_cooperative_grid": True} if st.embedding.is_cuda else {}
+            stream_kernel[grid](*args, 0, total, total, -1, st.eps, scale, PHASED=False, **consts, **extra)
+        return self.h[st.layers].view(1, -1), self.r2[st.layers].view(1, -1)
+
+
 def eager_us(fn: object, reps: int = 200) -> float:
     """Mean µs of back-to-back launches of fn (one kernel: its launch overlaps the one before)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -478,7 +656,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--ahead", default="0,1,2")
+    p.add_argument("--ahead", default="0,1,2", help="persistent kernel's weight prefetch placements ('' for none)")
+    p.add_argument("--stages", default="4,8", help="the streamed kernel's pipeline depths ('' for none)")
     p.add_argument("--warps", default="8,16")
     p.add_argument("--block-n", type=int, default=32)
     p.add_argument("--poll", default="0,1", help="barrier polls: 0 atomics, 1 volatile loads and a fence")
@@ -494,6 +673,10 @@ def main() -> None:
         for block_n in (16, 8):  # one tile a split, and several
             got = Persistent(st, 8, 0, 4, block_n)(phased=True)
             print(f"tiny: hidden rel err {rel_err(got[0], ref[0]):.2e}, residual {rel_err(got[1], ref[1]):.2e}")
+        st = Stack(2, 128, 4, 2, 32, 256, context, torch.float32, torch.device("cpu"))
+        ref = chain(st)
+        got = Streamed(st, 8, 2, 4, 16)(phased=True)
+        print(f"tiny streamed: hidden rel err {rel_err(got[0], ref[0]):.2e}, residual {rel_err(got[1], ref[1]):.2e}")
         return
     from bench.timing import copy_bandwidth, graph_us
 
@@ -504,7 +687,23 @@ def main() -> None:
     floor = 28 * sum(w[0].numel() * 2 for w in (st.wqkv, st.wo, st.wgu, st.wd)) / copy_bandwidth() * 1e6
     print(f"chain (5 kernels a layer, PDL): {chain_us:.1f} us for 28 layers, {chain_us / 28:.2f} a layer; "
           f"the weights' floor {floor:.1f} us", flush=True)  # fmt: skip
-    for ahead in map(int, args.ahead.split(",")):
+    for stages in map(int, filter(None, args.stages.split(","))):
+        for warps in map(int, args.warps.split(",")):
+            try:
+                run = Streamed(st, 128, stages, warps, args.block_n)
+                got = run()
+                torch.cuda.synchronize()
+                err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+                us = eager_us(run)
+            except Exception as e:  # a configuration that does not build or launch
+                print(f"streamed stages {stages} warps {warps}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            print(
+                f"streamed stages {stages} warps {warps}: {us:.1f} us, {us / 28:.2f} a layer ({chain_us / us:.2f}x); "
+                f"rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
+                flush=True,
+            )
+    for ahead in map(int, filter(None, args.ahead.split(","))):
         for warps in map(int, args.warps.split(",")):
             for poll in map(int, args.poll.split(",")):
                 try:
