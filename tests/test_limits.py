@@ -87,7 +87,10 @@ def test_drain_finishes_running_and_queued_requests_and_refuses_new_ones(tiny_mo
     try:
         outs: list[list] = [[], []]
         threads = [stream_in_thread(svc.addr, [5 + i, 6, 7], outs[i]) for i in range(2)]
-        wait_until(lambda: len(svc.engine.core.scheduler.waiting) == 1, "the requests did not start")
+        sched = svc.engine.core.scheduler
+        # One running and one queued: a lone first request also sits in `waiting` for a moment, and a
+        # drain begun then would refuse the second, still on its way.
+        wait_until(lambda: len(sched.running) == 1 and len(sched.waiting) == 1, "the requests did not start")
         draining = svc.loop.submit(svc.server.drain(60.0))
         wait_until(lambda: svc.engine.draining, "the drain did not start")
         with Client(svc.addr) as c, pytest.raises(grpc.RpcError) as err:
