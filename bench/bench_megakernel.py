@@ -94,6 +94,20 @@ def _w_down(w_ptr, layer, pid, c: tl.constexpr, H: tl.constexpr, INTER: tl.const
 
 
 @triton.jit
+def _w3(w_ptr, layer, pid, DOWN: tl.constexpr, H: tl.constexpr, INTER: tl.constexpr, P: tl.constexpr):
+    # A program's three gate/up tiles, or its three chunks of down.
+    if DOWN:
+        t0 = _w_down(w_ptr, layer, pid, 0, H, INTER, P)
+        t1 = _w_down(w_ptr, layer, pid, 1, H, INTER, P)
+        t2 = _w_down(w_ptr, layer, pid, 2, H, INTER, P)
+    else:
+        t0 = _w_gate_up(w_ptr, layer, pid, 0, H, INTER, P)
+        t1 = _w_gate_up(w_ptr, layer, pid, 1, H, INTER, P)
+        t2 = _w_gate_up(w_ptr, layer, pid, 2, H, INTER, P)
+    return t0, t1, t2
+
+
+@triton.jit
 def _gemv_store(w, a, out_ptr, first, N: tl.constexpr):
     acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     tl.store(out_ptr + first + tl.arange(0, N), acc.to(out_ptr.dtype.element_ty))
@@ -300,42 +314,30 @@ def layers_kernel(
             if AHEAD == 0 or not ALL:
                 wo = _w_o(wo_ptr, layer, pid, H, NHD, P)
             if ALL and AHEAD == 2:
-                wg0 = _w_gate_up(wgu_ptr, layer, pid, 0, H, INTER, P)
-                wg1 = _w_gate_up(wgu_ptr, layer, pid, 1, H, INTER, P)
-                wg2 = _w_gate_up(wgu_ptr, layer, pid, 2, H, INTER, P)
+                wg0, wg1, wg2 = _w3(wgu_ptr, layer, pid, False, H, INTER, P)
             a = tl.load(attn_ptr + layer * NHD + tl.arange(0, NHD)).to(tl.float32)
             _gemv_store(wo, a, o_ptr + layer * H, pid * (H // P), H // P)
             if ALL and AHEAD == 1:
-                wg0 = _w_gate_up(wgu_ptr, layer, pid, 0, H, INTER, P)
-                wg1 = _w_gate_up(wgu_ptr, layer, pid, 1, H, INTER, P)
-                wg2 = _w_gate_up(wgu_ptr, layer, pid, 2, H, INTER, P)
+                wg0, wg1, wg2 = _w3(wgu_ptr, layer, pid, False, H, INTER, P)
         if SYNC:
             n += P
             _grid_sync(counter_ptr, n, POLL)
         if ALL or PHASE == 3:  # gate_up with the add + RMSNorm, then silu(gate) * up
             if AHEAD == 0 or not ALL:
-                wg0 = _w_gate_up(wgu_ptr, layer, pid, 0, H, INTER, P)
-                wg1 = _w_gate_up(wgu_ptr, layer, pid, 1, H, INTER, P)
-                wg2 = _w_gate_up(wgu_ptr, layer, pid, 2, H, INTER, P)
+                wg0, wg1, wg2 = _w3(wgu_ptr, layer, pid, False, H, INTER, P)
             if ALL and AHEAD == 2:
-                wd0 = _w_down(wd_ptr, layer, pid, 0, H, INTER, P)
-                wd1 = _w_down(wd_ptr, layer, pid, 1, H, INTER, P)
-                wd2 = _w_down(wd_ptr, layer, pid, 2, H, INTER, P)
+                wd0, wd1, wd2 = _w3(wd_ptr, layer, pid, True, H, INTER, P)
             a = _norm_input(o_ptr + layer * H, r1_ptr + layer * H, r2_ptr + (layer + 1) * H, ln2_ptr + layer * H,
                             pid, eps, H)  # fmt: skip
             _mlp_in(wg0, wg1, wg2, a, pid, act_ptr + layer * INTER, INTER)
             if ALL and AHEAD == 1:
-                wd0 = _w_down(wd_ptr, layer, pid, 0, H, INTER, P)
-                wd1 = _w_down(wd_ptr, layer, pid, 1, H, INTER, P)
-                wd2 = _w_down(wd_ptr, layer, pid, 2, H, INTER, P)
+                wd0, wd1, wd2 = _w3(wd_ptr, layer, pid, True, H, INTER, P)
         if SYNC:
             n += P
             _grid_sync(counter_ptr, n, POLL)
         if ALL or PHASE == 4:  # down
             if AHEAD == 0 or not ALL:
-                wd0 = _w_down(wd_ptr, layer, pid, 0, H, INTER, P)
-                wd1 = _w_down(wd_ptr, layer, pid, 1, H, INTER, P)
-                wd2 = _w_down(wd_ptr, layer, pid, 2, H, INTER, P)
+                wd0, wd1, wd2 = _w3(wd_ptr, layer, pid, True, H, INTER, P)
             if ALL and AHEAD == 2:
                 wa = _w_qkv(wqkv_ptr, following, pid, H, QKV, P)
             _down(wd0, wd1, wd2, act_ptr + layer * INTER, h_ptr + (layer + 1) * H, pid, H, INTER, P)
