@@ -23,7 +23,6 @@ the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import triton
@@ -727,5 +726,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "0")
     main()
