@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 
 from worker_svc.attention.triton_kernels import _merge_partials, norm_rope, round_to
+from worker_svc.layers.gemv import NORM, _input, _rstd
+
+NORM_PROLOGUE = tl.constexpr(NORM)  # a jit function reads module globals only as constexprs
 
 
 @triton.jit
@@ -49,14 +52,11 @@ def _grid_sync(counter_ptr, target, POLL: tl.constexpr):
 
 @triton.jit
 def _norm_input(x_ptr, res_ptr, res_out_ptr, w_ptr, pid, eps, H: tl.constexpr):
-    # RMSNorm(x + residual) * w as the chain's NORM prologue rounds it; program 0 stores x + residual.
-    dtype = x_ptr.dtype.element_ty
+    # RMSNorm(x + residual) * w, as the chain's one-row GEMVs compute and round their NORM prologue
+    # (program 0 stores x + residual).
     ks = tl.arange(0, H)
-    x = round_to(tl.load(x_ptr + ks).to(tl.float32) + tl.load(res_ptr + ks).to(tl.float32), dtype)
-    if pid == 0:
-        tl.store(res_out_ptr + ks, x.to(dtype))
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    return round_to(tl.load(w_ptr + ks).to(tl.float32) * round_to(x * rstd, dtype), dtype)
+    rstd = _rstd(x_ptr, res_ptr, res_out_ptr, pid, H, eps, NORM_PROLOGUE, True, H)
+    return _input(x_ptr, res_ptr, w_ptr, ks, ks < H, rstd, H, NORM_PROLOGUE, True)
 
 
 @triton.jit
