@@ -600,6 +600,8 @@ class Streamed(Persistent):
                 st.wd[i].reshape(p, -1, r, st.inter // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
             ]
             layers.append(torch.cat(parts, 1))
+        # Where each phase's chunks start in a layer's run of them (qkv, o, gate_up, down), and its length.
+        self.starts = [sum(part.shape[1] for part in parts[:k]) for k in range(4)]
         self.chunks = layers[0].shape[1]
         self.packed = torch.stack(layers, 1).reshape(p, -1, r, h).contiguous()
 
@@ -619,9 +621,7 @@ class Streamed(Persistent):
         )  # fmt: skip
         grid, scale, total = (self.programs,), st.scale * 1.4426950408889634, st.layers * nch
         if phased:  # the interpreter: each phase of each layer a launch, no barriers
-            qkv = (st.heads + 2 * st.kv_heads) * st.head_dim // self.programs // self.R
-            o_end = qkv + (st.hidden // self.programs // self.R) * (st.heads * st.head_dim // st.hidden)
-            g_end = o_end + 2 * (st.inter // self.programs // self.R)
+            _, qkv, o_end, g_end = self.starts
             for i in range(st.layers):
                 at = i * nch
                 for lo, hi, attn in (
