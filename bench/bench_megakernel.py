@@ -2,7 +2,7 @@
 replaces?
 
     PYTHONPATH=. python3 bench/bench_megakernel.py [--context 512] [--warps 8,16] [--stages 4,8]
-                                                   [--ahead 0,1,2] [--poll 0,1]
+                                                   [--sync 0,1] [--packed 1,0] [--ahead 0,1,2] [--poll 0,1]
 
 The chain (as served for a single request): per layer the qkv GEMV with the RMSNorm fused in, decode
 attention with the q/k norm, RoPE and KV store (its o projection released early), the o GEMV, the
@@ -12,9 +12,10 @@ layers as one launch of a program per SM, the same five phases split by grid-wid
   - `layers_kernel` holds a program's share of a phase's weights in registers; it can request them a
     whole phase early (AHEAD=2: before the phase before it computes; 1: after that phase computes,
     before the barrier, what PDL gives the chain; 0: after the barrier). POLL picks how a barrier polls.
-  - `stream_kernel` is one loop over the program's weight chunks, packed in the order it uses them, so
-    Triton's pipeliner keeps STAGES - 1 chunks in flight through shared memory across the phases and
-    the barriers.
+  - `stream_kernel` is one loop over the program's weight chunks, so Triton's pipeliner keeps
+    STAGES - 1 chunks in flight through shared memory (cp.async) across the phases and the barriers.
+    Its chunks are packed in the order it uses them (PACKED), or read in place from the weights as
+    loaded; its barriers poll one counter (SYNC 0) or a flag per program (1).
 Both run over the same stacked random weights of Qwen3-0.6B's shape and one sequence's paged cache; the
 outputs (last hidden state and residual) are compared with the chain's. `--tiny` checks both against
 the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), phase by phase.
@@ -23,6 +24,7 @@ the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
@@ -352,22 +354,85 @@ def layers_kernel(
             tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
 
 
+@triton.jit(noinline=True)
+def _sync_call(counter_ptr, pid, n, P: tl.constexpr, SYNC: tl.constexpr):
+    # stream_kernel's barriers and attention are calls, not inlined: Triton's pipeliner leaves a loop
+    # that holds another loop (the barrier's polling, attention's key tiles) unpipelined.
+    # SYNC 0: the n-th barrier on one counter (P atomics on one address, serialized in L2);
+    # 1: each program stores n to a flag of its own and polls all P flags with one load.
+    if SYNC == 0:
+        _grid_sync(counter_ptr, n * P, 0)
+    elif SYNC == 1:
+        tl.debug_barrier()
+        tl.atomic_xchg(counter_ptr + 2 + pid, n, sem="release", scope="gpu")
+        while tl.min(tl.load(counter_ptr + 2 + tl.arange(0, P), volatile=True), axis=0) < n:
+            pass
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+
+
+@triton.jit(noinline=True)
+def _attention_call(
+    layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr,
+    bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch, eps, scale_log2,
+    NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    k0, v0 = _kv_first(layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs, stride_ch,
+                       KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
+    _attention(
+        layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr,
+        bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch, eps, scale_log2,
+        k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _stride(j, H: tl.constexpr, NHD: tl.constexpr, INTER: tl.constexpr, J_O: tl.constexpr, J_G: tl.constexpr,
+            J_D: tl.constexpr):  # fmt: skip
+    # The row stride of the weight that a layer's chunk j is in: qkv, o, gate_up or down.
+    return tl.where(j < J_O, H, tl.where(j < J_G, NHD, tl.where(j < J_D, H, INTER)))
+
+
+@triton.jit
+def _chunk(
+    w_ptr, table_ptr, layer, j, pid, H: tl.constexpr, QKV: tl.constexpr, NHD: tl.constexpr, INTER: tl.constexpr,
+    P: tl.constexpr, R: tl.constexpr, J_O: tl.constexpr, J_G: tl.constexpr, J_D: tl.constexpr,
+):  # fmt: skip
+    # The first element of the program's chunk j of a layer, in the weights as loaded: table_ptr holds
+    # each layer's four weights' offsets from w_ptr, in elements (multiples of 8: torch aligns every
+    # allocation to 16 bytes, which lets the loads be 16 bytes wide). The chunks come in stream_kernel's
+    # order.
+    CO: tl.constexpr = NHD // H
+    CD: tl.constexpr = INTER // H
+    kind = (j >= J_O).to(tl.int32) + (j >= J_G).to(tl.int32) + (j >= J_D).to(tl.int32)
+    base = tl.multiple_of(tl.load(table_ptr + layer * 4 + kind), 8)
+    jo, jg, jd = j - J_O, j - J_G, j - J_D
+    qkv = (pid * (QKV // P) + j * R) * H
+    o = (pid * (H // P) + jo // CO * R) * NHD + jo % CO * H
+    gate_up = (jg % 2 * INTER + pid * (INTER // P) + jg // 2 * R) * H
+    down = (pid * (H // P) + jd // CD * R) * INTER + jd % CD * H
+    return w_ptr + base + tl.where(j < J_O, qkv, tl.where(j < J_G, o, tl.where(j < J_D, gate_up, down)))
+
+
 @triton.jit
 def stream_kernel(
     h_ptr, r1_ptr, r2_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, counter_ptr,
-    w_ptr, ln1_ptr, ln2_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
+    w_ptr, table_ptr, ln1_ptr, ln2_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
     seq_len_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch,
     c_first, c_last, total, attn_layer, eps, scale_log2,
     H: tl.constexpr, NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
     P: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, STAGES: tl.constexpr,
-    PHASED: tl.constexpr,
+    PHASED: tl.constexpr, SYNC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
-    """The layers as one loop over the program's weight chunks c_first..c_last ([R, H] each, packed in
-    the order they are used: per layer its qkv rows, its o rows by H-wide column chunks, its gate and up
+    """The layers as one loop over the program's weight chunks c_first..c_last ([R, H] each, in the
+    order they are used: per layer its qkv rows, its o rows by H-wide column chunks, its gate and up
     rows in pairs, its down rows by column chunks), which Triton's pipeliner streams STAGES - 1 chunks
-    ahead through shared memory, across the phases and the barriers between them. A phase's inputs are
-    read inside a branch, which the pipeliner does not hoist above the barrier before it. PHASED (the
-    interpreter): no barriers; attention runs for attn_layer (>= 0) before the loop, not in it."""
+    ahead through shared memory, across the phases and the barriers between them. PACKED: w_ptr holds
+    the chunks in that order, per program; otherwise they are read in place (_chunk). A phase's inputs
+    are read inside a branch, which the pipeliner does not hoist above the barrier before it. SYNC: the
+    barriers (_sync_call; -1 none, a bound). PHASED (the interpreter): no barriers; attention runs for
+    attn_layer (>= 0) before the loop, not in it."""
     pid = tl.program_id(0)
     NHD: tl.constexpr = NH * D
     QKV: tl.constexpr = (NH + 2 * KVH) * D
@@ -399,38 +464,40 @@ def stream_kernel(
     n = 0
     base = w_ptr + pid.to(tl.int64) * total * (R * H)
     for c in tl.range(c_first, c_last, num_stages=STAGES):
-        w = tl.load(base + c * (R * H) + rows[:, None] * H + ks[None, :])
         layer = c // NCH
         j = c - layer * NCH
+        if PACKED:
+            w = tl.load(base + c * (R * H) + rows[:, None] * H + ks[None, :])
+        else:
+            w = tl.load(_chunk(w_ptr, table_ptr, layer, j, pid, H, QKV, NHD, INTER, P, R, J_O, J_G, J_D)
+                        + rows[:, None] * _stride(j, H, NHD, INTER, J_O, J_G, J_D) + ks[None, :])  # fmt: skip
         if j == 0:  # qkv: wait for the layer before, then its add + RMSNorm
             if not PHASED:  # noqa: SIM102
                 if c > c_first:
-                    n += P
-                    _grid_sync(counter_ptr, n, 0)
+                    n += 1
+                    _sync_call(counter_ptr, pid, n, P, SYNC)
             a = _norm_input(h_ptr + layer * H, r2_ptr + layer * H, r1_ptr + layer * H, ln1_ptr + layer * H, pid, eps, H)
         if j == J_O:  # noqa: SIM102  (o: attention first, between two barriers)
             if not PHASED:
-                n += P
-                _grid_sync(counter_ptr, n, 0)
-                k0, v0 = _kv_first(layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs,
-                                   stride_ch, KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
-                _attention(
+                n += 1
+                _sync_call(counter_ptr, pid, n, P, SYNC)
+                _attention_call(
                     layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr,
                     v_cache_ptr, bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs,
-                    stride_ch, eps, scale_log2, k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
+                    stride_ch, eps, scale_log2, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
                 )  # fmt: skip
-                n += P
-                _grid_sync(counter_ptr, n, 0)
+                n += 1
+                _sync_call(counter_ptr, pid, n, P, SYNC)
         if j == J_G:  # gate_up: the o projection's add + RMSNorm
             if not PHASED:
-                n += P
-                _grid_sync(counter_ptr, n, 0)
+                n += 1
+                _sync_call(counter_ptr, pid, n, P, SYNC)
             a = _norm_input(o_ptr + layer * H, r1_ptr + layer * H, r2_ptr + (layer + 1) * H, ln2_ptr + layer * H,
                             pid, eps, H)  # fmt: skip
         if j == J_D:  # noqa: SIM102  (down: every act written)
             if not PHASED:
-                n += P
-                _grid_sync(counter_ptr, n, 0)
+                n += 1
+                _sync_call(counter_ptr, pid, n, P, SYNC)
         if j < J_O:
             y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             tl.store(qkv_ptr + layer * QKV + pid * (QKV // P) + j * R + rows, y.to(dtype))
@@ -458,8 +525,11 @@ def stream_kernel(
                 tl.store(h_ptr + (layer + 1) * H + pid * (H // P) + g * R + rows, acc.to(dtype))
                 acc = tl.zeros([R], tl.float32)
     if not PHASED:
-        n += P
-        _grid_sync(counter_ptr, n, 0)
+        # The last barrier on the counter (its first if the others used flags): then every program is
+        # past every flag poll and clears its flag.
+        _sync_call(counter_ptr, pid, n + 1 if SYNC == 0 else 1, P, 0)
+        if SYNC == 1:
+            tl.atomic_xchg(counter_ptr + 2 + pid, 0, sem="relaxed")
         if tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
             tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
@@ -550,7 +620,7 @@ class Persistent:
         self.mid_o = torch.zeros(n, st.heads, splits, st.head_dim, dtype=torch.float32, device=dev)
         self.mid_lse = torch.zeros(n, st.heads, splits, dtype=torch.float32, device=dev)
         self.tickets = torch.zeros(n * st.kv_heads, dtype=torch.int32, device=dev)
-        self.counter = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.counter = torch.zeros(2 + programs, dtype=torch.int32, device=dev)  # stream_kernel's flags after two
 
     def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.st
@@ -585,9 +655,17 @@ class Streamed(Persistent):
 
     R = 8
 
-    def __init__(self, st: Stack, programs: int, stages: int, warps: int, block_n: int = 32) -> None:
+    def __init__(
+        self, st: Stack, programs: int, stages: int, warps: int, block_n: int = 32, sync: int = 0, packed: bool = True
+    ) -> None:
         super().__init__(st, programs, 0, warps, block_n)
-        self.stages, r, p, h = stages, self.R, programs, st.hidden
+        self.stages, self.sync, r, p, h = stages, sync, self.R, programs, st.hidden
+        # Unpacked: the chunks read in place, each layer's four weights found by their offsets from wqkv.
+        size = st.wqkv.element_size()
+        offsets = [[(w[i].data_ptr() - st.wqkv.data_ptr()) // size for w in (st.wqkv, st.wo, st.wgu, st.wd)]
+                   for i in range(st.layers)]  # fmt: skip
+        self.table = torch.tensor(offsets, dtype=torch.int64, device=st.wqkv.device)
+        self.is_packed = packed
         qkv, nhd = (st.heads + 2 * st.kv_heads) * st.head_dim, st.heads * st.head_dim
         assert qkv % (p * r) == 0 and h % (p * r) == 0 and st.inter % (p * r) == 0
         assert nhd % h == 0 and st.inter % h == 0
@@ -606,17 +684,18 @@ class Streamed(Persistent):
         self.packed = torch.stack(layers, 1).reshape(p, -1, r, h).contiguous()
 
     def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        st, nch = self.st, self.chunks  # (no run without barriers: `sync` is the parent's)
+        st, nch = self.st, self.chunks
         self.h[0].copy_(st.embedding[0])
         args = (
             self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
-            self.counter, self.packed, st.ln1, st.ln2, st.qn, st.kn, st.k_cache, st.v_cache,
+            self.counter, self.packed if self.is_packed else st.wqkv, self.table, st.ln1, st.ln2, st.qn, st.kn,
+            st.k_cache, st.v_cache,
             st.block_table, st.seq_lens, st.positions, st.slot, st.cos, st.sin, st.cos.stride(0),
             st.k_cache.stride(0), st.k_cache.stride(2), st.k_cache.stride(3),
         )  # fmt: skip
         consts = dict(
             H=st.hidden, NH=st.heads, KVH=st.kv_heads, D=st.head_dim, INTER=st.inter, P=self.programs, R=self.R,
-            BLOCK_N=self.block_n, BLOCK_SIZE=st.block, STAGES=self.stages, num_warps=self.warps,
+            BLOCK_N=self.block_n, BLOCK_SIZE=st.block, STAGES=self.stages, PACKED=self.is_packed, num_warps=self.warps,
             enable_fp_fusion=False,
         )  # fmt: skip
         grid, scale, total = (self.programs,), st.scale * 1.4426950408889634, st.layers * nch
@@ -631,10 +710,13 @@ class Streamed(Persistent):
                     (o_end, g_end, -1),
                     (g_end, nch, -1),
                 ):
-                    stream_kernel[grid](*args, at + lo, at + hi, total, attn, st.eps, scale, PHASED=True, **consts)
+                    stream_kernel[grid](
+                        *args, at + lo, at + hi, total, attn, st.eps, scale, PHASED=True, SYNC=-1, **consts
+                    )
         else:
             extra = {"launch_cooperative_grid": True} if st.embedding.is_cuda else {}
-            stream_kernel[grid](*args, 0, total, total, -1, st.eps, scale, PHASED=False, **consts, **extra)
+            mode = self.sync if sync else -1
+            stream_kernel[grid](*args, 0, total, total, -1, st.eps, scale, PHASED=False, SYNC=mode, **consts, **extra)
         return self.h[st.layers].view(1, -1), self.r2[st.layers].view(1, -1)
 
 
@@ -662,6 +744,8 @@ def main() -> None:
     p.add_argument("--warps", default="8,16")
     p.add_argument("--block-n", type=int, default=32)
     p.add_argument("--poll", default="0,1", help="barrier polls: 0 atomics, 1 volatile loads and a fence")
+    p.add_argument("--sync", default="0,1", help="the streamed kernel's barriers: 0 one counter, 1 a flag a program")
+    p.add_argument("--packed", default="1,0", help="the streamed kernel's weights: 1 packed, 0 read in place")
     p.add_argument("--tiny", action="store_true", help="a tiny fp32 stack (CPU, the interpreter: TRITON_INTERPRET=1)")
     args = p.parse_args()
     if args.tiny:
@@ -676,8 +760,10 @@ def main() -> None:
             print(f"tiny: hidden rel err {rel_err(got[0], ref[0]):.2e}, residual {rel_err(got[1], ref[1]):.2e}")
         st = Stack(2, 128, 4, 2, 32, 256, context, torch.float32, torch.device("cpu"))
         ref = chain(st)
-        got = Streamed(st, 8, 2, 4, 16)(phased=True)
-        print(f"tiny streamed: hidden rel err {rel_err(got[0], ref[0]):.2e}, residual {rel_err(got[1], ref[1]):.2e}")
+        for packed in (True, False):
+            got = Streamed(st, 8, 2, 4, 16, packed=packed)(phased=True)
+            print(f"tiny streamed packed {packed}: hidden rel err {rel_err(got[0], ref[0]):.2e}, "
+                  f"residual {rel_err(got[1], ref[1]):.2e}")  # fmt: skip
         return
     from bench.timing import copy_bandwidth, graph_us
 
@@ -690,20 +776,23 @@ def main() -> None:
           f"the weights' floor {floor:.1f} us", flush=True)  # fmt: skip
     for stages in map(int, filter(None, args.stages.split(","))):
         for warps in map(int, args.warps.split(",")):
-            try:
-                run = Streamed(st, 128, stages, warps, args.block_n)
-                got = run()
-                torch.cuda.synchronize()
-                err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
-                us = eager_us(run)
-            except Exception as e:  # a configuration that does not build or launch
-                print(f"streamed stages {stages} warps {warps}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            print(
-                f"streamed stages {stages} warps {warps}: {us:.1f} us, {us / 28:.2f} a layer ({chain_us / us:.2f}x); "
-                f"rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
-                flush=True,
-            )
+            for sync, packed in itertools.product(map(int, args.sync.split(",")), map(int, args.packed.split(","))):
+                name = f"streamed stages {stages} warps {warps} sync {sync} packed {packed}"
+                try:
+                    run = Streamed(st, 128, stages, warps, args.block_n, sync, bool(packed))
+                    got = run()
+                    torch.cuda.synchronize()
+                    err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+                    us = eager_us(run)
+                    bound = eager_us(lambda r=run: r(sync=False))
+                except Exception as e:  # a configuration that does not build or launch
+                    print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                print(
+                    f"{name}: {us:.1f} us, {us / 28:.2f} a layer ({chain_us / us:.2f}x); without barriers "
+                    f"{bound:.1f} us; rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
+                    flush=True,
+                )
     for ahead in map(int, filter(None, args.ahead.split(","))):
         for warps in map(int, args.warps.split(",")):
             for poll in map(int, args.poll.split(",")):
