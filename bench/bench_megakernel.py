@@ -24,7 +24,9 @@ the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -778,40 +780,33 @@ def main() -> None:
         for warps in map(int, args.warps.split(",")):
             for sync, packed in itertools.product(map(int, args.sync.split(",")), map(int, args.packed.split(","))):
                 name = f"streamed stages {stages} warps {warps} sync {sync} packed {packed}"
-                try:
-                    run = Streamed(st, 128, stages, warps, args.block_n, sync, bool(packed))
-                    got = run()
-                    torch.cuda.synchronize()
-                    err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
-                    us = eager_us(run)
-                    bound = eager_us(lambda r=run: r(sync=False))
-                except Exception as e:  # a configuration that does not build or launch
-                    print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                print(
-                    f"{name}: {us:.1f} us, {us / 28:.2f} a layer ({chain_us / us:.2f}x); without barriers "
-                    f"{bound:.1f} us; rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
-                    flush=True,
-                )
+                build = functools.partial(Streamed, st, 128, stages, warps, args.block_n, sync, bool(packed))
+                report(name, build, ref, chain_us)
     for ahead in map(int, filter(None, args.ahead.split(","))):
         for warps in map(int, args.warps.split(",")):
             for poll in map(int, args.poll.split(",")):
-                try:
-                    run = Persistent(st, 128, ahead, warps, args.block_n, poll)
-                    got = run()
-                    torch.cuda.synchronize()
-                    err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
-                    us = eager_us(run)  # one kernel: back-to-back launches hide the launch, as a graph would
-                    bound = eager_us(lambda r=run: r(sync=False))
-                except Exception as e:  # a configuration that does not build or launch
-                    print(f"ahead {ahead} warps {warps} poll {poll}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                print(
-                    f"persistent ahead {ahead} warps {warps} poll {poll}: {us:.1f} us, {us / 28:.2f} a layer "
-                    f"({chain_us / us:.2f}x); without barriers {bound:.1f} us; rel err hidden {err[0]:.1e} "
-                    f"residual {err[1]:.1e}",
-                    flush=True,
-                )
+                name = f"persistent ahead {ahead} warps {warps} poll {poll}"
+                report(name, functools.partial(Persistent, st, 128, ahead, warps, args.block_n, poll), ref, chain_us)
+
+
+def report(name: str, build: Callable[[], Persistent], ref: tuple[torch.Tensor, torch.Tensor], chain_us: float) -> None:
+    """Times one kernel configuration (with its barriers, then without: a bound, its results wrong) and
+    prints it against the chain."""
+    try:
+        run = build()
+        got = run()
+        torch.cuda.synchronize()
+        err = (rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+        us = eager_us(run)  # one kernel: back-to-back launches hide the launch, as a graph would
+        bound = eager_us(lambda: run(sync=False))
+    except Exception as e:  # a configuration that does not build or launch
+        print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        return
+    print(
+        f"{name}: {us:.1f} us, {us / 28:.2f} a layer ({chain_us / us:.2f}x); without barriers {bound:.1f} us; "
+        f"rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
