@@ -390,21 +390,14 @@ def _attention_call(
 
 
 @triton.jit
-def _stride(j, H: tl.constexpr, NHD: tl.constexpr, INTER: tl.constexpr, J_O: tl.constexpr, J_G: tl.constexpr,
-            J_D: tl.constexpr):  # fmt: skip
-    # The row stride of the weight that a layer's chunk j is in: qkv, o, gate_up or down.
-    return tl.where(j < J_O, H, tl.where(j < J_G, NHD, tl.where(j < J_D, H, INTER)))
-
-
-@triton.jit
 def _chunk(
     w_ptr, table_ptr, layer, j, pid, H: tl.constexpr, QKV: tl.constexpr, NHD: tl.constexpr, INTER: tl.constexpr,
     P: tl.constexpr, R: tl.constexpr, J_O: tl.constexpr, J_G: tl.constexpr, J_D: tl.constexpr,
 ):  # fmt: skip
-    # The first element of the program's chunk j of a layer, in the weights as loaded: table_ptr holds
-    # each layer's four weights' offsets from w_ptr, in elements (multiples of 8: torch aligns every
-    # allocation to 16 bytes, which lets the loads be 16 bytes wide). The chunks come in stream_kernel's
-    # order.
+    # The first element of the program's chunk j of a layer, in the weights as loaded, and the row stride
+    # of the weight it is in (qkv, o, gate_up or down). table_ptr holds each layer's four weights' offsets
+    # from w_ptr, in elements (multiples of 8: torch aligns every allocation to 16 bytes, which lets the
+    # loads be 16 bytes wide). The chunks come in stream_kernel's order.
     CO: tl.constexpr = NHD // H
     CD: tl.constexpr = INTER // H
     kind = (j >= J_O).to(tl.int32) + (j >= J_G).to(tl.int32) + (j >= J_D).to(tl.int32)
@@ -414,7 +407,8 @@ def _chunk(
     o = (pid * (H // P) + jo // CO * R) * NHD + jo % CO * H
     gate_up = (jg % 2 * INTER + pid * (INTER // P) + jg // 2 * R) * H
     down = (pid * (H // P) + jd // CD * R) * INTER + jd % CD * H
-    return w_ptr + base + tl.where(j < J_O, qkv, tl.where(j < J_G, o, tl.where(j < J_D, gate_up, down)))
+    first = w_ptr + base + tl.where(j < J_O, qkv, tl.where(j < J_G, o, tl.where(j < J_D, gate_up, down)))
+    return first, tl.where(j < J_O, H, tl.where(j < J_G, NHD, tl.where(j < J_D, H, INTER)))
 
 
 @triton.jit
@@ -471,8 +465,8 @@ def stream_kernel(
         if PACKED:
             w = tl.load(base + c * (R * H) + rows[:, None] * H + ks[None, :])
         else:
-            w = tl.load(_chunk(w_ptr, table_ptr, layer, j, pid, H, QKV, NHD, INTER, P, R, J_O, J_G, J_D)
-                        + rows[:, None] * _stride(j, H, NHD, INTER, J_O, J_G, J_D) + ks[None, :])  # fmt: skip
+            first, stride = _chunk(w_ptr, table_ptr, layer, j, pid, H, QKV, NHD, INTER, P, R, J_O, J_G, J_D)
+            w = tl.load(first + rows[:, None] * stride + ks[None, :])
         if j == 0:  # qkv: wait for the layer before, then its add + RMSNorm
             if not PHASED:  # noqa: SIM102
                 if c > c_first:
