@@ -647,7 +647,8 @@ class Persistent:
 
 
 class Streamed(Persistent):
-    """stream_kernel over a Stack, its weights packed per program in the order the kernel reads them."""
+    """stream_kernel over a Stack, its weights packed per program in the order the kernel reads them, or
+    read in place."""
 
     R = 8
 
@@ -665,26 +666,33 @@ class Streamed(Persistent):
         qkv, nhd = (st.heads + 2 * st.kv_heads) * st.head_dim, st.heads * st.head_dim
         assert qkv % (p * r) == 0 and h % (p * r) == 0 and st.inter % (p * r) == 0
         assert nhd % h == 0 and st.inter % h == 0
-        layers = []
-        for i in range(st.layers):
-            parts = [
+
+        def parts(i: int) -> list[torch.Tensor]:  # layer i's chunks per program: qkv, o, gate_up, down
+            return [
                 st.wqkv[i].reshape(p, -1, r, h),
                 st.wo[i].reshape(p, -1, r, nhd // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
                 st.wgu[i].reshape(2, p, -1, r, h).permute(1, 2, 0, 3, 4).reshape(p, -1, r, h),
                 st.wd[i].reshape(p, -1, r, st.inter // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
             ]
-            layers.append(torch.cat(parts, 1))
+
         # Where each phase's chunks start in a layer's run of them (qkv, o, gate_up, down), and its length.
-        self.starts = [sum(part.shape[1] for part in parts[:k]) for k in range(4)]
-        self.chunks = layers[0].shape[1]
-        self.packed = torch.stack(layers, 1).reshape(p, -1, r, h).contiguous()
+        sizes = [part.shape[1] for part in parts(0)]
+        self.starts = [sum(sizes[:k]) for k in range(4)]
+        self.chunks = sum(sizes)
+        # Packed: a second copy of the weights, in the order each program reads them; otherwise w_ptr is
+        # wqkv and the table finds the rest.
+        self.weights = (
+            torch.stack([torch.cat(parts(i), 1) for i in range(st.layers)], 1).reshape(p, -1, r, h).contiguous()
+            if packed
+            else st.wqkv
+        )
 
     def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         st, nch = self.st, self.chunks
         self.h[0].copy_(st.embedding[0])
         args = (
             self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
-            self.counter, self.packed if self.is_packed else st.wqkv, self.table, st.ln1, st.ln2, st.qn, st.kn,
+            self.counter, self.weights, self.table, st.ln1, st.ln2, st.qn, st.kn,
             st.k_cache, st.v_cache,
             st.block_table, st.seq_lens, st.positions, st.slot, st.cos, st.sin, st.cos.stride(0),
             st.k_cache.stride(0), st.k_cache.stride(2), st.k_cache.stride(3),
