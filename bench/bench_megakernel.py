@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.timing import copy_bandwidth, graph_us
 from worker_svc.attention.triton_kernels import _merge_partials, norm_rope, round_to
 from worker_svc.layers.gemv import NORM, _input, _rstd
 
@@ -769,8 +770,6 @@ def main() -> None:
             print(f"tiny streamed packed {packed}: hidden rel err {rel_err(got[0], ref[0]):.2e}, "
                   f"residual {rel_err(got[1], ref[1]):.2e}")  # fmt: skip
         return
-    from bench.timing import copy_bandwidth, graph_us
-
     dev = torch.device("cuda")
     st = Stack(28, 1024, 16, 8, 128, 3072, args.context, torch.bfloat16, dev)
     ref = [t.clone() for t in chain(st)]
@@ -809,6 +808,12 @@ def report(name: str, build: Callable[[], Persistent], ref: tuple[torch.Tensor, 
         f"rel err hidden {err[0]:.1e} residual {err[1]:.1e}",
         flush=True,
     )
+    try:  # served, it would be one node of the step's graph: the cooperative launch captured
+        in_graph = graph_us([run])  # its replays leave their result in the buffers
+        err_graph = rel_err(run.h[run.st.layers].view(1, -1), ref[0])
+        print(f"  in a CUDA graph: {in_graph:.1f} us, rel err hidden {err_graph:.1e}", flush=True)
+    except Exception as e:
+        print(f"  in a CUDA graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 if __name__ == "__main__":
