@@ -1,33 +1,30 @@
 """Is one persistent kernel for all of a one-row decode step's layers faster than the kernel chain it
 replaces?
 
-    PYTHONPATH=. python3 bench/bench_megakernel.py [--context 512] [--warps 8,16] [--stages 4,8]
-                                                   [--sync 0,1] [--packed 1,0] [--ahead 0,1,2] [--poll 0,1]
-                                                   [--seconds 0]
+    PYTHONPATH=. python3 bench/bench_megakernel.py [--context 512] [--warps 8,16] [--ahead 0,1,2]
+                                                   [--poll 0,1] [--seconds 0]
 
 The chain (as served for a single request): per layer the qkv GEMV with the RMSNorm fused in, decode
 attention with the q/k norm, RoPE and KV store (its o projection released early), the o GEMV, the
 gate_up GEMV with the add + RMSNorm, the down GEMV with SiLU: five kernels a layer, each launched with
-PDL so it requests its weights while the one before drains (layers/gemv.py). The experiments: all 28
-layers as one launch of a program per SM, the same five phases split by grid-wide barriers.
-  - `layers_kernel` holds a program's share of a phase's weights in registers; it can request them a
-    whole phase early (AHEAD=2: before the phase before it computes; 1: after that phase computes,
-    before the barrier, what PDL gives the chain; 0: after the barrier). POLL picks how a barrier polls.
-  - `stream_kernel` is one loop over the program's weight chunks, so Triton's pipeliner keeps
-    STAGES - 1 chunks in flight through shared memory (cp.async) across the phases and the barriers.
-    Its chunks are packed in the order it uses them (PACKED), or read in place from the weights as
-    loaded; its barriers poll one counter (SYNC 0) or a flag per program (1).
-Both run over the same stacked random weights of Qwen3-0.6B's shape and one sequence's paged cache; the
-outputs (last hidden state and residual) are compared with the chain's, and the fastest configuration
-is timed again inside a CUDA graph, as a served step would launch it. `--tiny` checks both against
-the chain on a two-layer fp32 stack under the interpreter (TRITON_INTERPRET=1), phase by phase.
+PDL so it requests its weights while the one before drains (layers/gemv.py). The experiment,
+`layers_kernel`: all 28 layers as one launch of a program per SM, the same five phases split by
+grid-wide barriers, a program's share of a phase's weights held in registers and requested a whole
+phase early (AHEAD=2: before the phase before it computes; 1: after that phase computes, before the
+barrier, what PDL gives the chain; 0: after the barrier). POLL picks how a barrier polls. It runs over
+stacked random weights of Qwen3-0.6B's shape and one sequence's paged cache; its outputs (last hidden
+state and residual) are compared with the chain's, and the fastest configuration is timed again inside
+a CUDA graph, as a served step would launch it. `--tiny` checks it against the chain on a two-layer
+fp32 stack under the interpreter (TRITON_INTERPRET=1), phase by phase.
+
+The answer so far is no, and the lab notes (runs BA-BC) say why: the chain is faster, as was a version
+streaming the weights through shared memory with Triton's pipeliner even before its barriers.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -361,181 +358,6 @@ def layers_kernel(
             tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
 
 
-@triton.jit(noinline=True)
-def _sync_call(counter_ptr, pid, n, P: tl.constexpr, SYNC: tl.constexpr):
-    # stream_kernel's barriers and attention are calls, not inlined: Triton's pipeliner leaves a loop
-    # that holds another loop (the barrier's polling, attention's key tiles) unpipelined.
-    # SYNC 0: the n-th barrier on one counter (P atomics on one address, serialized in L2);
-    # 1: each program stores n to a flag of its own and polls all P flags with one load.
-    if SYNC == 0:
-        _grid_sync(counter_ptr, n * P, 0)
-    elif SYNC == 1:
-        tl.debug_barrier()
-        tl.atomic_xchg(counter_ptr + 2 + pid, n, sem="release", scope="gpu")
-        while tl.min(tl.load(counter_ptr + 2 + tl.arange(0, P), volatile=True), axis=0) < n:
-            pass
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-        tl.debug_barrier()
-
-
-@triton.jit(noinline=True)
-def _attention_call(
-    layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr,
-    bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch, eps, scale_log2,
-    NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):  # fmt: skip
-    k0, v0 = _kv_first(layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs, stride_ch,
-                       KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
-    _attention(
-        layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr,
-        bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch, eps, scale_log2,
-        k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _chunk(
-    w_ptr, table_ptr, layer, j, pid, H: tl.constexpr, QKV: tl.constexpr, NHD: tl.constexpr, INTER: tl.constexpr,
-    P: tl.constexpr, R: tl.constexpr, J_O: tl.constexpr, J_G: tl.constexpr, J_D: tl.constexpr,
-):  # fmt: skip
-    # The first element of the program's chunk j of a layer, in the weights as loaded, and the row stride
-    # of the weight it is in (qkv, o, gate_up or down). table_ptr holds each layer's four weights' offsets
-    # from w_ptr, in elements (multiples of 8: torch aligns every allocation to 16 bytes, which lets the
-    # loads be 16 bytes wide). The chunks come in stream_kernel's order.
-    CO: tl.constexpr = NHD // H
-    CD: tl.constexpr = INTER // H
-    kind = (j >= J_O).to(tl.int32) + (j >= J_G).to(tl.int32) + (j >= J_D).to(tl.int32)
-    base = tl.multiple_of(tl.load(table_ptr + layer * 4 + kind), 8)
-    jo, jg, jd = j - J_O, j - J_G, j - J_D
-    qkv = (pid * (QKV // P) + j * R) * H
-    o = (pid * (H // P) + jo // CO * R) * NHD + jo % CO * H
-    gate_up = (jg % 2 * INTER + pid * (INTER // P) + jg // 2 * R) * H
-    down = (pid * (H // P) + jd // CD * R) * INTER + jd % CD * H
-    first = w_ptr + base + tl.where(j < J_O, qkv, tl.where(j < J_G, o, tl.where(j < J_D, gate_up, down)))
-    return first, tl.where(j < J_O, H, tl.where(j < J_G, NHD, tl.where(j < J_D, H, INTER)))
-
-
-@triton.jit
-def stream_kernel(
-    h_ptr, r1_ptr, r2_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, counter_ptr,
-    w_ptr, table_ptr, ln1_ptr, ln2_ptr, qn_ptr, kn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
-    seq_len_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch,
-    c_first, c_last, total, attn_layer, eps, scale_log2,
-    H: tl.constexpr, NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
-    P: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, STAGES: tl.constexpr,
-    PHASED: tl.constexpr, SYNC: tl.constexpr, PACKED: tl.constexpr,
-):  # fmt: skip
-    """The layers as one loop over the program's weight chunks c_first..c_last ([R, H] each, in the
-    order they are used: per layer its qkv rows, its o rows by H-wide column chunks, its gate and up
-    rows in pairs, its down rows by column chunks), which Triton's pipeliner streams STAGES - 1 chunks
-    ahead through shared memory, across the phases and the barriers between them. PACKED: w_ptr holds
-    the chunks in that order, per program; otherwise they are read in place (_chunk). A phase's inputs
-    are read inside a branch, which the pipeliner does not hoist above the barrier before it. SYNC: the
-    barriers (_sync_call; -1 none, a bound). PHASED (the interpreter): no barriers; attention runs for
-    attn_layer (>= 0) before the loop, not in it."""
-    pid = tl.program_id(0)
-    NHD: tl.constexpr = NH * D
-    QKV: tl.constexpr = (NH + 2 * KVH) * D
-    J_O: tl.constexpr = QKV // P // R
-    GO: tl.constexpr = H // P // R
-    CO: tl.constexpr = NHD // H
-    CD: tl.constexpr = INTER // H
-    J_G: tl.constexpr = J_O + GO * CO
-    J_D: tl.constexpr = J_G + 2 * (INTER // P // R)
-    NCH: tl.constexpr = J_D + GO * CD
-    dtype = h_ptr.dtype.element_ty
-    rows = tl.arange(0, R)
-    ks = tl.arange(0, H)
-    seq_len = tl.load(seq_len_ptr)
-    pos = tl.load(pos_ptr)
-    slot = tl.load(slot_ptr).to(tl.int64)
-    if PHASED:  # noqa: SIM102  (a compile-time test around a run-time one, here and below)
-        if attn_layer >= 0:
-            k0, v0 = _kv_first(attn_layer, pid, seq_len, k_cache_ptr, v_cache_ptr, bt_ptr, stride_cl, stride_cs,
-                               stride_ch, KVH, D, P, BLOCK_N, BLOCK_SIZE)  # fmt: skip
-            _attention(
-                attn_layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr,
-                v_cache_ptr, bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs, stride_ch,
-                eps, scale_log2, k0, v0, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
-            )  # fmt: skip
-    a = tl.zeros([H], tl.float32)
-    acc = tl.zeros([R], tl.float32)
-    gate = tl.zeros([R], tl.float32)
-    n = 0
-    base = w_ptr + pid.to(tl.int64) * total * (R * H)
-    for c in tl.range(c_first, c_last, num_stages=STAGES):
-        layer = c // NCH
-        j = c - layer * NCH
-        if PACKED:
-            w = tl.load(base + c * (R * H) + rows[:, None] * H + ks[None, :])
-        else:
-            first, stride = _chunk(w_ptr, table_ptr, layer, j, pid, H, QKV, NHD, INTER, P, R, J_O, J_G, J_D)
-            w = tl.load(first + rows[:, None] * stride + ks[None, :])
-        if j == 0:  # qkv: wait for the layer before, then its add + RMSNorm
-            if not PHASED:  # noqa: SIM102
-                if c > c_first:
-                    n += 1
-                    _sync_call(counter_ptr, pid, n, P, SYNC)
-            a = _norm_input(h_ptr + layer * H, r2_ptr + layer * H, r1_ptr + layer * H, ln1_ptr + layer * H, pid, eps, H)
-        if j == J_O:  # noqa: SIM102  (o: attention first, between two barriers)
-            if not PHASED:
-                n += 1
-                _sync_call(counter_ptr, pid, n, P, SYNC)
-                _attention_call(
-                    layer, pid, qkv_ptr, attn_ptr, mid_o_ptr, mid_lse_ptr, tickets_ptr, qn_ptr, kn_ptr, k_cache_ptr,
-                    v_cache_ptr, bt_ptr, seq_len, pos, slot, cos_ptr, sin_ptr, stride_cos, stride_cl, stride_cs,
-                    stride_ch, eps, scale_log2, NH, KVH, D, P, BLOCK_N, BLOCK_SIZE,
-                )  # fmt: skip
-                n += 1
-                _sync_call(counter_ptr, pid, n, P, SYNC)
-        if j == J_G:  # gate_up: the o projection's add + RMSNorm
-            if not PHASED:
-                n += 1
-                _sync_call(counter_ptr, pid, n, P, SYNC)
-            a = _norm_input(o_ptr + layer * H, r1_ptr + layer * H, r2_ptr + (layer + 1) * H, ln2_ptr + layer * H,
-                            pid, eps, H)  # fmt: skip
-        if j == J_D:  # noqa: SIM102  (down: every act written)
-            if not PHASED:
-                n += 1
-                _sync_call(counter_ptr, pid, n, P, SYNC)
-        if j < J_O:
-            y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            tl.store(qkv_ptr + layer * QKV + pid * (QKV // P) + j * R + rows, y.to(dtype))
-        elif j < J_G:
-            g = (j - J_O) // CO
-            col = j - J_O - g * CO
-            x = tl.load(attn_ptr + layer * NHD + col * H + ks).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            if col == CO - 1:
-                tl.store(o_ptr + layer * H + pid * (H // P) + g * R + rows, acc.to(dtype))
-                acc = tl.zeros([R], tl.float32)
-        elif j < J_D:
-            y = round_to(tl.sum(w.to(tl.float32) * a[None, :], axis=1), dtype)
-            if (j - J_G) % 2 == 0:
-                gate = y
-            else:
-                act = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * y, dtype)
-                tl.store(act_ptr + layer * INTER + pid * (INTER // P) + ((j - J_G) // 2) * R + rows, act.to(dtype))
-        else:
-            g = (j - J_D) // CD
-            col = j - J_D - g * CD
-            x = tl.load(act_ptr + layer * INTER + col * H + ks).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            if col == CD - 1:
-                tl.store(h_ptr + (layer + 1) * H + pid * (H // P) + g * R + rows, acc.to(dtype))
-                acc = tl.zeros([R], tl.float32)
-    if not PHASED:
-        # The last barrier on the counter (its first if the others used flags): then every program is
-        # past every flag poll and clears its flag.
-        _sync_call(counter_ptr, pid, n + 1 if SYNC == 0 else 1, P, 0)
-        if SYNC == 1:
-            tl.atomic_xchg(counter_ptr + 2 + pid, 0, sem="relaxed")
-        if tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
-            tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed")
-
-
 class Stack:
     """Random weights of `layers` Qwen3 layers, stacked per kind, one sequence's paged cache, and the
     step's inputs: what both the chain and the persistent kernel read."""
@@ -606,8 +428,9 @@ class Persistent:
 
     def __init__(self, st: Stack, programs: int, ahead: int, warps: int, block_n: int = 32, poll: int = 0) -> None:
         dev, dt, n, h = st.embedding.device, st.embedding.dtype, st.layers, st.hidden
-        assert programs % st.kv_heads == 0
         qkv = (st.heads + 2 * st.kv_heads) * st.head_dim
+        assert qkv % programs == 0 and h % programs == 0 and st.inter % (24 * programs) == 0
+        assert programs % st.kv_heads == 0
         self.st, self.programs, self.ahead, self.warps, self.block_n = st, programs, ahead, warps, block_n
         self.poll = poll
         self.h = torch.zeros(n + 1, h, dtype=dt, device=dev)
@@ -621,12 +444,10 @@ class Persistent:
         self.mid_o = torch.zeros(n, st.heads, splits, st.head_dim, dtype=torch.float32, device=dev)
         self.mid_lse = torch.zeros(n, st.heads, splits, dtype=torch.float32, device=dev)
         self.tickets = torch.zeros(n * st.kv_heads, dtype=torch.int32, device=dev)
-        self.counter = torch.zeros(2 + programs, dtype=torch.int32, device=dev)  # stream_kernel's flags after two
+        self.counter = torch.zeros(2, dtype=torch.int32, device=dev)  # the barrier's arrivals, its leavers
 
     def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.st
-        qkv = (st.heads + 2 * st.kv_heads) * st.head_dim
-        assert qkv % self.programs == 0 and st.hidden % self.programs == 0 and st.inter % (24 * self.programs) == 0
         self.h[0].copy_(st.embedding[0])
         args = (
             self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
@@ -651,84 +472,6 @@ class Persistent:
         return self.h[st.layers].view(1, -1), self.r2[st.layers].view(1, -1)
 
 
-class Streamed(Persistent):
-    """stream_kernel over a Stack, its weights packed per program in the order the kernel reads them, or
-    read in place."""
-
-    R = 8
-
-    def __init__(
-        self, st: Stack, programs: int, stages: int, warps: int, block_n: int = 32, sync: int = 0, packed: bool = True
-    ) -> None:
-        super().__init__(st, programs, 0, warps, block_n)
-        self.stages, self.sync, r, p, h = stages, sync, self.R, programs, st.hidden
-        # Unpacked: the chunks read in place, each layer's four weights found by their offsets from wqkv.
-        size = st.wqkv.element_size()
-        offsets = [[(w[i].data_ptr() - st.wqkv.data_ptr()) // size for w in (st.wqkv, st.wo, st.wgu, st.wd)]
-                   for i in range(st.layers)]  # fmt: skip
-        self.table = torch.tensor(offsets, dtype=torch.int64, device=st.wqkv.device)
-        self.is_packed = packed
-        qkv, nhd = (st.heads + 2 * st.kv_heads) * st.head_dim, st.heads * st.head_dim
-        assert qkv % (p * r) == 0 and h % (p * r) == 0 and st.inter % (p * r) == 0
-        assert nhd % h == 0 and st.inter % h == 0
-
-        def parts(i: int) -> list[torch.Tensor]:  # layer i's chunks per program: qkv, o, gate_up, down
-            return [
-                st.wqkv[i].reshape(p, -1, r, h),
-                st.wo[i].reshape(p, -1, r, nhd // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
-                st.wgu[i].reshape(2, p, -1, r, h).permute(1, 2, 0, 3, 4).reshape(p, -1, r, h),
-                st.wd[i].reshape(p, -1, r, st.inter // h, h).permute(0, 1, 3, 2, 4).reshape(p, -1, r, h),
-            ]
-
-        # Where each phase's chunks start in a layer's run of them (qkv, o, gate_up, down), and its length.
-        sizes = [part.shape[1] for part in parts(0)]
-        self.starts = [sum(sizes[:k]) for k in range(4)]
-        self.chunks = sum(sizes)
-        # Packed: a second copy of the weights, in the order each program reads them; otherwise w_ptr is
-        # wqkv and the table finds the rest.
-        self.weights = (
-            torch.stack([torch.cat(parts(i), 1) for i in range(st.layers)], 1).reshape(p, -1, r, h).contiguous()
-            if packed
-            else st.wqkv
-        )
-
-    def __call__(self, phased: bool = False, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        st, nch = self.st, self.chunks
-        self.h[0].copy_(st.embedding[0])
-        args = (
-            self.h, self.r1, self.r2, self.qkv, self.attn, self.o, self.act, self.mid_o, self.mid_lse, self.tickets,
-            self.counter, self.weights, self.table, st.ln1, st.ln2, st.qn, st.kn,
-            st.k_cache, st.v_cache,
-            st.block_table, st.seq_lens, st.positions, st.slot, st.cos, st.sin, st.cos.stride(0),
-            st.k_cache.stride(0), st.k_cache.stride(2), st.k_cache.stride(3),
-        )  # fmt: skip
-        consts = dict(
-            H=st.hidden, NH=st.heads, KVH=st.kv_heads, D=st.head_dim, INTER=st.inter, P=self.programs, R=self.R,
-            BLOCK_N=self.block_n, BLOCK_SIZE=st.block, STAGES=self.stages, PACKED=self.is_packed, num_warps=self.warps,
-            enable_fp_fusion=False,
-        )  # fmt: skip
-        grid, scale, total = (self.programs,), st.scale * 1.4426950408889634, st.layers * nch
-        if phased:  # the interpreter: each phase of each layer a launch, no barriers
-            _, qkv, o_end, g_end = self.starts
-            for i in range(st.layers):
-                at = i * nch
-                for lo, hi, attn in (
-                    (0, qkv, -1),
-                    (qkv, qkv, i),
-                    (qkv, o_end, -1),
-                    (o_end, g_end, -1),
-                    (g_end, nch, -1),
-                ):
-                    stream_kernel[grid](
-                        *args, at + lo, at + hi, total, attn, st.eps, scale, PHASED=True, SYNC=-1, **consts
-                    )
-        else:
-            extra = {"launch_cooperative_grid": True} if st.embedding.is_cuda else {}
-            mode = self.sync if sync else -1
-            stream_kernel[grid](*args, 0, total, total, -1, st.eps, scale, PHASED=False, SYNC=mode, **consts, **extra)
-        return self.h[st.layers].view(1, -1), self.r2[st.layers].view(1, -1)
-
-
 def eager_us(fn: object, reps: int = 200) -> float:
     """Mean µs of back-to-back launches of fn (one kernel: its launch overlaps the one before)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -748,13 +491,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--ahead", default="0,1,2", help="persistent kernel's weight prefetch placements ('' for none)")
-    p.add_argument("--stages", default="4,8", help="the streamed kernel's pipeline depths ('' for none)")
+    p.add_argument("--ahead", default="0,1,2", help="where the kernel requests a phase's weights")
     p.add_argument("--warps", default="8,16")
     p.add_argument("--block-n", type=int, default=32)
     p.add_argument("--poll", default="0,1", help="barrier polls: 0 atomics, 1 volatile loads and a fence")
-    p.add_argument("--sync", default="0,1", help="the streamed kernel's barriers: 0 one counter, 1 a flag a program")
-    p.add_argument("--packed", default="1,0", help="the streamed kernel's weights: 1 packed, 0 read in place")
     p.add_argument("--seconds", type=float, default=0, help="try no configuration after this many (0: no limit)")
     p.add_argument("--tiny", action="store_true", help="a tiny fp32 stack (CPU, the interpreter: TRITON_INTERPRET=1)")
     args = p.parse_args()
@@ -768,12 +508,6 @@ def main() -> None:
         for block_n in (16, 8):  # one tile a split, and several
             got = Persistent(st, 8, 0, 4, block_n)(phased=True)
             print(f"tiny: hidden rel err {rel_err(got[0], ref[0]):.2e}, residual {rel_err(got[1], ref[1]):.2e}")
-        st = Stack(2, 128, 4, 2, 32, 256, context, torch.float32, torch.device("cpu"))
-        ref = chain(st)
-        for packed in (True, False):
-            got = Streamed(st, 8, 2, 4, 16, packed=packed)(phased=True)
-            print(f"tiny streamed packed {packed}: hidden rel err {rel_err(got[0], ref[0]):.2e}, "
-                  f"residual {rel_err(got[1], ref[1]):.2e}")  # fmt: skip
         return
     dev = torch.device("cuda")
     st = Stack(28, 1024, 16, 8, 128, 3072, args.context, torch.bfloat16, dev)
@@ -784,13 +518,7 @@ def main() -> None:
           f"the weights' floor {floor:.1f} us", flush=True)  # fmt: skip
     timed: list[tuple[float, str, Persistent] | None] = []
     deadline = time.monotonic() + (args.seconds or math.inf)
-    for stages in map(int, filter(None, args.stages.split(","))):
-        for warps in map(int, args.warps.split(",")):
-            for sync, packed in itertools.product(map(int, args.sync.split(",")), map(int, args.packed.split(","))):
-                name = f"streamed stages {stages} warps {warps} sync {sync} packed {packed}"
-                build = functools.partial(Streamed, st, 128, stages, warps, args.block_n, sync, bool(packed))
-                timed.append(report(name, build, ref, chain_us, deadline))
-    for ahead in map(int, filter(None, args.ahead.split(","))):
+    for ahead in map(int, args.ahead.split(",")):
         for warps in map(int, args.warps.split(",")):
             for poll in map(int, args.poll.split(",")):
                 name = f"persistent ahead {ahead} warps {warps} poll {poll}"
