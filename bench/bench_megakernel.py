@@ -516,17 +516,17 @@ def main() -> None:
     floor = 28 * sum(w[0].numel() * 2 for w in (st.wqkv, st.wo, st.wgu, st.wd)) / copy_bandwidth() * 1e6
     print(f"chain (5 kernels a layer, PDL): {chain_us:.1f} us for 28 layers, {chain_us / 28:.2f} a layer; "
           f"the weights' floor {floor:.1f} us", flush=True)  # fmt: skip
-    timed: list[tuple[float, str, Persistent] | None] = []
+    timed: list[tuple[float, str, Persistent]] = []
     deadline = time.monotonic() + (args.seconds or math.inf)
     for ahead in map(int, args.ahead.split(",")):
         for warps in map(int, args.warps.split(",")):
             for poll in map(int, args.poll.split(",")):
                 name = f"persistent ahead {ahead} warps {warps} poll {poll}"
                 build = functools.partial(Persistent, st, 128, ahead, warps, args.block_n, poll)
-                timed.append(report(name, build, ref, chain_us, deadline))
-    done = [t for t in timed if t is not None]
-    if done:  # served, the fastest would be one node of the step's graph: its cooperative launch captured
-        us, name, run = min(done, key=lambda t: t[0])
+                if result := report(name, build, ref, chain_us, deadline):
+                    timed.append(result)
+    if timed:  # served, the fastest would be one node of the step's graph: its cooperative launch captured
+        us, name, run = min(timed, key=lambda t: t[0])
         try:
             in_graph = graph_us([run])  # its replays leave their result in the buffers
             err = rel_err(run.h[st.layers].view(1, -1), ref[0])
